@@ -1,0 +1,48 @@
+# mmel — `make help` lists the targets. Everything runs in a virtualenv ($(VENV)), created on first use.
+# Override the interpreter or the venv:  make test PYTHON=python3.11 VENV=/tmp/venv
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.mmel-installed
+# torch/torchvision are pinned to the pair our machines carry on disk; elsewhere pip downloads them.
+TORCH   = torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format demo shapes bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev,sweep]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create the venv and install mmel with its dev and sweep extras
+
+test: install ## run the test suite (fast tests; markers slow/gpu/data are skipped)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: install ## run every test including the slow ones
+	$(BIN)/python -m pytest -m "not gpu and not data" $(PYTEST_ARGS)
+
+lint: install ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## ruff format + autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: install ## the main job on the embedded default (shapes world + tiny CLIP); prints the run dir
+	$(BIN)/python train.py
+
+bench: install ## speed / memory benchmarks (ratios measured side by side)
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean: ## remove caches and run outputs (keeps the venv and generated data)
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,304 @@
+"""Frozen open_clip backbones: one loader for open_clip tags, local weight files and the project's own models.
+
+`load_clip(name, pretrained)` returns a :class:`ClipBundle` (model, preprocess, tokenizer). The model is always
+frozen (`requires_grad_(False)`) and in eval mode: every explainer and the HSRM treat CLIP as a fixed function.
+
+`pretrained` may be
+  * ``None``                 — random initialisation (tests, timing benchmarks);
+  * an open_clip tag         — e.g. ``"openai"``, ``"laion2b_s34b_b88k"`` (downloaded once, needs internet or a
+                               pre-filled Hugging Face cache with ``HF_HUB_OFFLINE=1``);
+  * a local file             — ``.safetensors``, ``.pt``/``.pth``/``.bin`` in open_clip format, an OpenAI-format
+                               state dict, or an OpenAI TorchScript archive (``ViT-B-16.pt`` from the CLIP repo);
+  * a project tag            — e.g. ``"shapes"`` for ``mmel-tiny``: resolved by a registered resolver
+                               (see :func:`register_local_weights`), which may build the file on first use.
+
+OpenAI weights were trained with QuickGELU. open_clip's plain names (``ViT-B-16``) use nn.GELU, which silently
+gives wrong activations with those weights, so loading OpenAI weights into a non-QuickGELU model is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Keys that OpenAI's TorchScript archives carry next to the weights; open_clip's CLIP has no such entries.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+_registered = False
+# (model name, tag) -> callable(cache_dir) -> path of a weight file; filled by modules that own such weights.
+_LOCAL_WEIGHTS: dict[tuple[str, str], Callable[[Path], Path]] = {}
+
+
+def register_model_configs() -> None:
+    """Make the project's architecture configs (``src/mmel/model_configs/*.json``) known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def register_local_weights(name: str, tag: str, resolver: Callable[[Path], Path]) -> None:
+    """Register a project-owned weight tag: ``resolver(cache_dir)`` returns (and may first build) the file."""
+    _LOCAL_WEIGHTS[(name, tag)] = resolver
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded / project-built weights live: ``$MMEL_CACHE_DIR`` or ``~/.cache/mmel``."""
+    return Path(os.environ.get("MMEL_CACHE_DIR", Path.home() / ".cache" / "mmel")).expanduser()
+
+
+@dataclass
+class ClipBundle:
+    """A frozen CLIP with what is needed to feed it.
+
+    model:      open_clip ``CLIP`` (frozen, eval)
+    preprocess: PIL image -> normalised tensor [3, S, S] at the model's native size
+    tokenizer:  list[str] -> LongTensor [K, context_length]
+    """
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    name: str
+    pretrained: str | None = None
+    mean: tuple[float, float, float] = field(default=open_clip.OPENAI_DATASET_MEAN)
+    std: tuple[float, float, float] = field(default=open_clip.OPENAI_DATASET_STD)
+
+    @property
+    def visual(self) -> VisionTransformer:
+        return self.model.visual
+
+    @property
+    def patch_size(self) -> int:
+        return _pair(self.model.visual.patch_size)[0]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return _pair(self.model.visual.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Tokens [K, context_length] on the model's device."""
+        return self.tokenizer(prompts).to(self.device)
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, tuple | list) else (v, v)
+
+
+def _unknown_model_error(name: str) -> ValueError:
+    names = open_clip.list_models()
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Did you mean one of {close}?" if close else ""
+    return ValueError(
+        f"Unknown CLIP architecture '{name}'.{hint} Known: the project's "
+        f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))} and open_clip's {len(names)} names "
+        "(open_clip.list_models())."
+    )
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    p = str(pretrained)
+    return p.endswith(WEIGHT_SUFFIXES) or os.sep in p or p.startswith((".", "~"))
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Read a weight file into an open_clip-keyed state dict.
+
+    Returns (state_dict, is_openai_format). Accepts safetensors, ``torch.save`` dicts (optionally under
+    ``state_dict`` and with DDP's ``module.`` prefix) and OpenAI TorchScript archives.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CLIP weight file not found: {path}. Pass an existing .safetensors/.pt/.bin file, or an open_clip "
+            "pretrained tag (see data/README.md for downloading weights on a machine with internet)."
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except RuntimeError as e:
+                # OpenAI's released files are TorchScript archives, which torch.load refuses.
+                if "TorchScript" not in str(e) and "jit" not in str(e).lower():
+                    raise
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 — any decoder failure means the same thing to the user
+        raise ValueError(
+            f"Could not read CLIP weights from {path} ({type(e).__name__}: {_first_line(e)}). "
+            "Expected a .safetensors file, a torch.save'd state dict (.pt/.pth/.bin) or an OpenAI TorchScript "
+            "archive; the file may be "
+            "truncated or corrupt — download it again."
+        ) from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__}).")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    is_openai = any(k in sd for k in _OPENAI_EXTRA_KEYS)
+    for k in _OPENAI_EXTRA_KEYS:
+        sd.pop(k, None)
+    return sd, is_openai
+
+
+def _first_line(e: Exception, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else ""
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """True when the transformer MLPs use QuickGELU (what OpenAI's weights were trained with)."""
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
+
+
+def _load_file_into(model: nn.Module, path: str | Path, name: str) -> None:
+    sd, is_openai = read_state_dict(path)
+    if is_openai and not uses_quick_gelu(model):
+        raise ValueError(
+            f"{path} holds OpenAI CLIP weights, which were trained with QuickGELU, but '{name}' uses GELU. "
+            f"Use the '{name}-quickgelu' model name (e.g. model=vitb16 does)."
+        )
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"shape mismatch in {len(wrong)} (e.g. {k}: file {tuple(sd[k].shape)} vs model "
+                f"{tuple(expected[k].shape)})"
+            )
+        raise ValueError(f"Weights in {path} do not fit architecture '{name}': " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def load_clip(
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> ClipBundle:
+    """Load a frozen open_clip model.
+
+    Args:
+        name: open_clip architecture (``ViT-B-16-quickgelu``) or a project config (``mmel-tiny``).
+        pretrained: None (random init), an open_clip tag, a project tag, or a path to a weight file.
+        cache_dir: where tag downloads / project-built weights are kept (default :func:`default_cache_dir`).
+        device: device to put the model on.
+        precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
+    """
+    register_model_configs()
+    if name not in open_clip.list_models():
+        raise _unknown_model_error(name)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    tag = None if pretrained is None else str(pretrained)
+    weight_file: Path | None = None
+
+    if tag is not None and (name, tag) in _LOCAL_WEIGHTS:
+        weight_file = Path(_LOCAL_WEIGHTS[(name, tag)](cache))
+    elif tag is not None and _looks_like_path(tag):
+        weight_file = Path(tag).expanduser()
+        if not weight_file.is_file():
+            read_state_dict(weight_file)  # raises the documented FileNotFoundError
+    elif tag is not None:
+        base = name.removesuffix("-quickgelu")
+        tags = open_clip.list_pretrained_tags_by_model(name) or open_clip.list_pretrained_tags_by_model(base)
+        local = sorted(t for (n, t) in _LOCAL_WEIGHTS if n == name)
+        if tag not in tags:
+            raise ValueError(
+                f"Unknown pretrained tag '{tag}' for '{name}'. Known tags: {sorted(tags) + local}; "
+                "or pass the path of a local weight file."
+            )
+        if tag == "openai" and not name.endswith("-quickgelu"):
+            raise ValueError(
+                f"OpenAI weights need QuickGELU: use '{name}-quickgelu' instead of '{name}' (open_clip's plain "
+                "names use GELU and give silently wrong activations with these weights)."
+            )
+
+    if weight_file is None and tag is not None:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, cache_dir=str(cache), device=device, precision=precision
+            )
+        except Exception as e:  # noqa: BLE001 — offline downloads fail in many library-specific ways
+            raise RuntimeError(
+                f"Could not obtain pretrained weights '{tag}' for '{name}' ({type(e).__name__}: {e}). "
+                "Offline? Download the weights on a machine with internet and pass the file: "
+                f"model.pretrained=/path/to/{name}.safetensors (or .pt/.bin; OpenAI archives work), or copy a "
+                "filled Hugging Face cache here and set HF_HUB_OFFLINE=1 (HF_HOME pointing at it). "
+                "See data/README.md."
+            ) from e
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, precision=precision)
+        if weight_file is not None:
+            _load_file_into(model, weight_file, name)
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    mean = tuple(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    return ClipBundle(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=None if tag is None else tag,
+        mean=mean,
+        std=std,
+    )
+
+
+def check_vit(model: nn.Module) -> VisionTransformer:
+    """Return ``model.visual`` if it is the ViT the explainers' hooks are written for, else a clear error.
+
+    The explainers read ``visual.transformer.resblocks[i].attn`` (an ``nn.MultiheadAttention`` with a packed
+    ``in_proj_weight``), ``ln_1``, ``class_embedding``, ``positional_embedding``, ``ln_post`` and ``proj``.
+    """
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        kind = type(visual).__name__ if visual is not None else "no visual tower"
+        raise TypeError(
+            f"This explainer needs a ViT CLIP (open_clip VisionTransformer); got {kind}. ResNet / timm / "
+            "ConvNeXt CLIPs are not supported: choose a ViT-* architecture."
+        )
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        raise TypeError("ViTs with attentional pooling (CoCa-style) are not supported: the CLS token must pool.")
+    for blk in visual.transformer.resblocks:
+        if not isinstance(blk, ResidualAttentionBlock) or not isinstance(blk.attn, nn.MultiheadAttention):
+            raise TypeError(f"Unsupported block type {type(blk).__name__} / attention {type(blk.attn).__name__}.")
+        if not blk.attn._qkv_same_embed_dim:
+            raise TypeError("Attention with separate q/k/v projections is not supported (packed in_proj needed).")
+    return visual

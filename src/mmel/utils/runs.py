@@ -1,0 +1,71 @@
+"""Run bookkeeping shared by the programs: where a run writes, its results file, loggers and callbacks.
+
+Every program writes ``metrics.json`` next to Hydra's ``.hydra/config.yaml`` in its run directory and prints
+that directory, so that experiments/ can aggregate runs into tables without knowing how each was made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig | None = None) -> Path:
+    """The current run's directory (Hydra's output dir, or ``cfg.paths.output_dir`` outside Hydra)."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    if cfg is not None and cfg.get("paths") and cfg.paths.get("output_dir"):
+        return Path(cfg.paths.output_dir)
+    return Path.cwd()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN/inf; null is explicit about "not defined"
+    return v
+
+
+def save_metrics(metrics: dict[str, Any], directory: str | os.PathLike, name: str = "metrics.json") -> Path:
+    """Write ``metrics`` (tensors converted to numbers) atomically as JSON; returns the file path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_plain(metrics), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # a reader never sees a half-written file
+    return path
+
+
+def announce(directory: str | os.PathLike) -> None:
+    """Print the run directory (the last line a program prints; scripts grep for it)."""
+    print(f"run dir: {directory}", flush=True)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-configs group (loggers, callbacks)."""
+    objs: list[Any] = []
+    if not cfg:
+        return objs
+    for key, conf in cfg.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            log.info("instantiating %s <%s>", key, conf._target_)
+            objs.append(instantiate(conf))
+    return objs

@@ -1,0 +1,20 @@
+"""Train the HSRM against a frozen CLIP: python train.py model=vitb16 data=coco (see README)."""
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("MMEL_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from mmel.train import run
+
+    metrics, _ = run(cfg)
+    return metrics.get(cfg.get("optimized_metric", ""))
+
+
+if __name__ == "__main__":
+    main()
