@@ -19,6 +19,7 @@ gives wrong activations with those weights, so loading OpenAI weights into a non
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -38,8 +39,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 _registered = False
-# (model name, tag) -> callable(cache_dir) -> path of a weight file; filled by modules that own such weights.
-_LOCAL_WEIGHTS: dict[tuple[str, str], Callable[[Path], Path]] = {}
+# (model name, tag) -> callable(cache_dir) -> path of a weight file, or "module:function" imported on first use
+# (so that loading a backbone does not import the training code that can build the weights).
+_LOCAL_WEIGHTS: dict[tuple[str, str], Callable[[Path], Path] | str] = {
+    ("mmel-tiny", "shapes"): "mmel.pretrain.tiny:resolve_weights",
+}
 
 
 def register_model_configs() -> None:
@@ -228,7 +232,11 @@ def load_clip(
     weight_file: Path | None = None
 
     if tag is not None and (name, tag) in _LOCAL_WEIGHTS:
-        weight_file = Path(_LOCAL_WEIGHTS[(name, tag)](cache))
+        resolver = _LOCAL_WEIGHTS[(name, tag)]
+        if isinstance(resolver, str):
+            module, func = resolver.split(":")
+            resolver = getattr(importlib.import_module(module), func)
+        weight_file = Path(resolver(cache))
     elif tag is not None and _looks_like_path(tag):
         weight_file = Path(tag).expanduser()
         if not weight_file.is_file():
