@@ -44,7 +44,8 @@ class MMELExplainer:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
                 cfg, state = dict(ckpt["config"]), ckpt["hsrm"]
             except Exception as e:  # noqa: BLE001 - one message for every way a checkpoint can be unreadable
-                raise ValueError(f"{path} is not an HSRM checkpoint written by train.py ({type(e).__name__}: {e})") from e
+                why = f"{type(e).__name__}: {e}"
+                raise ValueError(f"{path} is not an HSRM checkpoint written by train.py ({why})") from e
             if cfg.get("backbone") not in (None, clip.name):
                 raise ValueError(f"{path} was trained for backbone '{cfg['backbone']}', not '{clip.name}'")
             layers, scales, tau = cfg["layers"], cfg["scales"], cfg["tau"]
