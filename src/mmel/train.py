@@ -17,16 +17,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mmel.utils.runs import announce, instantiate_group, output_dir, save_metrics
+from mmel.utils.runs import announce, build_datamodule, instantiate_group, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
-
-
-def build_datamodule(cfg: DictConfig, clip) -> pl.LightningDataModule:
-    """The configured datamodule, sized and normalised for the loaded CLIP."""
-    return instantiate(
-        cfg.data, image_size=clip.image_size[0], mean=list(clip.mean), std=list(clip.std), patch_size=clip.patch_size
-    )
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
