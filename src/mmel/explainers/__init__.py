@@ -37,4 +37,4 @@ def build_explainer(name: str, clip: Any, **cfg: Any) -> Any:
 
 
 # Importing the explainer modules registers them; they import `register` from this (already initialised) module.
-from mmel.explainers import grad_eclip  # noqa: E402, F401
+from mmel.explainers import attention, game, grad_eclip, gradcam, maskclip, rise  # noqa: E402, F401
