@@ -180,3 +180,24 @@ def test_clip_scorer_kinds(micro_clip):
     assert torch.isfinite(out["deletion_auc"]) and torch.isfinite(out["insertion_auc"])
     with pytest.raises(ValueError, match="no target"):
         ClipScorer(micro_clip, prompts)(images)
+
+
+def test_clip_normalisation_constants_match_open_clip():
+    import open_clip
+
+    from mmel.metrics.deletion_insertion import CLIP_MEAN, CLIP_STD
+
+    assert tuple(CLIP_MEAN) == tuple(open_clip.OPENAI_DATASET_MEAN)
+    assert tuple(CLIP_STD) == tuple(open_clip.OPENAI_DATASET_STD)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import mmel.metrics.deletion_insertion as di
+    import mmel.metrics.pointing as pg
+    import mmel.metrics.saliency_iou as iou
+
+    for module in (pg, iou, di):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

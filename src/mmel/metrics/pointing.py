@@ -224,12 +224,22 @@ class PointingGame(Metric):
         )
 
     def per_category(self) -> dict[str | int, float]:
-        """Accuracy per category seen: keyed by name (string categories seen by this process) or id."""
-        hits = _cat_or_empty(self.sample_hits, torch.float, self.hits.device)
-        ids = _cat_or_empty(self.sample_categories, torch.long, self.hits.device)
+        """Accuracy per category seen, keyed by name (string categories) or id (integer categories).
+
+        Under DDP the samples and category names of all processes count (gathered like ``compute()`` does).
+        """
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
+            hits = _cat_or_empty(self.sample_hits, torch.float, self.hits.device).clone()
+            ids = _cat_or_empty(self.sample_categories, torch.long, self.hits.device).clone()
+        names = dict(self._category_names)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[dict] = [{}] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, names)
+            for other in gathered:
+                names.update(other)
         known = ids >= 0
         uniq, acc = _per_category(hits[known], ids[known])
-        return {self._category_names.get(i, i): a for i, a in zip(uniq.tolist(), acc.tolist(), strict=True)}
+        return {names.get(i, i): a for i, a in zip(uniq.tolist(), acc.tolist(), strict=True)}
 
 
 def _cat_or_empty(state: Tensor | list, dtype: torch.dtype, device: torch.device) -> Tensor:
