@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmel.metrics import ClipScorer, DeletionInsertion, deletion_insertion
-from mmel.metrics.deletion_insertion import _deletion_insertion_update, gaussian_blur, make_fill
+from mmel.metrics.perturbation import _deletion_insertion_update, gaussian_blur, make_fill
 
 RAW = {"pixel_mean": (0.0, 0.0, 0.0), "pixel_std": (1.0, 1.0, 1.0)}  # images in pixel space
 
@@ -84,9 +84,10 @@ def test_fills():
     blurred = make_fill("blur", img, **RAW)
     assert blurred[0, 0, 0, 3] > 0 and blurred[0, 0, 0, 4] < 1  # the edge is smoothed
     torch.testing.assert_close(blurred.mean(), img.mean(), atol=1e-6, rtol=0)  # symmetric edge: mass kept
-    # deleting everything with the mean fill leaves the mean colour everywhere
-    c = curves(torch.rand(1, 8, 8), img, scorer=lambda x: x.mean((1, 2, 3)), fill="mean", step=0.5)
-    torch.testing.assert_close(c["deletion"][0], torch.tensor([0.5, 0.5, 0.5]))
+    # mean fill, rightmost columns first: deleting the white half leaves black + mean colour, then all mean colour
+    by_column = torch.arange(8.0).expand(1, 8, 8)
+    c = curves(by_column, img, scorer=lambda x: x.mean((1, 2, 3)), fill="mean", step=0.5)
+    torch.testing.assert_close(c["deletion"][0], torch.tensor([0.5, 0.25, 0.5]))
 
 
 def test_batching_and_deduplication():
@@ -185,7 +186,7 @@ def test_clip_scorer_kinds(micro_clip):
 def test_clip_normalisation_constants_match_open_clip():
     import open_clip
 
-    from mmel.metrics.deletion_insertion import CLIP_MEAN, CLIP_STD
+    from mmel.metrics.perturbation import CLIP_MEAN, CLIP_STD
 
     assert tuple(CLIP_MEAN) == tuple(open_clip.OPENAI_DATASET_MEAN)
     assert tuple(CLIP_STD) == tuple(open_clip.OPENAI_DATASET_STD)
@@ -193,11 +194,9 @@ def test_clip_normalisation_constants_match_open_clip():
 
 def test_docstring_examples_run():
     import doctest
+    import importlib
 
-    import mmel.metrics.deletion_insertion as di
-    import mmel.metrics.pointing as pg
-    import mmel.metrics.saliency_iou as iou
-
-    for module in (pg, iou, di):
+    for name in ("pointing", "iou", "perturbation"):
+        module = importlib.import_module(f"mmel.metrics.{name}")
         result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
+        assert result.attempted > 0 and result.failed == 0, name
