@@ -101,9 +101,8 @@ def clean_boxes(boxes: np.ndarray, size: tuple[int, int], counts: Counter, min_a
     ok = finite & (bw > 0) & (bh > 0)
     small = ok & (bw * bh < min_area)
     changed = ok & ~small & (np.abs(clipped - boxes) > 1e-6).any(axis=1)
-    counts["box_degenerate"] += int((~ok).sum())
-    counts["box_small"] += int(small.sum())
-    counts["box_clipped"] += int(changed.sum())
+    n = {"box_degenerate": int((~ok).sum()), "box_small": int(small.sum()), "box_clipped": int(changed.sum())}
+    counts.update({k: v for k, v in n.items() if v})  # no zero entries: an empty Counter means "nothing happened"
     return clipped[ok & ~small].astype(np.float32)
 
 

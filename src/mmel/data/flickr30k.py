@@ -68,16 +68,16 @@ def parse_caption(line: str) -> Caption:
             break
         words += line[i:start].split()
         end = line.find("]", start)
-        space = line.find(" ", start)
-        if end < 0 or space < 0 or space > end:
-            raise ValueError(f"unterminated or empty phrase at column {start + 1}")
+        if end < 0:
+            raise ValueError(f"unterminated phrase at column {start + 1}")
         if line.find(MARK, start + 1, end) >= 0:
             raise ValueError(f"nested phrase at column {start + 1}")
-        tag = line[start + 1 : space]  # "/EN#12/people/other"
+        space = line.find(" ", start, end)
+        tag = line[start + 1 : space if space >= 0 else end]  # "/EN#12/people/other"
         parts = tag.split("/")
         if len(parts) < 3 or not parts[1].startswith("EN#") or not parts[1][3:]:
             raise ValueError(f"bad phrase tag {tag!r} at column {start + 1}")
-        text = line[space + 1 : end].split()
+        text = line[space + 1 : end].split() if space >= 0 else []
         phrases.append(Phrase(" ".join(text), parts[1][3:], [t for t in parts[2:] if t], len(words)))
         words += text
         i = end + 1
@@ -210,7 +210,7 @@ class Flickr30kEntities(BoxDataset):
                 self.skipped["caption_malformed"] += 1
                 continue
             for p, ph in enumerate(caption.phrases):
-                reason = self._no_box_reason(ph, boxes, clean)
+                reason = self._no_box_reason(ph, boxes, clean) or ("phrase_empty" if not ph.text else None)
                 if reason:
                     self.skipped[reason] += 1
                     continue

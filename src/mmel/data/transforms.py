@@ -121,7 +121,8 @@ class BoxTransform:
         b[:, 0::2] = b[:, 0::2].clamp(0, cw)
         b[:, 1::2] = b[:, 1::2].clamp(0, ch)
         keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-        self.skipped["box_cropped_out"] += int((~keep).sum())
+        if not keep.all():
+            self.skipped["box_cropped_out"] += int((~keep).sum())
         return b[keep]
 
     def image(self, image: Image.Image) -> torch.Tensor:
