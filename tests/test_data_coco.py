@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from mmel.data import CocoBoxes, DatasetError
 from mmel.data.fixtures import COLOURS, write_coco
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from mmel.data import DatasetError, Flickr30kEntities
 from mmel.data.fixtures import COLOURS, write_flickr
 from mmel.data.flickr30k import parse_annotation, parse_caption
@@ -115,7 +116,11 @@ def test_bad_items_skipped_and_counted(tmp_path):
     _tree(
         tmp_path,
         **{
-            "2002": {"size": (20, 20), "captions": ["[/EN#1/people a kid] ."], "objects": [{"names": ["1"], "box": (1, 1, 5, 5)}]},
+            "2002": {
+                "size": (20, 20),
+                "captions": ["[/EN#1/people a kid] ."],
+                "objects": [{"names": ["1"], "box": (1, 1, 5, 5)}],
+            },
             "3003": {"size": (20, 20), "captions": ["[/EN#1/people a dog"], "objects": []},
         },
     )

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mmel.data import CocoBoxes, load_image
 from mmel.data.fixtures import COLOURS, canvas, write_coco
-from PIL import Image
 
 CATS = [(1, "thing")]
 
 
 def _dataset(tmp_path, image: Image.Image | bytes, name: str, size, box=(2, 3, 6, 5), **save):
-    write_coco(tmp_path, "val", [{"id": 1, "size": size, "anns": [(1, list(box))], "file_name": name}], CATS, draw=False)
+    write_coco(
+        tmp_path, "val", [{"id": 1, "size": size, "anns": [(1, list(box))], "file_name": name}], CATS, draw=False
+    )
     path = tmp_path / "val" / name
     if isinstance(image, bytes):
         path.write_bytes(image)

@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+
 from mmel.data import CocoBoxes, Flickr30kEntities, ShapesDataModule
 from mmel.data.shapes import generate
 

@@ -6,6 +6,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+
 from mmel.data import BoxTransform, box_mask, collate_boxes, keep_size
 from mmel.data.fixtures import COLOURS, canvas
 
@@ -58,6 +59,7 @@ def test_keep_mode_sizes_and_boxes():
     assert keep_size((333, 500), 32) == (320, 512)
     assert keep_size((100, 1000), 16, max_side=320) == (32, 320)
     assert keep_size((5, 7), 16) == (16, 16)  # never below one patch
+    assert keep_size((40, 56), 16) == (48, 64)  # 2.5 and 3.5 patches both round up
     item = _item((90, 130), [((20, 30, 60, 70), "yellow")])
     out = BoxTransform("keep", patch_size=16, mean=MEAN, std=STD)(item)
     assert out["image"].shape == (3, 96, 128)
@@ -96,8 +98,8 @@ def test_collate_pads_and_drops_none():
     b = tf(_item((70, 30), [((1, 1, 20, 20), "red"), ((5, 5, 9, 9), "blue")]))
     batch = collate_boxes([a, None, b], pad=True, pad_multiple=16)
     assert batch["images"].shape == (2, 3, 64, 64) and batch["n_dropped"] == 1
-    assert batch["valid"][0].sum() == 32 * 64 and batch["valid"][1].sum() == 64 * 32
-    assert torch.equal(batch["images"][0, :, :32, :64], a["image"]) and batch["images"][0, :, 32:].abs().sum() == 0
+    assert batch["valid"][0].sum() == 48 * 64 and batch["valid"][1].sum() == 64 * 32
+    assert torch.equal(batch["images"][0, :, :48, :64], a["image"]) and batch["images"][0, :, 48:].abs().sum() == 0
     assert [len(x) for x in batch["boxes"]] == [1, 2] and batch["prompt"] == ["p", "p"]
     lists = collate_boxes([a, b], pad=False)
     assert [t.shape for t in lists["images"]] == [a["image"].shape, b["image"].shape] and "valid" not in lists

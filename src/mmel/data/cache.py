@@ -154,8 +154,11 @@ class FeatureCache:
         self._manifest_path().unlink(missing_ok=True)
 
     def _changed(self, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-        changed = [f"key.{k}" for k in sorted(set(old.get("key", {})) | set(new["key"])) if
-                   old.get("key", {}).get(k) != new["key"].get(k)]
+        changed = [
+            f"key.{k}"
+            for k in sorted(set(old.get("key", {})) | set(new["key"]))
+            if old.get("key", {}).get(k) != new["key"].get(k)
+        ]
         changed += [k for k in ("format", "ids_sha256", "n_items", "shard_size") if old.get(k) != new[k]]
         return changed
 
@@ -240,7 +243,11 @@ class FeatureCache:
     @staticmethod
     def _as_rows(out: Any, n: int) -> list[dict[str, torch.Tensor] | None]:
         if isinstance(out, dict):  # batched on dim 0
-            rows = [{k: v[i] for k, v in out.items()} for i in range(n)] if all(len(v) == n for v in out.values()) else None
+            rows = (
+                [{k: v[i] for k, v in out.items()} for i in range(n)]
+                if all(len(v) == n for v in out.values())
+                else None
+            )
         else:
             rows = list(out) if out is not None else None
         if rows is None or len(rows) != n:

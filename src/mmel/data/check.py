@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if o.split("=")[0] == "verify":
             verify = o.split("=", 1)[1].lower() in ("1", "true", "yes")
             overrides.remove(o)
+    GlobalHydra.instance().clear()  # callable more than once in a process (tests, notebooks)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):

@@ -34,10 +34,12 @@ def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
 
 
 def keep_size(size: tuple[int, int], patch_size: int, max_side: int | None = None) -> tuple[int, int]:
-    """Target (H, W) of keep-size mode: aspect kept, each side a (nonzero) multiple of ``patch_size``."""
+    """Target (H, W) of keep-size mode: aspect kept, each side rounded to the nearest (nonzero) multiple of
+    ``patch_size``."""
     h, w = size
     s = min(1.0, max_side / max(h, w)) if max_side else 1.0
-    return (max(1, round(h * s / patch_size)) * patch_size, max(1, round(w * s / patch_size)) * patch_size)
+    # half rounds up (Python's round() would send 2.5 patches to 2 and 3.5 to 4)
+    return tuple(max(1, math.floor(side * s / patch_size + 0.5)) * patch_size for side in (h, w))
 
 
 def box_mask(
