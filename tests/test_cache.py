@@ -73,6 +73,9 @@ def test_second_pass_reads_from_cache_with_identical_tensors(tmp_path):
         assert got["id"] == f"s{i}" and feats2.index(f"s{i}") == i
         _assert_same({k: v for k, v in got.items() if k != "id"}, reference[i])
     _assert_same({k: v for k, v in feats.get("s7").items() if k != "id"}, reference[7])
+    assert feats2[-1]["id"] == "s10"
+    with pytest.raises(IndexError):
+        feats2[11]
     loaded = FeatureCache(tmp_path / "c", KEY, shard_size=4).load()
     assert torch.equal(loaded[3]["evidence"], reference[3]["evidence"])
 

@@ -38,6 +38,7 @@ def test_one_sample_per_image_category_with_all_boxes(tmp_path):
     x0, y0, x1, y1 = ds[2]["boxes"][0].int().tolist()
     assert (a[y0:y1, x0:x1] == COLOURS["green"]).all() and not (a[y1:, :] == COLOURS["green"]).all(-1).any()
     assert ds.stats["images_without_boxes"] == 1 and ds.sample_ids == ["10:1", "10:2", "11:7"]
+    assert ds.groups_by_image() == [[0, 1], [2]]
 
 
 def test_prompt_template_and_image_dir(tmp_path):

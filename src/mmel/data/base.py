@@ -176,6 +176,13 @@ class BoxDataset(torch.utils.data.Dataset):
             log.warning("%s: skipping %s (%s): %s", self.name, r.file, reason, why)
         return None
 
+    def groups_by_image(self) -> list[list[int]]:
+        """Sample indices grouped by image file, in first-seen order: explain K prompts of one image at once."""
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(self.records):
+            groups.setdefault(r.file, []).append(i)
+        return list(groups.values())
+
     def drop_missing_images(self) -> None:
         """Drop records whose image file does not exist (one ``stat`` per image), counting ``missing_image``."""
         exists: dict[str, bool] = {}
