@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -28,7 +27,24 @@ import warnings
 
 import torch
 
-COLOURS = "red green blue cyan magenta yellow black white grey pink brown orange purple gold silver teal".split()
+COLOURS = [
+    "red",
+    "green",
+    "blue",
+    "cyan",
+    "magenta",
+    "yellow",
+    "black",
+    "white",
+    "grey",
+    "pink",
+    "brown",
+    "orange",
+    "purple",
+    "gold",
+    "silver",
+    "teal",
+]
 SHAPES = "circle square triangle star"
 
 
@@ -120,7 +136,9 @@ def main() -> int:
     ps = prompts(args.prompts)
     tokens = clip.tokenize(ps)
     K, R = len(ps), args.repeats
-    print(f"model {args.model} (random weights), {args.size} px, 1 image x {K} prompts, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model} (random weights), {args.size} px, 1 image x {K} prompts, {torch.get_num_threads()} threads"
+    )
 
     def floor():
         with torch.no_grad():

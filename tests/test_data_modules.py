@@ -8,12 +8,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from tests.conftest import CONF_DIR
-from tests.test_data_flickr import _tree as flickr_tree
 
 from mmel.data import CocoDataModule, Flickr30kDataModule
 from mmel.data.check import main as check_main
 from mmel.data.fixtures import write_coco
+from tests.conftest import CONF_DIR
+from tests.test_data_flickr import _tree as flickr_tree
 
 CATS = [(1, "red circle"), (2, "blue square")]
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -10,10 +10,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
-from tests.test_configs import compose_cfg as _compose
 
 from mmel.explain import explain_image, input_size, load_image, run
 from mmel.explainers import build_explainer
+from tests.test_configs import compose_cfg as _compose
 
 PROMPTS = ["a red circle", "two blue squares"]
 

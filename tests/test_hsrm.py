@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmel.explainers.base import minmax
 from mmel.hsrm import HSRM, HSRMInputs, box_losses
 from mmel.hsrm.losses import dice_loss, energy_loss, pointing_loss
-from mmel.hsrm.module import minmax
 
 
 def make_inputs(p=3, l=4, h=5, w=7, c=16, width=24, d=12, seed=0) -> HSRMInputs:
@@ -63,9 +63,13 @@ def test_maps_are_in_unit_range_and_upsampled():
         hsrm.d_beta.add_(0.2)
         hsrm.gamma.fill_(2.0)
     m, e = hsrm(make_inputs(), out_size=(20, 28))
+    grid, _ = hsrm(make_inputs())
     assert m.shape == (3, 20, 28) and e.shape == (3, 5, 7)
     assert torch.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
-    assert torch.allclose(m.flatten(1).amax(1), torch.ones(3))
+    assert torch.allclose(grid.flatten(1).amax(1), torch.ones(3))
+    # the image-size map is the grid map resized bilinearly (as every explainer does), not re-normalised
+    up = torch.nn.functional.interpolate(grid[:, None], size=(20, 28), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(m, up.clamp(0, 1))
 
 
 def test_constant_evidence_gives_zero_map_not_nan():

@@ -83,13 +83,16 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
     resume = cfg.get("resume")
     out = Path(resume) if resume else output_dir(cfg)
+    if resume and not out.is_dir():
+        raise FileNotFoundError(f"resume={resume}: no such run dir (give the dir of the interrupted run)")
+    out.mkdir(parents=True, exist_ok=True)
     clip = instantiate(cfg.model)
     datamodule = build_datamodule(cfg, clip)
     datamodule.prepare_data()
     split = cfg.get("split", "test")
     loader = getattr(datamodule, f"{split}_dataloader")()
     dataset = datamodule.dataset(split)
-    explainer = instantiate(cfg.explainer)(clip)
+    explainer = instantiate(cfg.explainer)(clip=clip)
     metrics = build_metrics(cfg.metrics)
     for m in metrics.values():
         m.persistent(True)  # their states go into eval_state.pt

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmel.backbone import ClipBundle
+from mmel.explainers.base import minmax
 from mmel.hsrm import HSRM, HSRMInputs, box_losses
-from mmel.hsrm.module import minmax
 
 FEATURE_KEYS = ("evidence", "keys", "patch_tokens", "text")
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     clip = instantiate(cfg.model)
     datamodule = build_datamodule(cfg, clip)
     module = instantiate(cfg.hsrm)(clip=clip)

@@ -38,3 +38,11 @@ def build_explainer(name: str, clip: Any, **cfg: Any) -> Any:
 
 # Importing the explainer modules registers them; they import `register` from this (already initialised) module.
 from mmel.explainers import attention, game, grad_eclip, gradcam, maskclip, rise  # noqa: E402, F401
+
+
+@register("mmel")
+def _mmel(clip: Any, **cfg: Any) -> Any:
+    """MMEL (ours, reconstructed): the HSRM over Grad-ECLIP; imported on use (mmel.hsrm builds on this package)."""
+    from mmel.hsrm.explainer import MMELExplainer
+
+    return MMELExplainer(clip, **cfg)

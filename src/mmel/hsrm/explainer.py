@@ -16,11 +16,10 @@ import torch
 from torch import Tensor
 
 from mmel.backbone import ClipBundle
-from mmel.explainers import build_explainer, register
+from mmel.explainers import build_explainer
 from mmel.hsrm.module import HSRM, HSRMInputs
 
 
-@register("mmel")
 class MMELExplainer:
     """MMEL (ours, reconstructed): HSRM over native Grad-ECLIP evidence."""
 

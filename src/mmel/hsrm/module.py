@@ -16,7 +16,7 @@ Inputs per (image, prompt) pair, all from the frozen CLIP (and therefore cacheab
 3. Cross-modal alignment. P_v = Linear(W -> D) after a LayerNorm, both initialised from CLIP's ln_post / proj, and
    P_t = Linear(D -> D) initialised to the identity give a_i = cos(P_v x_i, P_t t); gate A = sigmoid(gamma (a - mean a))
    with gamma = 0 at the start (A = 1/2 everywhere, which min-max normalisation removes).
-4. Map. M = minmax(ReLU(G) * A), upsampled bilinearly to the image.
+4. Map. M = minmax(ReLU(G) * A), upsampled bilinearly to the image (the explainers' `to_image_maps`).
 
 At initialisation M equals the single-layer Grad-ECLIP map of the last selected block exactly (a test pins it).
 Each layer's evidence is first divided by its own max |g| per pair: a positive per-map constant does not change
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-EPS = 1e-8
+from mmel.explainers.base import to_image_maps
 
 
 @dataclass
@@ -51,14 +51,6 @@ class HSRMInputs:
 
     def to(self, device: torch.device | str) -> HSRMInputs:
         return HSRMInputs(*(t.to(device) for t in (self.evidence, self.keys, self.patch_tokens, self.text)))
-
-
-def minmax(x: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
-    """Min-max normalise over ``dims``; a constant map becomes zeros (never NaN)."""
-    lo = x.amin(dim=dims, keepdim=True)
-    hi = x.amax(dim=dims, keepdim=True)
-    rng = hi - lo
-    return torch.where(rng > EPS, (x - lo) / rng.clamp_min(EPS), torch.zeros_like(x))
 
 
 class HSRM(nn.Module):
@@ -161,9 +153,8 @@ class HSRM(nn.Module):
         a = self.alignment(inputs.patch_tokens, inputs.text).reshape(-1, h, w)
         gate = torch.sigmoid(self.gamma * (a - a.mean(dim=(-2, -1), keepdim=True)))
         energy = F.relu(g) * gate
-        m = minmax(energy)
-        if out_size is not None and tuple(out_size) != (h, w):
-            m = minmax(F.interpolate(m[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0])
+        # the explainers' own normalise-then-resize, so that the start is Grad-ECLIP's map bit for bit
+        m = to_image_maps(energy[:, None], out_size or (h, w))[:, 0]
         return m, energy
 
     @classmethod

@@ -33,7 +33,7 @@ def output_dir(cfg: DictConfig | None = None) -> Path:
 def _plain(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu()
-        return v.item() if v.numel() == 1 else v.tolist()
+        return _plain(v.item()) if v.numel() == 1 else _plain(v.tolist())
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, list | tuple):

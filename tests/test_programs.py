@@ -1,0 +1,108 @@
+"""The programs end to end on a small shapes world and the micro CLIP: train -> hsrm.pt -> mmel explainer,
+evaluate (with an interrupted run resumed to the same numbers), and the HSRM starting point == Grad-ECLIP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from mmel.backbone import load_clip
+from mmel.explainers import build_explainer
+from tests.conftest import CONF_DIR
+
+N_TEST = 24
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from mmel.data.shapes import generate
+
+    return generate(tmp_path_factory.mktemp("world"), seed=3, n_train=48, n_val=16, n_test=N_TEST)
+
+
+def cfg_for(program: str, world: Path, out: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(program, overrides=["model=micro", f"data.root={world}", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.log_dir = str(out.parent / "logs")
+    return cfg
+
+
+def test_evaluate_writes_metrics_and_resumes_to_identical_numbers(world, tmp_path):
+    from mmel.evaluate import run
+
+    full, _ = run(cfg_for("evaluate", world, tmp_path / "full", []))
+    assert full["test/samples"] >= N_TEST  # one sample per (image, category present)
+    assert 0 <= full["test/pointing_game/accuracy"] <= 1 and 0 <= full["test/energy_pointing_game"] <= 1
+    on_disk = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert on_disk["test/samples"] == full["test/samples"]
+
+    # an interrupted run (stopped after 7 samples), then resumed in its own dir
+    part, _ = run(cfg_for("evaluate", world, tmp_path / "part", ["limit=7", "checkpoint_every=1"]))
+    assert part["test/samples"] == 7
+    resumed, objs = run(cfg_for("evaluate", world, tmp_path / "other", [f"resume={tmp_path / 'part'}"]))
+    assert resumed["test/samples"] == full["test/samples"]
+    for k, v in full.items():
+        if k.startswith("test/") and isinstance(v, torch.Tensor | float):
+            a, b = torch.as_tensor(v), torch.as_tensor(resumed[k])
+            assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-6), k
+    assert not (tmp_path / "other" / "metrics.json").exists()  # results went to the resumed run's dir
+
+
+def test_train_writes_hsrm_checkpoint_that_the_mmel_explainer_loads(world, tmp_path):
+    from mmel.train import run
+
+    cfg = cfg_for("train", world, tmp_path / "run", ["trainer.max_epochs=2", "data.batch_size=16", "logger=csv"])
+    metrics, objs = run(cfg)
+    for key in ("val/pointing_game", "test/pointing_game", "test/grad_eclip_pointing_game", "train/loss"):
+        assert key in metrics, key
+    ckpt_path = tmp_path / "run" / "hsrm.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert set(ckpt) == {"hsrm", "config"}
+    assert not any(k.startswith(("visual.", "transformer.")) for k in ckpt["hsrm"])  # frozen CLIP is not saved
+    # training moved the HSRM off its Grad-ECLIP start
+    assert ckpt["hsrm"]["d_alpha"].abs().sum() > 0
+    clip = objs["clip"]
+    explainer = build_explainer("mmel", clip, checkpoint=str(ckpt_path))
+    maps = explainer(torch.randn(2, 3, 32, 32), ["a red circle", "a blue square", "a green star"])
+    assert maps.shape == (2, 3, 32, 32) and torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    for lightning_ckpt in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        sd = torch.load(lightning_ckpt, weights_only=False)["state_dict"]
+        assert all(k.startswith(("hsrm.", "metrics.")) for k in sd), "CLIP weights leaked into a checkpoint"
+
+
+def test_mmel_at_initialisation_is_grad_eclip(micro_clip):
+    images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "two blue squares"]
+    ge = build_explainer("grad_eclip", micro_clip, mode="native")(images, prompts)
+    mm = build_explainer("mmel", micro_clip, layers=2)(images, prompts)
+    torch.testing.assert_close(mm, ge, atol=1e-5, rtol=0)
+
+
+def test_mmel_checkpoint_errors(micro_clip, tmp_path):
+    with pytest.raises(FileNotFoundError, match="hsrm.pt"):
+        build_explainer("mmel", micro_clip, checkpoint=str(tmp_path / "hsrm.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ValueError, match="not an HSRM checkpoint"):
+        build_explainer("mmel", micro_clip, checkpoint=str(bad))
+    other = load_clip("mmel-micro-quickgelu")
+    from mmel.hsrm import HSRM
+
+    torch.save(
+        {
+            "hsrm": HSRM.for_clip(other.model, 2).state_dict(),
+            "config": {"backbone": other.name, "layers": [0, 1], "scales": [1, 2, 4], "tau": 0.1},
+        },
+        tmp_path / "other.pt",
+    )
+    with pytest.raises(ValueError, match="trained for backbone 'mmel-micro-quickgelu'"):
+        build_explainer("mmel", micro_clip, checkpoint=str(tmp_path / "other.pt"))
