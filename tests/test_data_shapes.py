@@ -93,3 +93,6 @@ def test_shapes_datamodule_generates_on_first_use_and_batches(tmp_path):
     assert (root / "MANIFEST.json").stat().st_mtime_ns == stamp
     assert flickr.dataset("test")[0]["prompt"].startswith("a ")  # the phrase itself, no "a photo of"
     assert dm.dataset("val").name == "coco/val" and not dm.skipped
+    other = ShapesDataModule(root, seed=2, generate_kwargs=SMALL)
+    other.prepare_data()  # another seed on the same root: the world is made again to match the config
+    assert json.loads((root / "MANIFEST.json").read_text())["params"]["seed"] == 2

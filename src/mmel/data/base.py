@@ -120,17 +120,39 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_template(template: str) -> str:
+    """A prompt template must have exactly one ``{}`` slot."""
+    if template.count("{}") != 1:
+        raise ValueError(f"prompt_template must contain exactly one '{{}}', got {template!r}")
+    return template
+
+
 class BoxDataset(torch.utils.data.Dataset):
     """A list of :class:`Record` s whose images are decoded on access.
 
     Items are dicts: ``sample_id`` (str), ``image_id``, ``image`` (PIL RGB), ``prompt`` (str), ``boxes``
     (FloatTensor [M, 4] xyxy, pixels of the original image), ``category`` (str), ``file`` (str), ``size`` ((H, W)),
     plus loader-specific extras. A bad image gives ``None`` (counted in ``skipped``).
+
+    Subclasses index their annotations into ``records`` in ``__init__`` and then call :meth:`finish_index`.
     """
 
     name = "boxes"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike = ".",
+        split: str = "",
+        *,
+        image_dir: str | os.PathLike | None = None,
+        default_image_dir: str = "",
+        prompt_template: str = "{}",
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.name = f"{type(self).name}/{split}"
+        self.image_dir = Path(image_dir).expanduser() if image_dir else self.root / default_image_dir
+        self.prompt_template = check_template(prompt_template)
         self.records: list[Record] = []
         self.skipped: Counter = Counter()
         self.stats: Counter = Counter()  # informational counts (images, samples, ...)
@@ -210,6 +232,12 @@ class BoxDataset(torch.utils.data.Dataset):
             if good[r.file]:
                 kept.append(r)
         self.records = kept
+
+    def finish_index(self, check_files: bool, subset: int | None, seed: int) -> None:
+        """After indexing: drop samples of missing image files (if asked), then keep the seeded subset."""
+        if check_files:
+            self.drop_missing_images()
+        self.subsample(subset, seed)
 
     def subsample(self, n: int | None, seed: int) -> None:
         """Keep a seeded random subset of ``n`` samples (in their original order); ``None`` keeps all."""

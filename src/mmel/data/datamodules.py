@@ -218,21 +218,20 @@ class ShapesDataModule(BoxDataModule):
         self.format = format
         self.dataset_cls = CocoBoxes if format == "coco" else Flickr30kEntities
         self.generate_kwargs = dict(_plain(generate_kwargs) or {})
+        self._prepared = False
 
     def dataset_root(self) -> Path:
         return self.root / self.format
 
     def prepare_data(self) -> None:
-        """Generate the world unless ``<root>/MANIFEST.json`` exists (it is written last, so its presence means
-        a complete world)."""
-        if (self.root / "MANIFEST.json").is_file():
-            return
+        """Make sure ``root`` holds the world these settings describe: the generator returns at once when its
+        MANIFEST.json matches (seed and parameters), and regenerates the world when it does not."""
         from mmel.data.shapes import generate
 
-        log.info("generating the shapes world under %s (seed=%d)", self.root, self.seed)
         generate(self.root, seed=self.seed, **self.generate_kwargs)
+        self._prepared = True
 
     def make_dataset(self, split: str) -> BoxDataset:
-        if not (self.root / "MANIFEST.json").is_file():
-            self.prepare_data()  # convenience outside a Trainer (single process)
+        if not self._prepared:
+            self.prepare_data()  # convenience outside a Trainer (single process); cheap when the world is there
         return super().make_dataset(split)
