@@ -119,3 +119,15 @@ def test_check_command_fails_on_empty_split(tmp_path, capsys):
     assert check_main(["data=coco", f"data.root={tmp_path}"]) == 1
     out = capsys.readouterr().out
     assert "coco/train2017: 0 images, 0 samples" in out and "coco/val2017: 3 images, 6 samples" in out
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    _coco(tmp_path)
+    (tmp_path / "val2017" / "301.png").write_bytes(b"broken")
+    ids = {}
+    for workers in (0, 2):
+        dm = CocoDataModule(tmp_path, splits={"val": "val2017"}, image_size=32, batch_size=2, num_workers=workers)
+        batches = list(dm.val_dataloader())
+        ids[workers] = [(b["sample_id"], b["n_dropped"], b["images"].sum().item()) for b in batches]
+    # samples 300:1 300:2 | 301:1 301:2 (corrupt: the whole batch is skipped) | 302:1 302:2
+    assert ids[0] == ids[2] and [s for s, _, _ in ids[2]] == [["300:1", "300:2"], ["302:1", "302:2"]]

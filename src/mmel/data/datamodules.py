@@ -4,8 +4,10 @@ Built by Hydra as ``instantiate(cfg.data, image_size=..., mean=..., std=..., pat
 CLIP's values. Constructors only store arguments; disk work happens in ``prepare_data`` (generating the shapes
 world) and ``setup`` (reading annotations). Outside a Trainer call ``dm.prepare_data(); dm.setup()`` first.
 
-Batches come from :func:`mmel.data.transforms.collate_boxes`: ``images`` [B, 3, H, W] (+ ``valid`` [B, H, W] in
-keep-size mode with padding), and lists ``boxes`` ([M_i, 4] in the input's pixels), ``prompt``, ``sample_id``, ...
+Batches come from :func:`mmel.data.transforms.collate_boxes`: ``images`` [B, 3, H, W], ``valid`` [B, H, W] (real
+pixels, all True in fixed-size mode), ``n_dropped`` (bad items left out of this batch, so B may be smaller than the
+batch size) and lists ``boxes`` ([M_i, 4] in the input's pixels), ``prompt``, ``sample_id``, ... A batch whose
+items were all bad is skipped by :class:`BoxDataLoader`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         return self.transform(self.dataset[index])
+
+
+class BoxDataLoader(DataLoader):
+    """A DataLoader that never yields ``None``: a batch whose items were all dropped (bad images) is skipped, so
+    training / evaluation loops need no special case. ``len()`` still counts such batches (an upper bound)."""
+
+    def __iter__(self):
+        return (batch for batch in super().__iter__() if batch is not None)
 
 
 class BoxDataModule(pl.LightningDataModule):
@@ -130,11 +140,11 @@ class BoxDataModule(pl.LightningDataModule):
             log.info("%s", ds.report())
         return self.datasets[stage]
 
-    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+    def _loader(self, stage: str, shuffle: bool) -> BoxDataLoader:
         collate = functools.partial(
             collate_boxes, pad=True, pad_multiple=self.transform.patch_size if self.transform.mode == "keep" else 1
         )
-        return DataLoader(
+        return BoxDataLoader(
             TransformedDataset(self.dataset(stage), self.transform),
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -155,7 +155,7 @@ def collate_boxes(items: list[dict[str, Any] | None], pad: bool = True, pad_mult
     ``pad_multiple``) and ``valid`` BoolTensor [B, Hmax, Wmax] marking real pixels; boxes stay in each image's own
     pixels, which padding at the bottom/right does not move. ``pad=False``: ``images`` is a list of [3, H_i, W_i].
     Other fields become lists (``boxes``: list of [M_i, 4]); ``n_dropped`` counts the ``None`` items. Returns
-    ``None`` when every item was dropped (a LightningModule should skip such a batch).
+    ``None`` when every item was dropped (:class:`mmel.data.datamodules.BoxDataLoader` skips such batches).
     """
     kept = [it for it in items if it is not None]
     if not kept:
