@@ -168,7 +168,9 @@ class GradECLIP(Explainer):
         prompts = check_prompts(prompts)
         check_images(images, self.patch)
         if paired and len(prompts) != images.shape[0]:
-            raise ValueError(f"paired=True needs one prompt per image: got {len(prompts)} prompts, {len(images)} images")
+            raise ValueError(
+                f"paired=True needs one prompt per image: got {len(prompts)} prompts, {len(images)} images"
+            )
         idx = resolve_layers(layers, self.depth)
         text_features = self.text_features(prompts)
         with torch.enable_grad():

@@ -16,17 +16,18 @@ from mmel.pretrain.quality import category_prompts, top1_present, zero_shot_scor
 class TinyClipPretrainer(pl.LightningModule):
     """Contrastive pretraining of ``arch`` (an open_clip config name) on (image, caption, object sets) batches.
 
-    Batches: images [B, 3, S, S], tokens [B, L], image objects [B, C], caption objects [B, C] (multi-hot).
+    Batches: images [B, 3, S, S], tokens [B, L], image objects [B, C], caption objects [B, C] (multi-hot);
+    each step contrasts the B images with the B captions and the C one-object category captions.
     Validation: zero-shot top-1 over the category prompts ("val/top1_present").
     """
 
     def __init__(
         self,
         arch: str = "mmel-tiny",
-        lr: float = 1.5e-3,
+        lr: float = 2e-3,
         weight_decay: float = 0.05,
-        warmup_steps: int = 100,
-        max_steps: int = 1200,
+        warmup_steps: int = 50,
+        max_steps: int = 600,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -37,6 +38,9 @@ class TinyClipPretrainer(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, tokens, image_objects, caption_objects = batch
+        # the batch's captions plus the C one-object captions (see mmel.pretrain.loss)
+        tokens = torch.cat([tokens, self.prompt_tokens])
+        caption_objects = torch.cat([caption_objects, torch.eye(len(self.prompt_tokens), device=self.device)])
         image_features = self.model.encode_image(images, normalize=True).float()
         text_features = self.model.encode_text(tokens, normalize=True).float()
         scale = self.model.logit_scale.exp().float()

@@ -52,16 +52,16 @@ class PretrainConfig:
     """Every setting of a pretraining run (all recorded in the weight file's metadata)."""
 
     seed: int = 0
-    steps: int = 1000
-    batch_size: int = 256
-    lr: float = 1.5e-3
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     precision: str = "bf16-mixed"
     threads: int = 2  # fixed so that the run is repeatable: CPU matmul reductions depend on the thread count
     num_workers: int = 1  # renders the next batch while the model trains
-    val_images: int = 512  # the shapes world's val images (same seed): zero-shot check during training
-    val_every: int = 300
+    val_images: int = 256  # the shapes world's val images (same seed): zero-shot check during training
+    val_every: int = 100
 
 
 def arch_config() -> dict:
@@ -72,7 +72,7 @@ def arch_config() -> dict:
 class _Progress(pl.Callback):
     """Log every ``every`` steps: loss, elapsed time, expected remaining time."""
 
-    def __init__(self, every: int = 50) -> None:
+    def __init__(self, every: int = 25) -> None:
         self.every, self.t0 = every, time.time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
