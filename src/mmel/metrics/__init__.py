@@ -1,0 +1,28 @@
+"""Metrics that score saliency maps against boxes and against the model itself, written as torchmetrics.
+
+Each metric is a plain functional form (the math: ``_x_update`` / ``_x_compute`` / ``x``) plus a thin
+``torchmetrics.Metric`` (sum / cat states, so it syncs under DDP). Shared conventions: :mod:`mmel.metrics._common`;
+each module documents its own, with sources.
+
+* :class:`PointingGame`        -> {"accuracy", "mean_per_category", "difficult_accuracy"}
+* :class:`EnergyPointingGame`  -> scalar tensor
+* :class:`SaliencyIoU`         -> {"miou", "maxboxacc", "maxboxacc_<d>", "sweep_miou", "sweep_threshold"}
+* :class:`DeletionInsertion`   -> {"deletion_auc", "insertion_auc"} (+ ``curves()``), scored by e.g. :class:`ClipScorer`
+"""
+
+from mmel.metrics.deletion_insertion import ClipScorer, DeletionInsertion, deletion_insertion
+from mmel.metrics.pointing import EnergyPointingGame, PointingGame, energy_pointing_game, pointing_game
+from mmel.metrics.saliency_iou import SaliencyIoU, binarise, saliency_iou
+
+__all__ = [
+    "ClipScorer",
+    "DeletionInsertion",
+    "EnergyPointingGame",
+    "PointingGame",
+    "SaliencyIoU",
+    "binarise",
+    "deletion_insertion",
+    "energy_pointing_game",
+    "pointing_game",
+    "saliency_iou",
+]

@@ -1,0 +1,232 @@
+"""Saliency IoU: binarise a map, compare it with the mask of the union of the target's boxes.
+
+Every rule acts on the map after min-max normalisation to [0, 1] (a map without contrast — constant or all-zero —
+becomes all zeros), so results do not depend on a map's scale or offset, and a pixel is selected when its value is
+**strictly** above the rule's threshold. Consequently an all-zero or constant map selects nothing (IoU 0). Rules
+(``rule=``), with their sources:
+
+* ``"mean"``     — above the mean of the min-max normalised map (Chefer et al., CVPR 2021, segmentation eval:
+                   ``Res.gt(Res.mean())`` after min-max).
+* ``"fraction"`` — above ``fraction`` of the range; for non-negative maps with minimum 0 (the explainer contract)
+                   this is "above ``fraction`` x max" (CAM, Zhou et al. 2016, used 20%).
+* ``"otsu"``     — Otsu's threshold (Otsu 1979) on a 256-bin histogram of the normalised map: the pixels in the
+                   bins above the split that maximises the between-class variance (first maximum on ties).
+* ``"topk"``     — the ``top_k`` fraction of the area with the highest values: every pixel >= the value of the
+                   ``ceil(top_k * H * W)``-th largest (ties at the cut are all kept, so the area may exceed it),
+                   except pixels at the map's minimum.
+
+Threshold sweep (MaxBoxAcc-style; Choe et al., CVPR 2020 "Evaluating WSOL Right", MaxBoxAccV2 with
+``iou_thresholds`` = {0.3, 0.5, 0.7}): for each threshold ``t`` in ``{0, 1/T, ..., (T-1)/T}`` the normalised map is
+binarised at ``> t``; ``BoxAcc(t, d)`` is the fraction of samples whose IoU >= ``d``; ``maxboxacc_<d>`` is its
+maximum over ``t`` and ``maxboxacc`` the mean of those over ``d``. Deviation from Choe et al.: we compare the
+binarised mask with the box-union mask directly instead of first turning the mask into a box (their
+largest-connected-component box estimation has no batched torch form), i.e. a pixel-IoU variant. ``sweep_miou`` is
+the best mean IoU over the same thresholds and ``sweep_threshold`` the threshold attaining it.
+
+``compute()`` returns {"miou", "maxboxacc", "maxboxacc_30", "maxboxacc_50", "maxboxacc_70", "sweep_miou",
+"sweep_threshold"} (one ``maxboxacc_<d>`` per IoU threshold; NaN when no samples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from mmel.metrics._common import box_union_mask, prepare
+
+RULES = ("mean", "fraction", "otsu", "topk")
+_NAME = "SaliencyIoU"
+
+
+def minmax(m: Tensor) -> Tensor:
+    """Map [..., H, W] min-max normalised to [0, 1] over its last two dims; a map without contrast becomes 0."""
+    flat = m.flatten(-2)
+    lo = flat.min(-1, keepdim=True).values
+    span = flat.max(-1, keepdim=True).values - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(m.dtype).tiny), 0.0)
+    return out.view_as(m)
+
+
+def _otsu_mask(n: Tensor, bins: int = 256) -> Tensor:
+    """Otsu binarisation of a normalised map n [H, W] in [0, 1]."""
+    b = (n * bins).floor().long().clamp(0, bins - 1).flatten()
+    hist = torch.bincount(b, minlength=bins).to(n.dtype)
+    centres = (torch.arange(bins, device=n.device, dtype=n.dtype) + 0.5) / bins
+    w0 = hist.cumsum(0)
+    w1 = hist.sum() - w0
+    m0 = (hist * centres).cumsum(0)
+    m1 = (hist * centres).sum() - m0
+    valid = (w0 > 0) & (w1 > 0)
+    between = torch.where(valid, w0 * w1 * (m0 / w0.clamp(min=1) - m1 / w1.clamp(min=1)) ** 2, -1.0)
+    if not bool(valid.any()):
+        return torch.zeros_like(n, dtype=torch.bool)
+    split = int(between.argmax())
+    return (b > split).view_as(n)
+
+
+def binarise(m: Tensor, rule: str = "mean", fraction: float = 0.5, top_k: float = 0.2) -> Tensor:
+    """Boolean mask [H, W] of a saliency map m [H, W] by ``rule`` (see the module docstring)."""
+    n = minmax(m)
+    if rule == "mean":
+        return n > n.mean()
+    if rule == "fraction":
+        return n > fraction
+    if rule == "otsu":
+        return _otsu_mask(n)
+    if rule == "topk":
+        k = max(1, math.ceil(top_k * n.numel()))
+        cut = n.flatten().topk(k).values[-1]
+        return (n >= cut) & (n > 0)
+    raise ValueError(f"{_NAME}: `rule` must be one of {RULES}; got {rule!r}.")
+
+
+def _check_args(rule: str, fraction: float, top_k: float, sweep_steps: int, iou_thresholds: Sequence[float]) -> None:
+    if rule not in RULES:
+        raise ValueError(f"{_NAME}: `rule` must be one of {RULES}; got {rule!r}.")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"{_NAME}: `fraction` must be in [0, 1); got {fraction}.")
+    if not 0 < top_k <= 1:
+        raise ValueError(f"{_NAME}: `top_k` must be in (0, 1]; got {top_k}.")
+    if sweep_steps < 1:
+        raise ValueError(f"{_NAME}: `sweep_steps` must be >= 1; got {sweep_steps}.")
+    if not iou_thresholds or not all(0 < d <= 1 for d in iou_thresholds):
+        raise ValueError(f"{_NAME}: `iou_thresholds` must be non-empty values in (0, 1]; got {iou_thresholds}.")
+
+
+def sweep_thresholds(steps: int, device: torch.device | None = None) -> Tensor:
+    """The sweep's thresholds [T] = {0, 1/T, ..., (T-1)/T} on the normalised map."""
+    return torch.arange(steps, device=device, dtype=torch.float32) / steps
+
+
+def _saliency_iou_update(
+    maps: Tensor,
+    boxes: Sequence[Tensor],
+    sizes: Tensor | None = None,
+    rule: str = "mean",
+    fraction: float = 0.5,
+    top_k: float = 0.2,
+    sweep_steps: int = 100,
+) -> tuple[Tensor, Tensor]:
+    """Per-sample IoU [N] at ``rule`` and IoU at every sweep threshold [N, T]."""
+    _check_args(rule, fraction, top_k, sweep_steps, (0.5,))
+    resized, box_list, size_list = prepare(maps, boxes, sizes, _NAME)
+    ts = sweep_thresholds(sweep_steps, maps.device)
+    ious, sweep = [], []
+    for m, b, size in zip(resized, box_list, size_list, strict=True):
+        gt = box_union_mask(b, size)
+        pred = binarise(m, rule, fraction, top_k)
+        ious.append((pred & gt).sum() / (pred | gt).sum())
+        # All thresholds at once: counts of values > t from sorted values (exact float comparisons, no binning).
+        n = minmax(m).flatten()
+        n_gt = n[gt.flatten()]
+        area = n.numel() - torch.searchsorted(n.sort().values, ts, right=True)
+        inter = n_gt.numel() - torch.searchsorted(n_gt.sort().values, ts, right=True)
+        sweep.append(inter / (area + n_gt.numel() - inter))
+    if not ious:
+        return maps.new_zeros(0), maps.new_zeros(0, sweep_steps)
+    return torch.stack(ious).float(), torch.stack(sweep).float()
+
+
+def _accumulate(iou: Tensor, sweep: Tensor, iou_thresholds: Sequence[float]) -> dict[str, Tensor]:
+    """Sum states: IoU sum, sample count, IoU sum per threshold [T], hit counts per (threshold, IoU level) [T, D]."""
+    deltas = torch.tensor(list(iou_thresholds), device=sweep.device, dtype=sweep.dtype)
+    return {
+        "iou": iou.sum(),
+        "total": torch.tensor(float(iou.numel()), device=iou.device),
+        "sweep_iou": sweep.sum(0),
+        "sweep_hits": (sweep[:, :, None] >= deltas).sum(0).float(),
+    }
+
+
+def _saliency_iou_compute(
+    iou: Tensor, total: Tensor, sweep_iou: Tensor, sweep_hits: Tensor, iou_thresholds: Sequence[float]
+) -> dict[str, Tensor]:
+    box_acc = sweep_hits / total  # [T, D]
+    best = box_acc.max(0).values  # [D]
+    mean_curve = sweep_iou / total
+    out = {"miou": iou / total, "maxboxacc": best.mean()}
+    for d, value in zip(iou_thresholds, best, strict=True):
+        out[f"maxboxacc_{round(d * 100)}"] = value
+    out["sweep_miou"] = mean_curve.max()
+    out["sweep_threshold"] = sweep_thresholds(mean_curve.numel(), iou.device)[mean_curve.argmax()]
+    if not total > 0:
+        out["sweep_threshold"] = iou.new_tensor(float("nan"))
+    return out
+
+
+def saliency_iou(
+    maps: Tensor,
+    boxes: Sequence[Tensor],
+    sizes: Tensor | None = None,
+    rule: str = "mean",
+    fraction: float = 0.5,
+    top_k: float = 0.2,
+    sweep_steps: int = 100,
+    iou_thresholds: Sequence[float] = (0.3, 0.5, 0.7),
+) -> dict[str, Tensor]:
+    """IoU of binarised maps [N, h, w] with the union of boxes (list of N [M_i, 4] xyxy), plus the threshold sweep.
+
+    Example:
+        >>> maps = torch.zeros(1, 10, 10)
+        >>> maps[0, :, :4] = 1.0  # left 4 columns lit
+        >>> out = saliency_iou(maps, [torch.tensor([[0.0, 0.0, 5.0, 10.0]])])  # box = left 5 columns
+        >>> round(out["miou"].item(), 3), round(out["maxboxacc_70"].item(), 3)
+        (0.8, 1.0)
+    """
+    _check_args(rule, fraction, top_k, sweep_steps, iou_thresholds)
+    iou, sweep = _saliency_iou_update(maps, boxes, sizes, rule, fraction, top_k, sweep_steps)
+    return _saliency_iou_compute(**_accumulate(iou, sweep, iou_thresholds), iou_thresholds=iou_thresholds)
+
+
+class SaliencyIoU(Metric):
+    """Mean IoU of binarised maps with the box-union mask, plus a MaxBoxAcc-style threshold sweep.
+
+    ``update(maps [N, h, w], boxes list of N [M_i, 4], sizes [N, 2] = None)``; ``compute()`` returns a dict (see
+    the module docstring for every key and convention).
+
+    Example:
+        >>> metric = SaliencyIoU(rule="fraction", fraction=0.5)
+        >>> maps = torch.zeros(1, 10, 10)
+        >>> maps[0, :5, :5] = 1.0
+        >>> metric.update(maps, [torch.tensor([[0.0, 0.0, 10.0, 5.0]])])  # box = top half
+        >>> round(metric.compute()["miou"].item(), 3)
+        0.5
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        rule: str = "mean",
+        fraction: float = 0.5,
+        top_k: float = 0.2,
+        sweep_steps: int = 100,
+        iou_thresholds: Sequence[float] = (0.3, 0.5, 0.7),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        iou_thresholds = tuple(float(d) for d in iou_thresholds)
+        _check_args(rule, fraction, top_k, sweep_steps, iou_thresholds)
+        self.rule, self.fraction, self.top_k = rule, fraction, top_k
+        self.sweep_steps, self.iou_thresholds = sweep_steps, iou_thresholds
+        self.add_state("iou", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("sweep_iou", torch.zeros(sweep_steps), dist_reduce_fx="sum")
+        self.add_state("sweep_hits", torch.zeros(sweep_steps, len(iou_thresholds)), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, boxes: Sequence[Tensor], sizes: Tensor | None = None) -> None:
+        iou, sweep = _saliency_iou_update(
+            maps.detach(), boxes, sizes, self.rule, self.fraction, self.top_k, self.sweep_steps
+        )
+        for name, value in _accumulate(iou, sweep, self.iou_thresholds).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def compute(self) -> dict[str, Tensor]:
+        return _saliency_iou_compute(self.iou, self.total, self.sweep_iou, self.sweep_hits, self.iou_thresholds)
