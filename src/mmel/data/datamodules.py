@@ -5,9 +5,9 @@ CLIP's values. Constructors only store arguments; disk work happens in ``prepare
 world) and ``setup`` (reading annotations). Outside a Trainer call ``dm.prepare_data(); dm.setup()`` first.
 
 Batches come from :func:`mmel.data.transforms.collate_boxes`: ``images`` [B, 3, H, W], ``valid`` [B, H, W] (real
-pixels, all True in fixed-size mode), ``n_dropped`` (bad items left out of this batch, so B may be smaller than the
-batch size) and lists ``boxes`` ([M_i, 4] in the input's pixels), ``prompt``, ``sample_id``, ... A batch whose
-items were all bad is skipped by :class:`BoxDataLoader`.
+pixels, all True in fixed-size mode), ``n_dropped`` / ``skipped`` (bad items left out of this batch, so B may be
+smaller than the batch size) and lists ``boxes`` ([M_i, 4] in the input's pixels), ``prompt``, ``sample_id``, ...
+A batch whose items were all bad is skipped by :class:`BoxDataLoader`; ``dm.skipped`` sums every count.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from mmel.data.base import BoxDataset
+from mmel.data.base import BoxDataset, Dropped
 from mmel.data.coco import DEFAULT_TEMPLATE, CocoBoxes
 from mmel.data.flickr30k import Flickr30kEntities
 from mmel.data.transforms import CLIP_MEAN, CLIP_STD, BoxTransform, collate_boxes
@@ -40,7 +40,8 @@ def _plain(x: Any) -> Any:
 
 
 class TransformedDataset(Dataset):
-    """``transform(dataset[i])``; ``None`` passes through (dropped by the collate)."""
+    """``transform(dataset.load(i))``; an item that cannot be made becomes a :class:`Dropped` marker (counted by the
+    collate, so the count reaches the main process from any worker)."""
 
     def __init__(self, dataset: BoxDataset, transform: BoxTransform) -> None:
         self.dataset, self.transform = dataset, transform
@@ -48,16 +49,35 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        return self.transform(self.dataset[index])
+    def __getitem__(self, index: int) -> dict[str, Any] | Dropped:
+        item = self.dataset.load(index)
+        if isinstance(item, Dropped):
+            return item
+        out = self.transform(item)
+        return out if out is not None else Dropped("sample_cropped_out", item["sample_id"], item["file"])
 
 
 class BoxDataLoader(DataLoader):
-    """A DataLoader that never yields ``None``: a batch whose items were all dropped (bad images) is skipped, so
-    training / evaluation loops need no special case. ``len()`` still counts such batches (an upper bound)."""
+    """A DataLoader that never yields an empty batch and counts what was dropped, in the main process.
+
+    ``skipped`` (a Counter, shared with the data module) is reset at the start of each pass and then holds the
+    pass's per-sample drop reasons (``corrupt_image``, ``missing_image``, ``size_mismatch``, ``sample_cropped_out``)
+    and ``box_cropped_out``. A batch whose items were all dropped is counted and skipped. ``len()`` still counts such
+    batches (an upper bound). Built with ``collate_boxes(..., keep_empty=True)``.
+    """
+
+    def __init__(self, *args: Any, skipped: Counter | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped = skipped if skipped is not None else Counter()
 
     def __iter__(self):
-        return (batch for batch in super().__iter__() if batch is not None)
+        self.skipped.clear()
+        for batch in super().__iter__():
+            if batch is None:  # a collate without keep_empty
+                continue
+            self.skipped.update(batch.get("skipped", {}))
+            if "images" in batch:
+                yield batch
 
 
 class BoxDataModule(pl.LightningDataModule):
@@ -108,6 +128,8 @@ class BoxDataModule(pl.LightningDataModule):
         self.transform = BoxTransform(resize, image_size, patch_size, max_side, tuple(_plain(mean)), tuple(_plain(std)))
         self.dataset_kwargs = {k: _plain(v) for k, v in dataset_kwargs.items()}
         self.datasets: dict[str, BoxDataset] = {}
+        # per stage: what the loaders dropped in their last pass (counted in the main process, see BoxDataLoader)
+        self.loading_skipped: dict[str, Counter] = {}
 
     def default_splits(self) -> dict[str, str | None]:
         return {"train": "train", "val": "val", "test": "test"}
@@ -142,7 +164,10 @@ class BoxDataModule(pl.LightningDataModule):
 
     def _loader(self, stage: str, shuffle: bool) -> BoxDataLoader:
         collate = functools.partial(
-            collate_boxes, pad=True, pad_multiple=self.transform.patch_size if self.transform.mode == "keep" else 1
+            collate_boxes,
+            pad=True,
+            pad_multiple=self.transform.patch_size if self.transform.mode == "keep" else 1,
+            keep_empty=True,
         )
         return BoxDataLoader(
             TransformedDataset(self.dataset(stage), self.transform),
@@ -153,6 +178,7 @@ class BoxDataModule(pl.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            skipped=self.loading_skipped.setdefault(stage, Counter()),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -166,11 +192,17 @@ class BoxDataModule(pl.LightningDataModule):
 
     @property
     def skipped(self) -> Counter:
-        """Skip counts over every split set up so far plus the transform's (in this process)."""
+        """Everything skipped or adjusted so far, over the stages set up.
+
+        Plain keys were found when indexing (image problems per file, box problems per box, ``sample_*`` per
+        sample); ``loading/<reason>`` keys count samples (and ``loading/box_cropped_out`` boxes) the loaders
+        dropped in their last pass, from every worker process.
+        """
         total: Counter = Counter()
         for ds in self.datasets.values():
             total.update(ds.skipped)
-        total.update(self.transform.skipped)
+        for counts in self.loading_skipped.values():
+            total.update({f"loading/{k}": v for k, v in counts.items() if v})
         return total
 
     def teardown(self, stage: str | None = None) -> None:
