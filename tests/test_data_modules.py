@@ -75,12 +75,12 @@ def test_keep_mode_pads_and_counts_bad_images(tmp_path, caplog):
     b = next(iter(dm.val_dataloader()))
     # image 300 (40x56 -> 48x64) gives 2 samples, 301 is corrupt (2 samples dropped), 302 is 56x56 -> 64x64
     assert b["n_dropped"] == 1 and b["images"].shape == (2, 3, 48, 64)
-    assert dm.skipped["corrupt_image"] == 1
     shapes = [x["images"].shape[-2:] for x in dm.val_dataloader()]
+    assert dm.skipped["loading/corrupt_image"] == 2  # both samples (prompts) of the corrupt image, one full pass
     assert (64, 64) in [tuple(s) for s in shapes]
     with caplog.at_level(logging.INFO):
         dm.teardown("validate")
-    assert "corrupt_image=1" in caplog.text
+    assert "loading/corrupt_image=2" in caplog.text
 
 
 def test_verify_images_drops_corrupt_up_front(tmp_path):
@@ -119,3 +119,40 @@ def test_check_command_fails_on_empty_split(tmp_path, capsys):
     assert check_main(["data=coco", f"data.root={tmp_path}"]) == 1
     out = capsys.readouterr().out
     assert "coco/train2017: 0 images, 0 samples" in out and "coco/val2017: 3 images, 6 samples" in out
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    _coco(tmp_path)
+    (tmp_path / "val2017" / "301.png").write_bytes(b"broken")
+    ids = {}
+    for workers in (0, 2):
+        dm = CocoDataModule(tmp_path, splits={"val": "val2017"}, image_size=32, batch_size=2, num_workers=workers)
+        batches = list(dm.val_dataloader())
+        ids[workers] = [(b["sample_id"], b["n_dropped"], b["images"].sum().item()) for b in batches]
+        # counted in the main process, from the batches, whichever process decoded the image
+        assert dm.skipped == {"loading/corrupt_image": 2}, workers
+    # samples 300:1 300:2 | 301:1 301:2 (corrupt: the whole batch is skipped) | 302:1 302:2
+    assert ids[0] == ids[2] and [s for s, _, _ in ids[2]] == [["300:1", "300:2"], ["302:1", "302:2"]]
+
+
+def test_counts_survive_a_lightning_loop(tmp_path):
+    import pytorch_lightning as pl
+
+    class Count(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def validation_step(self, batch, batch_idx):
+            self.seen += batch["sample_id"]
+
+    _coco(tmp_path)
+    dm = CocoDataModule(tmp_path, image_size=32, batch_size=2, num_workers=1)
+    dm.setup("validate")
+    for name in ("300.png", "302.png"):  # disappear after indexing: found only while loading, in the worker
+        (tmp_path / "val2017" / name).unlink()
+    model = Count()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, datamodule=dm, verbose=False)
+    assert model.seen == ["301:1", "301:2"]
+    assert dm.skipped == {"loading/missing_image": 4}

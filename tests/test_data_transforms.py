@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmel.data import BoxTransform, box_mask, collate_boxes, keep_size
+from mmel.data.base import Dropped
 from mmel.data.fixtures import COLOURS, canvas
 
 MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
@@ -41,7 +42,7 @@ def test_fixed_mode_moves_boxes_with_pixels():
     out = tf(item)
     # the blue box is entirely cropped away; the green one (x 88..120 resized) is clipped at the right edge
     torch.testing.assert_close(out["boxes"], torch.tensor([[16.0, 8, 48, 40], [56, 32, 64, 56]]))
-    assert tf.skipped["box_cropped_out"] == 1
+    assert tf.skipped["box_cropped_out"] == 1 and out["n_boxes_cropped_out"] == 1
     assert torch.equal(out["boxes_orig"], item["boxes"])
     for box, colour in zip(out["boxes"], ["red", "green"], strict=True):
         got = _colour_of(out["image"], box)
@@ -96,14 +97,17 @@ def test_collate_pads_and_drops_none():
     tf = BoxTransform("keep", patch_size=16)
     a = tf(_item((40, 70), [((1, 1, 20, 20), "red")]))
     b = tf(_item((70, 30), [((1, 1, 20, 20), "red"), ((5, 5, 9, 9), "blue")]))
-    batch = collate_boxes([a, None, b], pad=True, pad_multiple=16)
-    assert batch["images"].shape == (2, 3, 64, 64) and batch["n_dropped"] == 1
+    bad = Dropped("corrupt_image", "s9", "f.jpg")
+    batch = collate_boxes([a, None, bad, b], pad=True, pad_multiple=16)
+    assert batch["images"].shape == (2, 3, 64, 64) and batch["n_dropped"] == 2
+    assert batch["skipped"] == {"corrupt_image": 1, "unknown": 1}
     assert batch["valid"][0].sum() == 48 * 64 and batch["valid"][1].sum() == 64 * 32
     assert torch.equal(batch["images"][0, :, :48, :64], a["image"]) and batch["images"][0, :, 48:].abs().sum() == 0
     assert [len(x) for x in batch["boxes"]] == [1, 2] and batch["prompt"] == ["p", "p"]
     lists = collate_boxes([a, b], pad=False)
     assert [t.shape for t in lists["images"]] == [a["image"].shape, b["image"].shape] and "valid" not in lists
     assert collate_boxes([None, None]) is None
+    assert collate_boxes([bad, bad], keep_empty=True) == {"n_dropped": 2, "skipped": {"corrupt_image": 2}}
 
 
 def test_fixed_batch_needs_no_padding():

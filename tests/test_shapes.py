@@ -99,7 +99,8 @@ def _parse_flickr(root: Path, image_id: str) -> tuple[list[list[tuple[int, str, 
     boxes = {}
     for obj in ET.parse(root / "Annotations" / f"{image_id}.xml").getroot().iter("object"):
         bb = obj.find("bndbox")
-        boxes[int(obj.findtext("name"))] = [int(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        x0, y0, x1, y1 = (int(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        boxes[int(obj.findtext("name"))] = [x0 - 1, y0 - 1, x1, y1]  # 1-based inclusive corners, as Flickr's
     return [[(int(e), t, p) for e, t, p in s] for s in sentences], boxes
 
 
@@ -115,7 +116,7 @@ def test_flickr_parses_back_to_the_coco_boxes(world):
             world / "coco/test" / f"{int(image_id):012d}.jpg"
         ).read_bytes()
         anns = coco.loadAnns(coco.getAnnIds(imgIds=int(image_id)))
-        by_name = {coco.loadCats(a["category_id"])[0]["name"]: a["bbox"] for a in anns}
+        by_name = {coco.loadCats(a["category_id"])[0]["name"]: a for a in anns}
         plain = [c["caption"] for c in caps if c["image_id"] == int(image_id)]
         assert len(sentences) == 5 == len(plain)
         for entities, text in zip(sentences, plain, strict=True):
@@ -123,8 +124,9 @@ def test_flickr_parses_back_to_the_coco_boxes(world):
             for eid, etype, phrase in entities:
                 colour, shape = phrase.removeprefix("a ").split()
                 assert etype == shape and phrase in text
-                x, y, w, h = by_name[f"{colour} {shape}"]
-                assert boxes[eid] == [x, y, x + w, y + h]
+                ann = by_name[f"{colour} {shape}"]
+                x, y, w, h = ann["bbox"]
+                assert boxes[eid] == [x, y, x + w, y + h] and eid == ann["id"]  # entity id = annotation id
 
 
 def test_scene_statistics():

@@ -19,6 +19,7 @@ from mmel.data.flickr30k import Flickr30kEntities
 from mmel.data.transforms import BoxTransform, box_mask, collate_boxes, keep_size, normalize
 
 _LAZY = {
+    "BoxDataLoader": "mmel.data.datamodules",
     "BoxDataModule": "mmel.data.datamodules",
     "CocoDataModule": "mmel.data.datamodules",
     "Flickr30kDataModule": "mmel.data.datamodules",

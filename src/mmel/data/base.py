@@ -6,10 +6,10 @@ Policy for bad input (both loaders follow it):
   * one item is bad (missing or corrupt image, degenerate box, image size disagreeing with its annotation) -> the
     item or box is skipped and counted in ``dataset.skipped`` (a ``Counter``), and a summary is logged.
 
-Image decoding happens in ``__getitem__`` (DataLoader workers), so a corrupt image is only found there: the item
-comes back as ``None`` and :func:`mmel.data.transforms.collate_boxes` drops it. Counts made inside worker processes
-stay in those processes; :meth:`BoxDataset.verify` decodes every image up front in the calling process when exact
-counts matter (the check command does this).
+Image decoding happens on access (in DataLoader workers), so a corrupt image is only found there. ``dataset[i]``
+gives ``None`` and counts the file in ``dataset.skipped``; ``dataset.load(i)`` gives a :class:`Dropped` marker
+instead, which the data modules' loaders carry to :func:`mmel.data.transforms.collate_boxes` so that the counts
+reach the main process whatever the number of workers. :meth:`BoxDataset.verify` decodes every image up front.
 """
 
 from __future__ import annotations
@@ -106,6 +106,15 @@ def clean_boxes(boxes: np.ndarray, size: tuple[int, int], counts: Counter, min_a
     return clipped[ok & ~small].astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """Why an item could not be produced (travels from DataLoader workers to the collate, which counts it)."""
+
+    reason: str
+    sample_id: str
+    file: str
+
+
 @dataclass
 class Record:
     """One sample before its image is read: everything but the pixels."""
@@ -120,21 +129,44 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_template(template: str) -> str:
+    """A prompt template must have exactly one ``{}`` slot."""
+    if template.count("{}") != 1:
+        raise ValueError(f"prompt_template must contain exactly one '{{}}', got {template!r}")
+    return template
+
+
 class BoxDataset(torch.utils.data.Dataset):
     """A list of :class:`Record` s whose images are decoded on access.
 
     Items are dicts: ``sample_id`` (str), ``image_id``, ``image`` (PIL RGB), ``prompt`` (str), ``boxes``
     (FloatTensor [M, 4] xyxy, pixels of the original image), ``category`` (str), ``file`` (str), ``size`` ((H, W)),
     plus loader-specific extras. A bad image gives ``None`` (counted in ``skipped``).
+
+    Subclasses index their annotations into ``records`` in ``__init__`` and then call :meth:`finish_index`.
     """
 
     name = "boxes"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike = ".",
+        split: str = "",
+        *,
+        image_dir: str | os.PathLike | None = None,
+        default_image_dir: str = "",
+        prompt_template: str = "{}",
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.name = f"{type(self).name}/{split}"
+        self.image_dir = Path(image_dir).expanduser() if image_dir else self.root / default_image_dir
+        self.prompt_template = check_template(prompt_template)
         self.records: list[Record] = []
         self.skipped: Counter = Counter()
         self.stats: Counter = Counter()  # informational counts (images, samples, ...)
         self._bad_files: set[str] = set()
+        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -144,18 +176,18 @@ class BoxDataset(torch.utils.data.Dataset):
         """Stable id of each sample, in order (feature-cache keys); reading them decodes no image."""
         return [r.sample_id for r in self.records]
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def load(self, index: int) -> dict[str, Any] | Dropped:
+        """The item, or a :class:`Dropped` marker saying why it cannot be made (nothing is counted here)."""
         r = self.records[index]
         try:
             image = load_image(r.file)
         except FileNotFoundError:
-            return self._skip("missing_image", r, "file not found")
+            return self._dropped("missing_image", r, "file not found")
         except _DECODE_ERRORS as e:
-            return self._skip("corrupt_image", r, f"{type(e).__name__}: {e}")
+            return self._dropped("corrupt_image", r, f"{type(e).__name__}: {e}")
         if (image.height, image.width) != tuple(r.size):
-            return self._skip(
-                "size_mismatch", r, f"decoded (H, W)={(image.height, image.width)} but annotated {tuple(r.size)}"
-            )
+            why = f"decoded (H, W)={(image.height, image.width)} but annotated {tuple(r.size)}"
+            return self._dropped("size_mismatch", r, why)
         return {
             "sample_id": r.sample_id,
             "image_id": r.image_id,
@@ -168,13 +200,23 @@ class BoxDataset(torch.utils.data.Dataset):
             **r.extra,
         }
 
-    def _skip(self, reason: str, r: Record, why: str) -> None:
-        # count each bad file once per process, however many samples (prompts) share it
-        if r.file not in self._bad_files:
-            self._bad_files.add(r.file)
-            self.skipped[reason] += 1
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.load(index)
+        if isinstance(item, Dropped):
+            self._count_bad_file(item.reason, item.file)
+            return None
+        return item
+
+    def _dropped(self, reason: str, r: Record, why: str) -> Dropped:
+        if r.file not in self._warned:  # one log line per bad file and process, however many prompts share it
+            self._warned.add(r.file)
             log.warning("%s: skipping %s (%s): %s", self.name, r.file, reason, why)
-        return None
+        return Dropped(reason, r.sample_id, r.file)
+
+    def _count_bad_file(self, reason: str, file: str) -> None:
+        if file not in self._bad_files:  # counted per file, not per sample
+            self._bad_files.add(file)
+            self.skipped[reason] += 1
 
     def groups_by_image(self) -> list[list[int]]:
         """Sample indices grouped by image file, in first-seen order: explain K prompts of one image at once."""
@@ -191,8 +233,7 @@ class BoxDataset(torch.utils.data.Dataset):
             if r.file not in exists:
                 exists[r.file] = os.path.isfile(r.file)
                 if not exists[r.file]:
-                    self.skipped["missing_image"] += 1
-                    self._bad_files.add(r.file)
+                    self._count_bad_file("missing_image", r.file)
             if exists[r.file]:
                 kept.append(r)
         missing = [f for f, ok in exists.items() if not ok]
@@ -210,6 +251,12 @@ class BoxDataset(torch.utils.data.Dataset):
             if good[r.file]:
                 kept.append(r)
         self.records = kept
+
+    def finish_index(self, check_files: bool, subset: int | None, seed: int) -> None:
+        """After indexing: drop samples of missing image files (if asked), then keep the seeded subset."""
+        if check_files:
+            self.drop_missing_images()
+        self.subsample(subset, seed)
 
     def subsample(self, n: int | None, seed: int) -> None:
         """Keep a seeded random subset of ``n`` samples (in their original order); ``None`` keeps all."""

@@ -151,7 +151,9 @@ class FeatureCache:
         feats = cache.build(dataset, compute_fn, batch_size=16)   # computes what is missing, then loads
         feats = cache.load()                                       # later: read only (errors if incomplete)
 
-    ``items`` is any sequence (a dataset); ids come from ``ids=`` or ``items.sample_ids``.
+    ``items`` is any sequence (a dataset); ids come from ``ids=`` or ``items.sample_ids``. An item may be ``None``
+    (a :class:`mmel.data.BoxDataset` gives ``None`` for an unreadable image): ``compute_fn`` should return ``None``
+    for it, and the cache then gives ``None`` for that row too. Build on one process (``prepare_data`` under DDP).
     """
 
     def __init__(self, directory: str | os.PathLike, key: dict[str, Any], shard_size: int = 256) -> None:

@@ -21,13 +21,6 @@ from mmel.data.base import BoxDataset, DatasetError, Record, clean_boxes, read_j
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-def check_template(template: str) -> str:
-    """A prompt template must have exactly one ``{}`` slot."""
-    if template.count("{}") != 1:
-        raise ValueError(f"prompt_template must contain exactly one '{{}}', got {template!r}")
-    return template
-
-
 def _need(d: dict, key: str, path: Path, where: str, kind: type | tuple[type, ...]):
     if not isinstance(d, dict) or key not in d:
         raise DatasetError(f"{path}: {where} has no field '{key}'")
@@ -92,6 +85,8 @@ class CocoBoxes(BoxDataset):
         check_files: drop samples whose image file is missing (one ``stat`` per image) when indexing.
     """
 
+    name = "coco"
+
     def __init__(
         self,
         root: str | os.PathLike,
@@ -106,20 +101,13 @@ class CocoBoxes(BoxDataset):
         seed: int = 0,
         check_files: bool = True,
     ) -> None:
-        super().__init__()
-        self.root = Path(root).expanduser()
-        self.split = split
-        self.name = f"coco/{split}"
-        self.image_dir = Path(image_dir).expanduser() if image_dir else self.root / split
-        self.prompt_template = check_template(prompt_template)
+        super().__init__(root, split, image_dir=image_dir, default_image_dir=split, prompt_template=prompt_template)
         self.annotation_file = self.root / "annotations" / f"instances_{split}.json"
         self.coco = load_coco(self.annotation_file)
         self.categories = {c["id"]: c["name"] for c in self.coco.dataset["categories"]}
         caps = self._captions() if captions else None
         self._index(include_crowd, min_box_area, caps)
-        if check_files:
-            self.drop_missing_images()
-        self.subsample(subset, seed)
+        self.finish_index(check_files, subset, seed)
 
     def _captions(self) -> dict:
         path = self.root / "annotations" / f"captions_{self.split}.json"

@@ -4,8 +4,10 @@ Built by Hydra as ``instantiate(cfg.data, image_size=..., mean=..., std=..., pat
 CLIP's values. Constructors only store arguments; disk work happens in ``prepare_data`` (generating the shapes
 world) and ``setup`` (reading annotations). Outside a Trainer call ``dm.prepare_data(); dm.setup()`` first.
 
-Batches come from :func:`mmel.data.transforms.collate_boxes`: ``images`` [B, 3, H, W] (+ ``valid`` [B, H, W] in
-keep-size mode with padding), and lists ``boxes`` ([M_i, 4] in the input's pixels), ``prompt``, ``sample_id``, ...
+Batches come from :func:`mmel.data.transforms.collate_boxes`: ``images`` [B, 3, H, W], ``valid`` [B, H, W] (real
+pixels, all True in fixed-size mode), ``n_dropped`` / ``skipped`` (bad items left out of this batch, so B may be
+smaller than the batch size) and lists ``boxes`` ([M_i, 4] in the input's pixels), ``prompt``, ``sample_id``, ...
+A batch whose items were all bad is skipped by :class:`BoxDataLoader`; ``dm.skipped`` sums every count.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from mmel.data.base import BoxDataset
+from mmel.data.base import BoxDataset, Dropped
 from mmel.data.coco import DEFAULT_TEMPLATE, CocoBoxes
 from mmel.data.flickr30k import Flickr30kEntities
 from mmel.data.transforms import CLIP_MEAN, CLIP_STD, BoxTransform, collate_boxes
@@ -38,7 +40,8 @@ def _plain(x: Any) -> Any:
 
 
 class TransformedDataset(Dataset):
-    """``transform(dataset[i])``; ``None`` passes through (dropped by the collate)."""
+    """``transform(dataset.load(i))``; an item that cannot be made becomes a :class:`Dropped` marker (counted by the
+    collate, so the count reaches the main process from any worker)."""
 
     def __init__(self, dataset: BoxDataset, transform: BoxTransform) -> None:
         self.dataset, self.transform = dataset, transform
@@ -46,8 +49,35 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        return self.transform(self.dataset[index])
+    def __getitem__(self, index: int) -> dict[str, Any] | Dropped:
+        item = self.dataset.load(index)
+        if isinstance(item, Dropped):
+            return item
+        out = self.transform(item)
+        return out if out is not None else Dropped("sample_cropped_out", item["sample_id"], item["file"])
+
+
+class BoxDataLoader(DataLoader):
+    """A DataLoader that never yields an empty batch and counts what was dropped, in the main process.
+
+    ``skipped`` (a Counter, shared with the data module) is reset at the start of each pass and then holds the
+    pass's per-sample drop reasons (``corrupt_image``, ``missing_image``, ``size_mismatch``, ``sample_cropped_out``)
+    and ``box_cropped_out``. A batch whose items were all dropped is counted and skipped. ``len()`` still counts such
+    batches (an upper bound). Built with ``collate_boxes(..., keep_empty=True)``.
+    """
+
+    def __init__(self, *args: Any, skipped: Counter | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped = skipped if skipped is not None else Counter()
+
+    def __iter__(self):
+        self.skipped.clear()
+        for batch in super().__iter__():
+            if batch is None:  # a collate without keep_empty
+                continue
+            self.skipped.update(batch.get("skipped", {}))
+            if "images" in batch:
+                yield batch
 
 
 class BoxDataModule(pl.LightningDataModule):
@@ -98,6 +128,8 @@ class BoxDataModule(pl.LightningDataModule):
         self.transform = BoxTransform(resize, image_size, patch_size, max_side, tuple(_plain(mean)), tuple(_plain(std)))
         self.dataset_kwargs = {k: _plain(v) for k, v in dataset_kwargs.items()}
         self.datasets: dict[str, BoxDataset] = {}
+        # per stage: what the loaders dropped in their last pass (counted in the main process, see BoxDataLoader)
+        self.loading_skipped: dict[str, Counter] = {}
 
     def default_splits(self) -> dict[str, str | None]:
         return {"train": "train", "val": "val", "test": "test"}
@@ -130,11 +162,14 @@ class BoxDataModule(pl.LightningDataModule):
             log.info("%s", ds.report())
         return self.datasets[stage]
 
-    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+    def _loader(self, stage: str, shuffle: bool) -> BoxDataLoader:
         collate = functools.partial(
-            collate_boxes, pad=True, pad_multiple=self.transform.patch_size if self.transform.mode == "keep" else 1
+            collate_boxes,
+            pad=True,
+            pad_multiple=self.transform.patch_size if self.transform.mode == "keep" else 1,
+            keep_empty=True,
         )
-        return DataLoader(
+        return BoxDataLoader(
             TransformedDataset(self.dataset(stage), self.transform),
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -143,6 +178,7 @@ class BoxDataModule(pl.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            skipped=self.loading_skipped.setdefault(stage, Counter()),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -156,11 +192,17 @@ class BoxDataModule(pl.LightningDataModule):
 
     @property
     def skipped(self) -> Counter:
-        """Skip counts over every split set up so far plus the transform's (in this process)."""
+        """Everything skipped or adjusted so far, over the stages set up.
+
+        Plain keys were found when indexing (image problems per file, box problems per box, ``sample_*`` per
+        sample); ``loading/<reason>`` keys count samples (and ``loading/box_cropped_out`` boxes) the loaders
+        dropped in their last pass, from every worker process.
+        """
         total: Counter = Counter()
         for ds in self.datasets.values():
             total.update(ds.skipped)
-        total.update(self.transform.skipped)
+        for counts in self.loading_skipped.values():
+            total.update({f"loading/{k}": v for k, v in counts.items() if v})
         return total
 
     def teardown(self, stage: str | None = None) -> None:
@@ -218,21 +260,20 @@ class ShapesDataModule(BoxDataModule):
         self.format = format
         self.dataset_cls = CocoBoxes if format == "coco" else Flickr30kEntities
         self.generate_kwargs = dict(_plain(generate_kwargs) or {})
+        self._prepared = False
 
     def dataset_root(self) -> Path:
         return self.root / self.format
 
     def prepare_data(self) -> None:
-        """Generate the world unless ``<root>/MANIFEST.json`` exists (it is written last, so its presence means
-        a complete world)."""
-        if (self.root / "MANIFEST.json").is_file():
-            return
+        """Make sure ``root`` holds the world these settings describe: the generator returns at once when its
+        MANIFEST.json matches (seed and parameters), and regenerates the world when it does not."""
         from mmel.data.shapes import generate
 
-        log.info("generating the shapes world under %s (seed=%d)", self.root, self.seed)
         generate(self.root, seed=self.seed, **self.generate_kwargs)
+        self._prepared = True
 
     def make_dataset(self, split: str) -> BoxDataset:
-        if not (self.root / "MANIFEST.json").is_file():
-            self.prepare_data()  # convenience outside a Trainer (single process)
+        if not self._prepared:
+            self.prepare_data()  # convenience outside a Trainer (single process); cheap when the world is there
         return super().make_dataset(split)

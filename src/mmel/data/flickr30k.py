@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from mmel.data.base import BoxDataset, DatasetError, Record, clean_boxes
-from mmel.data.coco import check_template
 
 MARK = "[/EN#"
 
@@ -163,6 +162,8 @@ class Flickr30kEntities(BoxDataset):
     Items carry ``phrase``, ``caption`` (full caption without markup), ``entity_id``, ``phrase_types``.
     """
 
+    name = "flickr30k"
+
     def __init__(
         self,
         root: str | os.PathLike,
@@ -178,12 +179,9 @@ class Flickr30kEntities(BoxDataset):
         seed: int = 0,
         check_files: bool = True,
     ) -> None:
-        super().__init__()
-        self.root = Path(root).expanduser()
-        self.split = split
-        self.name = f"flickr30k/{split}"
-        self.image_dir = Path(image_dir).expanduser() if image_dir else self.root / "flickr30k-images"
-        self.prompt_template = check_template(prompt_template)
+        super().__init__(
+            root, split, image_dir=image_dir, default_image_dir="flickr30k-images", prompt_template=prompt_template
+        )
         self.lowercase = lowercase
         ids = read_split(Path(split_file).expanduser() if split_file else self.root / f"{split}.txt")
         for d in ("Sentences", "Annotations"):
@@ -191,9 +189,7 @@ class Flickr30kEntities(BoxDataset):
                 raise FileNotFoundError(f"Flickr30k Entities folder not found: {self.root / d}")
         for image_id in ids:
             self._index_image(image_id, dedupe, min_box_area)
-        if check_files:
-            self.drop_missing_images()
-        self.subsample(subset, seed)
+        self.finish_index(check_files, subset, seed)
 
     def _index_image(self, image_id: str, dedupe: bool, min_box_area: float) -> None:
         sent = self.root / "Sentences" / f"{image_id}.txt"

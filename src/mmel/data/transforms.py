@@ -9,7 +9,8 @@ Two geometry modes:
     down first so the longer side is at most that many pixels.
 
 A transformed sample keeps the dataset item's fields and replaces ``image`` by a normalised FloatTensor [3, H, W]
-and ``boxes`` by boxes [M, 4] in that tensor's pixels; ``boxes_orig`` and ``size`` keep the original ones.
+and ``boxes`` by boxes [M, 4] in that tensor's pixels; ``boxes_orig`` and ``size`` keep the original ones and
+``n_boxes_cropped_out`` says how many boxes the crop removed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
+
+from mmel.data.base import Dropped
 
 # OpenAI CLIP's normalisation (open_clip.OPENAI_DATASET_MEAN / _STD); the programs pass the loaded model's values.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -116,7 +119,8 @@ class BoxTransform:
         return (rh, rw), (rh / h, rw / w), (top, left, s, s)
 
     def boxes(self, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Map [M, 4] original-pixel boxes into the output frame; clipped, empty ones dropped (counted)."""
+        """Map [M, 4] original-pixel boxes into the output frame; clipped, empty ones dropped (counted in
+        ``self.skipped``)."""
         _, (sy, sx), (top, left, ch, cw) = self.geometry(size)
         b = boxes.reshape(-1, 4).to(torch.float32) * torch.tensor([sx, sy, sx, sy])
         b = b - torch.tensor([left, top, left, top], dtype=torch.float32)
@@ -145,23 +149,43 @@ class BoxTransform:
         if len(boxes) == 0:
             self.skipped["sample_cropped_out"] += 1
             return None
-        return {**item, "image": self.image(item["image"]), "boxes": boxes, "boxes_orig": item["boxes"]}
+        n_out = len(item["boxes"]) - len(boxes)  # also carried in the sample: worker processes' counters are lost
+        return {
+            **item,
+            "image": self.image(item["image"]),
+            "boxes": boxes,
+            "boxes_orig": item["boxes"],
+            "n_boxes_cropped_out": n_out,
+        }
 
 
-def collate_boxes(items: list[dict[str, Any] | None], pad: bool = True, pad_multiple: int = 1) -> dict[str, Any] | None:
-    """Batch transformed samples; ``None`` items (bad images, emptied crops) are dropped and counted.
+def collate_boxes(
+    items: list[dict[str, Any] | Dropped | None], pad: bool = True, pad_multiple: int = 1, keep_empty: bool = False
+) -> dict[str, Any] | None:
+    """Batch transformed samples; ``None`` / :class:`~mmel.data.base.Dropped` items are left out and counted.
 
     ``pad=True``: ``images`` FloatTensor [B, 3, Hmax, Wmax] (zero-padded at the bottom/right, Hmax/Wmax rounded up to
     ``pad_multiple``) and ``valid`` BoolTensor [B, Hmax, Wmax] marking real pixels; boxes stay in each image's own
     pixels, which padding at the bottom/right does not move. ``pad=False``: ``images`` is a list of [3, H_i, W_i].
-    Other fields become lists (``boxes``: list of [M_i, 4]); ``n_dropped`` counts the ``None`` items. Returns
-    ``None`` when every item was dropped (a LightningModule should skip such a batch).
+    Other fields become lists (``boxes``: list of [M_i, 4]). ``n_dropped``: items left out; ``skipped``: Counter of
+    their reasons (``Dropped.reason``, ``"unknown"`` for ``None``) plus ``box_cropped_out`` (boxes the transform
+    removed from kept items). When every item was dropped: ``None``, or with ``keep_empty`` a dict with only
+    ``n_dropped`` and ``skipped`` (so the counts are not lost; :class:`mmel.data.datamodules.BoxDataLoader` skips it).
     """
-    kept = [it for it in items if it is not None]
+    kept = [it for it in items if isinstance(it, dict)]
+    skipped: Counter = Counter()
+    for it in items:
+        if isinstance(it, Dropped):
+            skipped[it.reason] += 1
+        elif it is None:
+            skipped["unknown"] += 1
+        elif it.get("n_boxes_cropped_out"):
+            skipped["box_cropped_out"] += it["n_boxes_cropped_out"]
     if not kept:
-        return None
+        return {"n_dropped": len(items), "skipped": skipped} if keep_empty else None
     batch: dict[str, Any] = {k: [it[k] for it in kept] for k in kept[0] if k != "image"}
     batch["n_dropped"] = len(items) - len(kept)
+    batch["skipped"] = skipped
     images = [it["image"] for it in kept]
     if not pad:
         batch["images"] = images

@@ -203,9 +203,14 @@ def decode_jpeg(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+def category_phrase(colour: str, shape: str) -> str:
+    """How a caption names one object of a category: "a red circle"."""
+    return f"a {colour} {shape}"
+
+
 def phrase(obj: ShapeObject) -> str:
     """How a caption names one object: "a red circle"."""
-    return f"a {obj.colour} {obj.shape}"
+    return category_phrase(obj.colour, obj.shape)
 
 
 def join_phrases(parts: list[str]) -> str:

@@ -7,7 +7,8 @@ Layout under ``root`` (see the module docstring of :mod:`mmel.data.shapes`)::
     flickr30k/{train,val,test}.txt        MANIFEST.json
 
 Both formats hold the same images (identical JPEG bytes), the same boxes and the same captions. Image ids are
-unique over all splits (train first, then val, then test); Flickr entity ids are unique over the whole world.
+unique over all splits (train first, then val, then test); Flickr entity ids are unique over the whole world and
+equal the COCO annotation id of the same object.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mmel.data.shapes.world import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1  # bump when the files written for the same parameters change
+FORMAT_VERSION = 2  # bump when the files written for the same parameters change
 CAPTIONS_PER_IMAGE = 5  # like COCO and Flickr30k
 
 
@@ -63,9 +64,14 @@ def _distinct_captions(rng: np.random.Generator, scene: Scene) -> list[list[int]
 
 
 def _voc_xml(image_id: int, size: int, scene: Scene, entity_ids: list[int]) -> str:
+    """PASCAL-VOC-like XML as Flickr30k Entities writes it: 1-based inclusive pixel corners.
+
+    Pixels x0..x1-1 (0-based) are written xmin = x0 + 1, xmax = x1; Flickr's own reader subtracts 1 from
+    xmin/ymin, which gives back the continuous box [x0, y0, x1, y1] that COCO's bbox holds.
+    """
     objs = "".join(
-        f"  <object>\n    <name>{eid}</name>\n    <bndbox>\n      <xmin>{o.box[0]}</xmin>\n"
-        f"      <ymin>{o.box[1]}</ymin>\n      <xmax>{o.box[2]}</xmax>\n      <ymax>{o.box[3]}</ymax>\n"
+        f"  <object>\n    <name>{eid}</name>\n    <bndbox>\n      <xmin>{o.box[0] + 1}</xmin>\n"
+        f"      <ymin>{o.box[1] + 1}</ymin>\n      <xmax>{o.box[2]}</xmax>\n      <ymax>{o.box[3]}</ymax>\n"
         "    </bndbox>\n  </object>\n"
         for o, eid in zip(scene.objects, entity_ids, strict=True)
     )
