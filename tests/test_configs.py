@@ -103,6 +103,8 @@ def _instantiate_targets(node, where: str) -> None:
         if "_target_" in node:
             if str(node._target_).startswith("hydra_plugins") or node._target_ == "mmel.backbone.load_clip":
                 return
+            if "enabled" in node:  # a program-level switch (see mmel.evaluate.build_metrics), not a kwarg
+                node = OmegaConf.create({k: v for k, v in node.items() if k != "enabled"})
             try:
                 obj = instantiate(node)
             except Exception as e:  # pragma: no cover - the message is the point

@@ -17,19 +17,23 @@ from mmel.explainers import build_explainer
 from tests.conftest import CONF_DIR
 
 N_TEST = 24
+WORLD = {"n_train": 48, "n_val": 16, "n_test": N_TEST}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     from mmel.data.shapes import generate
 
-    return generate(tmp_path_factory.mktemp("world"), seed=3, n_train=48, n_val=16, n_test=N_TEST)
+    return generate(tmp_path_factory.mktemp("world"), seed=3, **WORLD)
 
 
 def cfg_for(program: str, world: Path, out: Path, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(program, overrides=["model=micro", f"data.root={world}", *overrides])
+        # the data module (re)generates the configured world: configure exactly the one the fixture wrote
+        world_kw = "{" + ",".join(f"{k}:{v}" for k, v in WORLD.items()) + "}"
+        data = [f"data.root={world}", "data.seed=3", f"++data.generate_kwargs={world_kw}"]
+        cfg = compose(program, overrides=["model=micro", *data, *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.paths.log_dir = str(out.parent / "logs")
