@@ -40,6 +40,9 @@ format: install ## ruff format + autofix
 demo: install ## the main job on the embedded default (shapes world + tiny CLIP); prints the run dir
 	$(BIN)/python train.py
 
+shapes: install ## write the synthetic shapes world (COCO + Flickr30k Entities formats) under data/shapes
+	$(BIN)/python -m mmel.data.shapes --root data/shapes --seed 0
+
 bench: install ## speed / memory benchmarks (ratios measured side by side)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 

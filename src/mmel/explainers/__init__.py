@@ -34,3 +34,7 @@ def build_explainer(name: str, clip: Any, **cfg: Any) -> Any:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown explainer '{name}'. Available: {available()}")
     return _REGISTRY[name](clip, **cfg)
+
+
+# Importing the explainer modules registers them; they import `register` from this (already initialised) module.
+from mmel.explainers import attention, game, grad_eclip, gradcam, maskclip, rise  # noqa: E402, F401

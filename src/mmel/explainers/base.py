@@ -1,0 +1,138 @@
+"""The explainer contract and the pieces every explainer shares.
+
+``Explainer.__call__(images [B, 3, H, W], prompts list[str] of K) -> maps [B, K, H, W]`` in [0, 1]
+(DESIGN.md §6). A subclass overrides one method, :meth:`Explainer.raw_maps`, returning unnormalised maps on the
+patch grid (or any grid); the base validates inputs, min-max normalises each map (a constant map becomes zeros,
+never NaN) and resizes bilinearly to the image size. Everything stays in torch.
+
+Scores are the unscaled cosine S = cos(f_image, f_text) (DESIGN.md §2). The gradients of the K scores of a batch
+are one batched vector-Jacobian product (:func:`batched_vjp`, DESIGN.md §3), never K backward passes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmel.backbone import check_vit
+from mmel.explainers.vit import check_images, encode_text
+
+# A map whose range is below this fraction of its magnitude is treated as constant (float noise is not signal).
+_CONST_RTOL = 1e-6
+_CONST_ATOL = 1e-12
+
+
+def minmax(x: Tensor, dims: Sequence[int] = (-2, -1)) -> Tensor:
+    """Min-max normalise ``x`` over ``dims`` to [0, 1]; slices that are constant (to float noise) become zeros."""
+    dims = tuple(dims)
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    span = hi - lo
+    flat = span <= _CONST_ATOL + _CONST_RTOL * torch.maximum(hi.abs(), lo.abs())
+    out = (x - lo) / torch.where(flat, torch.ones_like(span), span)
+    return torch.where(flat, torch.zeros_like(out), out)
+
+
+def to_image_maps(raw: Tensor, size: Sequence[int]) -> Tensor:
+    """raw [B, K, h, w] -> [B, K, H, W]: min-max normalised on its grid, bilinearly resized, clamped to [0, 1]."""
+    maps = minmax(raw.float())
+    if tuple(maps.shape[-2:]) != tuple(size):
+        B, K = maps.shape[:2]
+        maps = F.interpolate(maps.flatten(0, 1)[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+        maps = maps.view(B, K, *size)
+    return maps.clamp_(0.0, 1.0)
+
+
+def cosine_scores(image_features: Tensor, text_features: Tensor) -> Tensor:
+    """S[b, k] = cos(image_features[b], text_features[k]): [B, E] x [K, E] -> [B, K]."""
+    return F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+
+
+def batched_vjp(scores: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients of every column of ``scores`` [B, K] w.r.t. ``inputs``: a list of [K, *input.shape].
+
+    One batched vector-Jacobian product (autograd's ``is_grads_batched``) for all K columns. The B images of a
+    batch are independent, so summing over b in one backward gives each image its own gradient.
+    """
+    B, K = scores.shape
+    if K == 1:
+        grads = torch.autograd.grad(scores, inputs, grad_outputs=torch.ones_like(scores))
+        return [g.unsqueeze(0) for g in grads]
+    eye = torch.eye(K, dtype=scores.dtype, device=scores.device)
+    cotangents = eye[:, None, :].expand(K, B, K)  # cotangent k selects column k for every image
+    return list(torch.autograd.grad(scores, inputs, grad_outputs=cotangents, is_grads_batched=True))
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """A non-empty list of strings, else a clear error."""
+    if isinstance(prompts, str):
+        raise ValueError(f"prompts: expected a list of strings, got the single string {prompts!r}; wrap it in [...]")
+    prompts = list(prompts) if prompts is not None else []
+    if not prompts:
+        raise ValueError("prompts: the list is empty; give at least one text prompt")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts: every prompt must be a string; got {bad[:3]}")
+    return prompts
+
+
+def tokenize(clip, prompts: Sequence[str]) -> Tensor:
+    """Tokens [K, context_length] on the model's device; warns (naming the prompt) when one is truncated."""
+    tok = clip.tokenizer
+    ctx = clip.model.context_length
+    if hasattr(tok, "encode"):
+        for p in prompts:
+            n = len(tok.encode(p)) + 2  # + start and end tokens
+            if n > ctx:
+                warnings.warn(
+                    f"prompt {p[:60]!r} has {n} tokens, more than the model's context of {ctx}: truncated "
+                    "(the end token is kept).",
+                    stacklevel=3,
+                )
+    return clip.tokenize(list(prompts))
+
+
+class Explainer:
+    """Base explainer: ``explainer(images [B, 3, H, W], prompts) -> maps [B, K, H, W]`` in [0, 1].
+
+    Subclasses set ``name``, ``needs_grad`` and implement :meth:`raw_maps`.
+    """
+
+    name = "base"
+    needs_grad = False
+
+    def __init__(self, clip) -> None:
+        self.clip = clip
+        self.model = clip.model
+        self.visual = check_vit(clip.model)
+        self.patch = self.visual.conv1.kernel_size[0]
+        self.depth = len(self.visual.transformer.resblocks)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, model={getattr(self.clip, 'name', '?')!r})"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """images [B, 3, H, W] normalised, prompts list of K strings -> maps [B, K, H, W] in [0, 1]."""
+        prompts = check_prompts(prompts)
+        check_images(images, self.patch)
+        images = images.to(self.clip.device)
+        if self.needs_grad and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{self.name} needs gradients but inference mode is on: call it outside torch.inference_mode() "
+                "(Lightning: Trainer(inference_mode=False))."
+            )
+        with torch.enable_grad() if self.needs_grad else torch.no_grad():
+            raw = self.raw_maps(images, prompts)
+        return to_image_maps(raw.detach(), images.shape[-2:])
+
+    def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Unnormalised maps [B, K, h, w] (any sign; normalised and resized by the caller)."""
+        raise NotImplementedError
+
+    def text_features(self, prompts: Sequence[str]) -> Tensor:
+        """Unnormalised text embeddings [K, E], all prompts in one pass (no graph)."""
+        return encode_text(self.model, tokenize(self.clip, prompts))

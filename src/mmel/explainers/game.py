@@ -1,0 +1,41 @@
+"""Chefer et al. 2021 ("Generic Attention-model Explainability", GAME) for CLIP's image tower.
+
+For each block l from ``start_layer`` to the last: Ā_l = mean_h ReLU(∇A_l ⊙ A_l) (A: softmax attention, ∇A: its
+gradient from S = cos(f_image, f_text)), and R ← R + Ā_l R starting from R = I; the map is R[CLS, patches].
+The default start_layer = -1 (last block only) follows the authors' CLIP notebook. The gradients of all K
+prompts w.r.t. every attention matrix come from one batched vector-Jacobian product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmel.explainers import register
+from mmel.explainers.base import Explainer, batched_vjp, cosine_scores
+from mmel.explainers.vit import resolve_layers, trace_image
+
+
+@register("game")
+class GAME(Explainer):
+    """Gradient-weighted attention relevance (Chefer et al. 2021) from block ``start_layer`` on."""
+
+    name = "game"
+    needs_grad = True
+
+    def __init__(self, clip, start_layer: int = -1) -> None:
+        super().__init__(clip)
+        (self.start,) = resolve_layers([start_layer], self.depth, "game.start_layer")
+
+    def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
+        text = self.text_features(prompts)
+        layers = list(range(self.start, self.depth))
+        trace = trace_image(self.model, images, layers)
+        attns = [trace.records[i].attn for i in layers]
+        grads = batched_vjp(cosine_scores(trace.features, text), attns)  # each [K, B, H, T, T]
+        B, _, T, _ = attns[0].shape
+        R = torch.eye(T, dtype=attns[0].dtype, device=attns[0].device).expand(B, len(prompts), T, T)
+        for a, g in zip(attns, grads, strict=True):
+            cam = (g * a.detach()).clamp(min=0).mean(dim=2).transpose(0, 1)  # [B, K, T, T]
+            R = R + cam @ R
+        return R[:, :, 0, 1:].unflatten(-1, trace.grid)

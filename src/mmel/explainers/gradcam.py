@@ -1,0 +1,37 @@
+"""Grad-CAM on ViT tokens (Selvaraju et al. 2017, as applied to CLIP ViTs in the Grad-ECLIP paper's comparison).
+
+The feature map is the token sequence entering block ``layer`` (default: the last block, i.e. the output of the
+second-to-last block, as the official comparison code). Channel weights are the gradient of S = cos(f_image,
+f_text) averaged over all tokens; the map is ReLU(Σ_c weight_c · x_i,c) over the patch tokens. All K prompts
+share one forward and one batched vector-Jacobian product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmel.explainers import register
+from mmel.explainers.base import Explainer, batched_vjp, cosine_scores
+from mmel.explainers.vit import resolve_layers, trace_image
+
+
+@register("gradcam")
+class GradCAM(Explainer):
+    """Grad-CAM on the tokens entering block ``layer``."""
+
+    name = "gradcam"
+    needs_grad = True
+
+    def __init__(self, clip, layer: int = -1) -> None:
+        super().__init__(clip)
+        (self.layer,) = resolve_layers([layer], self.depth, "gradcam.layer")
+
+    def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
+        text = self.text_features(prompts)
+        trace = trace_image(self.model, images, [self.layer])
+        x = trace.records[self.layer].x_in  # [B, T, C], the leaf of the graph
+        (g,) = batched_vjp(cosine_scores(trace.features, text), [x])  # [K, B, T, C]
+        weights = g.mean(dim=2)  # [K, B, C]
+        cam = torch.einsum("kbc,bnc->bkn", weights, x[:, 1:].detach())
+        return cam.relu().unflatten(-1, trace.grid)
