@@ -200,3 +200,19 @@ def test_docstring_examples_run():
         module = importlib.import_module(f"mmel.metrics.{name}")
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_curves_survive_a_state_dict_round_trip():
+    g = torch.Generator().manual_seed(4)
+    maps, images = torch.rand(3, 4, 4, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    a = DeletionInsertion(quadrant_score, step=0.25, fill="zeros", **RAW)
+    a.persistent(True)
+    a.update(maps[:2], images[:2])
+    b = DeletionInsertion(quadrant_score, step=0.25, fill="zeros", **RAW)
+    b.persistent(True)
+    b.load_state_dict(a.state_dict())
+    b.update(maps[2:], images[2:])
+    ref = curves(maps, images, step=0.25)
+    torch.testing.assert_close(b.curves()["deletion"], ref["deletion"])
+    torch.testing.assert_close(b.compute()["insertion_auc"], deletion_insertion(maps, images, quadrant_score,
+                               step=0.25, fill="zeros", **RAW)["insertion_auc"])  # fmt: skip
