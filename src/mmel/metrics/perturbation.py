@@ -192,9 +192,13 @@ def _deletion_insertion_update(
             inserting = torch.tensor([j[3] for j in chunk], device=images.device).view(-1, 1, 1, 1)
             # deletion: the nfill most salient pixels are fill; insertion: the nfill least salient ones are.
             r = ranks[idx]
-            is_fill = torch.where(inserting, r >= area - nfill, r < nfill)
-            fill_img = torch.stack([substrate[j[1]][j[0]] if j[1] else images[j[0]] for j in chunk])
-            batch = torch.where(is_fill, fill_img, images[idx])
+            is_fill = torch.where(inserting, r >= area - nfill, r < nfill)  # [c, 1, H, W]
+            batch = images[idx]
+            # Composed by indexing, one fill at a time: torch.stack over per-image views is ~40x slower on CPU.
+            for name, sub in substrate.items():
+                rows = torch.tensor([k for k, j in enumerate(chunk) if j[1] == name], device=images.device)
+                if rows.numel():
+                    batch[rows] = torch.where(is_fill[rows], sub[idx[rows]], batch[rows])
             out = scorer(batch) if targets is None else scorer(batch, targets.to(images.device)[idx])
             if not isinstance(out, Tensor) or out.shape != (len(chunk),):
                 raise ValueError(f"{_NAME}: the scorer must return scores [M={len(chunk)}]; got {out!r}.")
