@@ -41,7 +41,7 @@ def test_metric_configs_build_every_metric(name, micro_clip):
     if name == "grad_eclip_protocol":
         fractions = built["deletion_insertion"].curves()["fractions"]
         assert fractions.tolist() == pytest.approx([0.05 * i for i in range(11)])
-        assert cfg.scorer == "top1" and built["deletion_insertion"].options["fill"] == ("noise", "zeros")
+        assert cfg.scorer == "top1" and built["deletion_insertion"].options.fill == ("noise", "zeros")
 
 
 def test_deletion_insertion_is_off_by_default():

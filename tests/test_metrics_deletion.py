@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmel.metrics import ClipScorer, DeletionInsertion, deletion_insertion
-from mmel.metrics.perturbation import _deletion_insertion_update, gaussian_blur, make_fill
+from mmel.metrics.perturbation import PerturbationOptions, _deletion_insertion_update, gaussian_blur, make_fill
 
 RAW = {"pixel_mean": (0.0, 0.0, 0.0), "pixel_std": (1.0, 1.0, 1.0)}  # images in pixel space
 
@@ -25,7 +25,8 @@ def quadrant_first_map() -> torch.Tensor:
 
 def curves(maps, images, scorer=quadrant_score, **kw):
     kw = {"fill": "zeros", **RAW, **kw}
-    return _deletion_insertion_update(maps, images, scorer, **kw)
+    targets = kw.pop("targets", None)
+    return _deletion_insertion_update(maps, images, scorer, targets, PerturbationOptions(**kw))
 
 
 def test_analytic_curves_region_first():
@@ -75,6 +76,8 @@ def test_fills():
     assert torch.allclose(mean_fill, torch.full_like(img, 0.5))
     zeros = make_fill("zeros", img, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25))
     assert torch.allclose(zeros, torch.full_like(img, -2.0))  # black in normalised space
+    grey = make_fill("dataset_mean", img, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25))
+    assert torch.equal(grey, torch.zeros_like(img))  # RISE: zeros of the normalised tensor
     noise = make_fill("noise", img, seed=1, **RAW)
     assert torch.equal(noise, make_fill("noise", img, seed=1, **RAW))
     assert not torch.equal(noise, make_fill("noise", img, seed=2, **RAW))
