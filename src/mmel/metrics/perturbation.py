@@ -289,9 +289,10 @@ class DeletionInsertion(Metric):
     def __init__(self, scorer: Scorer | None = None, **kwargs: Any) -> None:
         """``kwargs``: the fields of :class:`PerturbationOptions`; the rest go to ``torchmetrics.Metric``."""
         names = {f.name for f in fields(PerturbationOptions)}
-        self.options = PerturbationOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        options = PerturbationOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         super().__init__(**kwargs)
-        self.fractions = self.options.fractions
+        self.options = options
+        self.fractions = options.fractions
         # Not an attribute nn.Module would register: a CLIP scorer must stay out of state_dict / .to() / DDP.
         self.__dict__["scorer"] = scorer
         for m in MODES:
