@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmel.metrics import ClipScorer, DeletionInsertion, deletion_insertion
-from mmel.metrics.perturbation import _deletion_insertion_update, gaussian_blur, make_fill
+from mmel.metrics.perturbation import PerturbationOptions, _deletion_insertion_update, gaussian_blur, make_fill
 
 RAW = {"pixel_mean": (0.0, 0.0, 0.0), "pixel_std": (1.0, 1.0, 1.0)}  # images in pixel space
 
@@ -25,7 +25,8 @@ def quadrant_first_map() -> torch.Tensor:
 
 def curves(maps, images, scorer=quadrant_score, **kw):
     kw = {"fill": "zeros", **RAW, **kw}
-    return _deletion_insertion_update(maps, images, scorer, **kw)
+    targets = kw.pop("targets", None)
+    return _deletion_insertion_update(maps, images, scorer, targets, PerturbationOptions(**kw))
 
 
 def test_analytic_curves_region_first():
@@ -75,6 +76,8 @@ def test_fills():
     assert torch.allclose(mean_fill, torch.full_like(img, 0.5))
     zeros = make_fill("zeros", img, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25))
     assert torch.allclose(zeros, torch.full_like(img, -2.0))  # black in normalised space
+    grey = make_fill("dataset_mean", img, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25))
+    assert torch.equal(grey, torch.zeros_like(img))  # RISE: zeros of the normalised tensor
     noise = make_fill("noise", img, seed=1, **RAW)
     assert torch.equal(noise, make_fill("noise", img, seed=1, **RAW))
     assert not torch.equal(noise, make_fill("noise", img, seed=2, **RAW))
@@ -200,3 +203,19 @@ def test_docstring_examples_run():
         module = importlib.import_module(f"mmel.metrics.{name}")
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_curves_survive_a_state_dict_round_trip():
+    g = torch.Generator().manual_seed(4)
+    maps, images = torch.rand(3, 4, 4, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    a = DeletionInsertion(quadrant_score, step=0.25, fill="zeros", **RAW)
+    a.persistent(True)
+    a.update(maps[:2], images[:2])
+    b = DeletionInsertion(quadrant_score, step=0.25, fill="zeros", **RAW)
+    b.persistent(True)
+    b.load_state_dict(a.state_dict())
+    b.update(maps[2:], images[2:])
+    ref = curves(maps, images, step=0.25)
+    torch.testing.assert_close(b.curves()["deletion"], ref["deletion"])
+    torch.testing.assert_close(b.compute()["insertion_auc"], deletion_insertion(maps, images, quadrant_score,
+                               step=0.25, fill="zeros", **RAW)["insertion_auc"])  # fmt: skip

@@ -11,13 +11,14 @@ each module documents its own, with sources.
 """
 
 from mmel.metrics.iou import SaliencyIoU, binarise, saliency_iou
-from mmel.metrics.perturbation import ClipScorer, DeletionInsertion, deletion_insertion
+from mmel.metrics.perturbation import ClipScorer, DeletionInsertion, PerturbationOptions, deletion_insertion
 from mmel.metrics.pointing import EnergyPointingGame, PointingGame, energy_pointing_game, pointing_game
 
 __all__ = [
     "ClipScorer",
     "DeletionInsertion",
     "EnergyPointingGame",
+    "PerturbationOptions",
     "PointingGame",
     "SaliencyIoU",
     "binarise",
