@@ -110,3 +110,21 @@ def test_mmel_checkpoint_errors(micro_clip, tmp_path):
     )
     with pytest.raises(ValueError, match="trained for backbone 'mmel-micro-quickgelu'"):
         build_explainer("mmel", micro_clip, checkpoint=str(tmp_path / "other.pt"))
+
+
+@pytest.mark.parametrize("resize", ["fixed", "keep"])
+def test_evaluate_with_deletion_insertion(world, tmp_path, resize):
+    from mmel.evaluate import run
+
+    over = [
+        "limit=3",
+        "metrics.deletion_insertion.enabled=true",
+        "metrics.deletion_insertion.step=0.25",
+        "metrics.scorer=softmax",
+        f"data.resize={resize}",
+    ]
+    res, objs = run(cfg_for("evaluate", world, tmp_path / resize, over))
+    for k in ("test/deletion_insertion/deletion_auc", "test/deletion_insertion/insertion_auc"):
+        assert 0 <= res[k] <= 1, k
+    curves = objs["metrics"]["deletion_insertion"].curves()
+    assert curves["deletion"].shape == (3, 5) and curves["insertion"].shape == (3, 5)

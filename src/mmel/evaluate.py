@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,16 @@ def image_groups(batch: dict[str, Any]) -> Iterator[list[int]]:
             start = i
 
 
-def build_metrics(cfg: DictConfig) -> dict[str, Metric]:
-    """One Metric per entry of the `metrics` config group that has a `_target_` and is not disabled."""
+def build_metrics(cfg: DictConfig, clip=None) -> dict[str, Metric]:
+    """One Metric per entry of the `metrics` config group that has a `_target_` and is not disabled.
+
+    With a CLIP bundle, deletion/insertion learns its pixel normalisation (to build fills in pixel space)."""
     out = {}
     for name, node in cfg.items():
         if isinstance(node, DictConfig) and "_target_" in node and node.get("enabled", True) is not False:
             kwargs = {k: v for k, v in node.items() if k != "enabled"}
+            if clip is not None and str(node._target_).endswith("DeletionInsertion"):
+                kwargs.update(pixel_mean=list(clip.mean), pixel_std=list(clip.std))
             out[name] = instantiate(OmegaConf.create(kwargs))
     if not out:
         raise ValueError("evaluate: the metrics config enables no metric (each needs a `_target_`)")
@@ -93,7 +98,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loader = getattr(datamodule, f"{split}_dataloader")()
     dataset = datamodule.dataset(split)
     explainer = instantiate(cfg.explainer)(clip=clip)
-    metrics = build_metrics(cfg.metrics)
+    metrics = build_metrics(cfg.metrics, clip)
     for m in metrics.values():
         m.persistent(True)  # their states go into eval_state.pt
     scorer = _scorer(cfg, clip, dataset) if "deletion_insertion" in metrics else None
@@ -103,6 +108,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if resume:
         log.info("resuming %s: %d samples already scored", out, len(done))
     keep = datamodule.transform.mode == "keep"
+    prompts_per_image = Counter(str(r.image_id) for r in dataset.records)
     limit = cfg.get("limit")
     every = int(cfg.get("checkpoint_every", 50))
     n_images = 0
@@ -116,7 +122,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 continue
             if limit is not None:
                 idx = idx[: limit - len(done)]
-            _score_image(batch, idx, explainer, metrics, scorer, keep)
+            _score_image(batch, idx, explainer, metrics, scorer, keep, prompts_per_image)
             done.update(str(batch["sample_id"][i]) for i in idx)
             n_images += 1
             if n_images % every == 0:
@@ -142,7 +148,18 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return results, {"clip": clip, "datamodule": datamodule, "explainer": explainer, "metrics": metrics}
 
 
-def _score_image(batch, idx, explainer, metrics, scorer, keep: bool) -> None:
+def difficult_flags(boxes: list[torch.Tensor], sizes: torch.Tensor, distractor: bool) -> torch.Tensor:
+    """Zhang et al.'s (ECCV 2016) difficult subset: the target covers < 1/4 of the image and another category is
+    present (``distractor``: the image has more than one annotated category). [N] bool."""
+    from mmel.data.transforms import box_mask
+
+    if not distractor:
+        return torch.zeros(len(boxes), dtype=torch.bool)
+    share = torch.stack([box_mask(b, (int(h), int(w))).mean() for b, (h, w) in zip(boxes, sizes, strict=True)])
+    return share < 0.25
+
+
+def _score_image(batch, idx, explainer, metrics, scorer, keep: bool, prompts_per_image: Counter) -> None:
     """Explain one image for the prompts of the samples ``idx`` and update every metric with those pairs."""
     i0 = idx[0]
     image = batch["images"][i0]
@@ -164,7 +181,8 @@ def _score_image(batch, idx, explainer, metrics, scorer, keep: bool) -> None:
             targets = torch.tensor([scorer.index(p) for p in prompts])
             m.update(maps, image[None].expand(len(idx), -1, -1, -1), targets, scorer=scorer)
         elif name == "pointing_game":
-            m.update(maps, boxes, sizes, categories=categories)
+            distractor = prompts_per_image[str(batch["image_id"][i0])] > 1
+            m.update(maps, boxes, sizes, categories=categories, difficult=difficult_flags(boxes, sizes, distractor))
         else:
             m.update(maps, boxes, sizes)
 
@@ -186,7 +204,4 @@ def _scorer(cfg: DictConfig, clip, dataset) -> _PromptScorer:
     from mmel.metrics import ClipScorer
 
     prompts = sorted({r.prompt for r in dataset.records})
-    kind = (
-        cfg.metrics.deletion_insertion.get("score", "cosine") if "score" in cfg.metrics.deletion_insertion else "cosine"
-    )
-    return _PromptScorer(ClipScorer(clip, prompts, kind=kind), prompts)
+    return _PromptScorer(ClipScorer(clip, prompts, kind=cfg.metrics.get("scorer", "cosine")), prompts)

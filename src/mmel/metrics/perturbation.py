@@ -358,7 +358,10 @@ class ClipScorer:
             targets = self.target
         t = torch.as_tensor(targets, device=self.text.device).expand(images.shape[0])
         with torch.no_grad():
-            f = F.normalize(self.clip.model.encode_image(images.to(self.text.device)).float(), dim=-1)
+            # any input size (keep-size evaluation): positional embedding interpolated like the explainers do
+            from mmel.explainers.vit import encode_image
+
+            f = F.normalize(encode_image(self.clip.model, images.to(self.text.device)).float(), dim=-1)
             cos = f @ self.text.T  # [M, K]
             rows = torch.arange(cos.shape[0], device=cos.device)
             if self.kind == "cosine":
