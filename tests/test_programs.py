@@ -64,8 +64,8 @@ def test_evaluate_writes_metrics_and_resumes_to_identical_numbers(world, tmp_pat
 def test_train_writes_hsrm_checkpoint_that_the_mmel_explainer_loads(world, tmp_path):
     from mmel.train import run
 
-    cfg = cfg_for("train", world, tmp_path / "run", ["trainer.max_epochs=2", "data.batch_size=16", "logger=csv"])
-    metrics, objs = run(cfg)
+    common = ["trainer.max_epochs=2", "data.batch_size=16", "logger=csv", f"feature_cache.dir={tmp_path / 'fc'}"]
+    metrics, objs = run(cfg_for("train", world, tmp_path / "run", common))
     for key in ("val/pointing_game", "test/pointing_game", "test/grad_eclip_pointing_game", "train/loss"):
         assert key in metrics, key
     ckpt_path = tmp_path / "run" / "hsrm.pt"
@@ -128,3 +128,32 @@ def test_evaluate_with_deletion_insertion(world, tmp_path, resize):
         assert 0 <= res[k] <= 1, k
     curves = objs["metrics"]["deletion_insertion"].curves()
     assert curves["deletion"].shape == (3, 5) and curves["insertion"].shape == (3, 5)
+
+
+def test_cached_training_equals_online_training_and_needs_no_clip_pass(world, tmp_path, monkeypatch):
+    """Epochs read frozen-CLIP features from the cache; the result equals training with CLIP in the loop."""
+    from mmel.explainers.grad_eclip import GradECLIP
+    from mmel.train import run
+
+    common = [
+        "trainer.max_epochs=2",
+        "data.batch_size=16",
+        "logger=csv",
+        "callbacks=none",
+        "test=false",
+        f"feature_cache.dir={tmp_path / 'fc'}",
+    ]
+    online, _ = run(cfg_for("train", world, tmp_path / "online", [*common, "feature_cache.enabled=false"]))
+    cached, _ = run(cfg_for("train", world, tmp_path / "cached", common))  # builds the cache
+    a = torch.load(tmp_path / "online" / "hsrm.pt", weights_only=True)["hsrm"]
+    b = torch.load(tmp_path / "cached" / "hsrm.pt", weights_only=True)["hsrm"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
+    assert abs(float(online["val/pointing_game"]) - float(cached["val/pointing_game"])) < 1e-6
+
+    calls = []
+    original = GradECLIP.layer_evidence
+    monkeypatch.setattr(GradECLIP, "layer_evidence", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again, _ = run(cfg_for("train", world, tmp_path / "again", common))  # reads the finished cache
+    assert calls == [], "a CLIP pass happened although every feature was cached"
+    assert float(again["val/pointing_game"]) == float(cached["val/pointing_game"])

@@ -9,13 +9,14 @@ Returns (metrics, objects); `main()` in the root shim returns `cfg.optimized_met
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mmel.utils.runs import announce, build_datamodule, instantiate_group, output_dir, save_metrics
 
@@ -29,6 +30,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     clip = instantiate(cfg.model)
     datamodule = build_datamodule(cfg, clip)
     module = instantiate(cfg.hsrm)(clip=clip)
+    fc = cfg.get("feature_cache")
+    if fc and fc.get("enabled", False):
+        datamodule = cached_features(cfg, clip, datamodule, module)
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -48,6 +52,36 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         announce(out)
     _finish_wandb()
     return metrics, {"clip": clip, "datamodule": datamodule, "module": module, "trainer": trainer}
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a CLIP's weights (a few tensors that every retraining changes): cache keys follow the
+    weights themselves, not just the name of the file or tag they came from."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if name.endswith(("proj", "projection", "conv1.weight", "class_embedding", "token_embedding.weight")):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_features(cfg: DictConfig, clip, datamodule, module):
+    """Wrap the data module so the frozen-CLIP features are computed once into a cache (see mmel.hsrm.features)."""
+    from mmel.hsrm.features import CachedFeatureDataModule
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for k in ("batch_size", "num_workers", "pin_memory"):  # do not change what is computed
+        data.pop(k, None)
+    key = {
+        "backbone": clip.name,
+        "weights": f"{clip.pretrained}:{weights_fingerprint(clip.model)}",
+        "resolution": list(clip.image_size),
+        "evidence": "grad_eclip/native",
+        "data": data,
+    }
+    return CachedFeatureDataModule(
+        datamodule, module.evidence_fn(), module.layers, key, cfg.feature_cache.dir, cfg.feature_cache.batch_size
+    )
 
 
 def _finish_wandb() -> None:
