@@ -13,7 +13,8 @@ def main(cfg: DictConfig) -> float | None:
     from mmel.evaluate import run
 
     metrics, _ = run(cfg)
-    return metrics.get(cfg.get("optimized_metric", ""))
+    value = metrics.get(cfg.get("optimized_metric", ""))  # what a sweeper optimises
+    return None if value is None else float(value)
 
 
 if __name__ == "__main__":
