@@ -12,9 +12,8 @@ os.environ.setdefault("MMEL_ROOT", os.path.dirname(os.path.abspath(__file__)))
 def main(cfg: DictConfig) -> float | None:
     from mmel.evaluate import run
 
-    metrics, _ = run(cfg)
-    value = metrics.get(cfg.get("optimized_metric", ""))  # what a sweeper optimises
-    return None if value is None else float(value)
+    metrics, key = run(cfg)[0], cfg.get("optimized_metric")  # a sweep optimises metrics[key]
+    return float(metrics[key]) if key in metrics else None
 
 
 if __name__ == "__main__":
