@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -28,13 +27,13 @@ import warnings
 
 import torch
 
-COLOURS = "red green blue cyan magenta yellow black white grey pink brown orange purple gold silver teal".split()
-SHAPES = "circle square triangle star"
+COLOURS = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
+COLOURS += ["grey", "pink", "brown", "orange", "purple", "gold", "silver", "teal"]
+SHAPES = ["circle", "square", "triangle", "star"]
 
 
 def prompts(k: int) -> list[str]:
-    shapes = SHAPES.split()
-    return [f"a photo of a {COLOURS[i % 16]} {shapes[i % 4]} number {i}" for i in range(k)]
+    return [f"a photo of a {COLOURS[i % 16]} {SHAPES[i % 4]} number {i}" for i in range(k)]
 
 
 def setup(model_name: str, size: int):
@@ -120,7 +119,8 @@ def main() -> int:
     ps = prompts(args.prompts)
     tokens = clip.tokenize(ps)
     K, R = len(ps), args.repeats
-    print(f"model {args.model} (random weights), {args.size} px, 1 image x {K} prompts, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"model {args.model} (random weights), {args.size} px, 1 image x {K} prompts, {threads} threads")
 
     def floor():
         with torch.no_grad():
