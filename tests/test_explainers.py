@@ -334,6 +334,10 @@ def test_bad_inputs_give_clear_errors(micro_clip):
         e.layer_evidence(_images(), PROMPTS, layers=[5])
     with pytest.raises(RuntimeError, match="inference mode"), torch.inference_mode():
         e(_images(), PROMPTS)
+    with pytest.raises(RuntimeError, match="inference mode"), torch.inference_mode():
+        e.layer_evidence(_images(), PROMPTS, layers=[-1])
+    with pytest.raises(ValueError, match="not a multiple"):
+        e.explain_text(torch.randn(1, 3, 30, 30), PROMPTS)
 
 
 def test_long_prompt_is_truncated_with_warning(micro_clip):
