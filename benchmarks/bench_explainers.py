@@ -11,6 +11,13 @@ ViT-B/16 with random weights (timing does not depend on the weights) at 224 px, 
 Targets: Grad-ECLIP <= 1.5 x floor, >= 5 x faster than the naive loop (n = 1 and n = 6), memory 64/1 <= 2.
 Exit status 1 when a target is missed.
 
+Why layers=6 costs more than the floor: Grad-ECLIP needs dS_k/do at the CLS row of each of the last 6 blocks for
+each of the K prompts. Below the last block that gradient is dense over all tokens, so each of the K cotangents
+must go backward through ~4.3 full blocks (the batched VJP folds K into the rows of one matmul, but the flops
+are K times those of one prompt): for ViT-B/16 and K = 16 that is ~5.7 image forwards of work, against a floor
+of 1 image forward + the text tower. No exact method avoids it; for layers=1 the backward touches only the CLS
+row and the explainer runs below the floor (its text pass stops at the longest prompt's EOS).
+
     python benchmarks/bench_explainers.py            # the issue's setting (a few minutes on 2 cores)
     python benchmarks/bench_explainers.py --quick    # smoke run on the 32 px micro model
 """

@@ -147,7 +147,7 @@ class GradECLIP(Explainer):
         else:
             scores = cosine_scores(f, text_features)  # [B, K]
         recs = [trace.records[i] for i in layers]
-        grads = batched_vjp(scores, [r.o if self.mode == "official" else r.y for r in recs])  # each [K, B, T, C]
+        grads = batched_vjp(scores, [r.o_cls if self.mode == "official" else r.y_cls for r in recs])  # [K, B, 1, C]
         per_layer = []
         for i, rec, g in zip(layers, recs, grads, strict=True):
             B, H, T, d = rec.v.shape
