@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 
 def output_dir(cfg: DictConfig | None = None) -> Path:
     """The current run's directory (Hydra's output dir, or ``cfg.paths.output_dir`` outside Hydra)."""
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
+    # the config's own path first: it is Hydra's output dir in a Hydra run (an interpolation of it) and an
+    # explicit folder when a program is called from Python
     if cfg is not None and cfg.get("paths") and cfg.paths.get("output_dir"):
         return Path(cfg.paths.output_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
     return Path.cwd()
 
 
