@@ -44,7 +44,7 @@ shapes: install ## write the synthetic shapes world (COCO + Flickr30k Entities f
 	$(BIN)/python -m mmel.data.shapes --root data/shapes --seed 0
 
 bench: install ## speed / memory benchmarks (ratios measured side by side)
-	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@rc=0; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || rc=1; done; exit $$rc
 
 clean: ## remove caches and run outputs (keeps the venv and generated data)
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache

@@ -22,3 +22,14 @@ def micro_clip():
 
     torch.manual_seed(0)
     return load_clip("mmel-micro")
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_leaks():
+    """Tests that compose configs set Hydra's global singletons; reset them so no test sees another's config."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None
