@@ -157,3 +157,41 @@ def test_cached_training_equals_online_training_and_needs_no_clip_pass(world, tm
     again, _ = run(cfg_for("train", world, tmp_path / "again", common))  # reads the finished cache
     assert calls == [], "a CLIP pass happened although every feature was cached"
     assert float(again["val/pointing_game"]) == float(cached["val/pointing_game"])
+
+
+def test_ddp_test_metrics_equal_single_process(world, tmp_path):
+    """Two gloo processes (Lightning DDP, CPU) report the same test metrics as one process (metric states sync)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    world_kw = "{" + ",".join(f"{k}:{v}" for k, v in WORLD.items()) + "}"
+    results = {}
+    for trainer in ("cpu", "ddp"):
+        out = tmp_path / trainer
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "model=micro",
+            f"trainer={trainer}",
+            "train=false",
+            "feature_cache.enabled=false",
+            "logger=csv",
+            "callbacks=none",
+            f"data.root={world}",
+            "data.seed=3",
+            f"++data.generate_kwargs={world_kw}",
+            "data.subset=20",
+            "data.batch_size=4",
+            f"hydra.run.dir={out}",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if trainer == "ddp":
+            assert "MEMBER: 2/2" in (out / "train.log").read_text()
+        results[trainer] = json.loads((out / "metrics.json").read_text())
+    keys = [k for k in results["cpu"] if k.startswith("test/")]
+    assert "test/pointing_game" in keys and "test/energy" in keys
+    for k in keys:
+        assert results["ddp"][k] == pytest.approx(results["cpu"][k], abs=1e-6), k
