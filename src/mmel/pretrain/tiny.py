@@ -52,11 +52,11 @@ class PretrainConfig:
     """Every setting of a pretraining run (all recorded in the weight file's metadata)."""
 
     seed: int = 0
-    steps: int = 600
-    batch_size: int = 128
+    steps: int = 500
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     precision: str = "bf16-mixed"
     threads: int = 2  # fixed so that the run is repeatable: CPU matmul reductions depend on the thread count
     num_workers: int = 1  # renders the next batch while the model trains
