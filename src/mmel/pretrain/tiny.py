@@ -43,8 +43,8 @@ ARCH = "mmel-tiny"
 WEIGHTS_NAME = "mmel-tiny-shapes.safetensors"
 COMMITTED = Path(__file__).parent / "assets" / WEIGHTS_NAME
 FORMAT = "mmel-tiny-shapes/1"
-# measured: ≈ 1 s per step of 256 on 2 free cores (bf16 autocast, AVX512-BF16); slower on a busy machine
-SECONDS_PER_STEP = (1.0, 2.5)
+# measured: ≈ 1.5-3 s per step of 128 on one core of a busy 2-core machine (bf16 autocast, AVX512-BF16)
+SECONDS_PER_STEP = (1.5, 4.0)
 
 
 @dataclass
@@ -53,12 +53,14 @@ class PretrainConfig:
 
     seed: int = 0
     steps: int = 500
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 40
     precision: str = "bf16-mixed"
-    threads: int = 2  # fixed so that the run is repeatable: CPU matmul reductions depend on the thread count
+    # fixed so that the run is repeatable (CPU matmul reductions depend on the thread count); 1 because on a busy
+    # 2-core machine two threads were 5x slower per step than one (they wait on each other; measured)
+    threads: int = 1
     num_workers: int = 1  # renders the next batch while the model trains
     val_images: int = 256  # the shapes world's val images (same seed): zero-shot check during training
     val_every: int = 100
