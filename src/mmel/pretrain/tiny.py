@@ -95,8 +95,15 @@ class _Progress(pl.Callback):
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, log_dir: str | Path | None = None) -> dict[str, str]:
     """Train ``mmel-tiny`` with ``cfg`` and write fp16 safetensors to ``out``; returns the metadata written."""
     cfg = cfg or PretrainConfig()
-    out = Path(out).expanduser()
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(Path(out).expanduser(), cfg, log_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(out: Path, cfg: PretrainConfig, log_dir: str | Path | None) -> dict[str, str]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = TinyClipPretrainer(
         ARCH, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps
