@@ -1,6 +1,6 @@
 """Quality gates of the tiny CLIP on held-out shapes (issue 4): zero-shot naming and Grad-ECLIP (native) grounding.
 
-The fast test checks the committed checkpoint on the first N_EVAL test images of the seed-0 world (the same images
+The fast test checks the committed checkpoint on the N_EVAL = 500 test images of the seed-0 world (the same images
 `make shapes` writes to data/shapes/coco/test); the slow test re-runs the documented pretraining command and
 checks the same gates on the weights it makes. Numbers are printed (pytest -s) and written to
 $MMEL_QUALITY_JSON when set.
@@ -25,7 +25,7 @@ from mmel.explainers import build_explainer
 from mmel.pretrain import tiny
 from mmel.pretrain.quality import grounding_report, load_held_out
 
-N_EVAL = 300
+N_EVAL = 500
 MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
 

@@ -52,11 +52,12 @@ class PretrainConfig:
     """Every setting of a pretraining run (all recorded in the weight file's metadata)."""
 
     seed: int = 0
-    steps: int = 500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 40
+    text_spread: float = 1.0  # weight of the category-caption spread term (mmel.pretrain.loss)
     precision: str = "bf16-mixed"
     # fixed so that the run is repeatable (CPU matmul reductions depend on the thread count); 1 because on a busy
     # 2-core machine two threads were 5x slower per step than one (they wait on each other; measured)
@@ -106,7 +107,12 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, log_dir: str | 
 def _pretrain(out: Path, cfg: PretrainConfig, log_dir: str | Path | None) -> dict[str, str]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = TinyClipPretrainer(
-        ARCH, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps
+        ARCH,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.steps,
+        text_spread=cfg.text_spread,
     )
     visual = module.model.visual
     kw = {
