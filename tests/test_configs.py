@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+
 from tests.conftest import CONF_DIR
 
 PRIMARY = ["train", "evaluate", "explain"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmel.metrics import ClipScorer, DeletionInsertion, deletion_insertion
-from mmel.metrics.deletion_insertion import _deletion_insertion_update, gaussian_blur, make_fill
+from mmel.metrics.perturbation import PerturbationOptions, _deletion_insertion_update, gaussian_blur, make_fill
 
 RAW = {"pixel_mean": (0.0, 0.0, 0.0), "pixel_std": (1.0, 1.0, 1.0)}  # images in pixel space
 
@@ -25,7 +25,8 @@ def quadrant_first_map() -> torch.Tensor:
 
 def curves(maps, images, scorer=quadrant_score, **kw):
     kw = {"fill": "zeros", **RAW, **kw}
-    return _deletion_insertion_update(maps, images, scorer, **kw)
+    targets = kw.pop("targets", None)
+    return _deletion_insertion_update(maps, images, scorer, targets, PerturbationOptions(**kw))
 
 
 def test_analytic_curves_region_first():
@@ -75,6 +76,8 @@ def test_fills():
     assert torch.allclose(mean_fill, torch.full_like(img, 0.5))
     zeros = make_fill("zeros", img, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25))
     assert torch.allclose(zeros, torch.full_like(img, -2.0))  # black in normalised space
+    grey = make_fill("dataset_mean", img, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25))
+    assert torch.equal(grey, torch.zeros_like(img))  # RISE: zeros of the normalised tensor
     noise = make_fill("noise", img, seed=1, **RAW)
     assert torch.equal(noise, make_fill("noise", img, seed=1, **RAW))
     assert not torch.equal(noise, make_fill("noise", img, seed=2, **RAW))
@@ -84,9 +87,10 @@ def test_fills():
     blurred = make_fill("blur", img, **RAW)
     assert blurred[0, 0, 0, 3] > 0 and blurred[0, 0, 0, 4] < 1  # the edge is smoothed
     torch.testing.assert_close(blurred.mean(), img.mean(), atol=1e-6, rtol=0)  # symmetric edge: mass kept
-    # deleting everything with the mean fill leaves the mean colour everywhere
-    c = curves(torch.rand(1, 8, 8), img, scorer=lambda x: x.mean((1, 2, 3)), fill="mean", step=0.5)
-    torch.testing.assert_close(c["deletion"][0], torch.tensor([0.5, 0.5, 0.5]))
+    # mean fill, rightmost columns first: deleting the white half leaves black + mean colour, then all mean colour
+    by_column = torch.arange(8.0).expand(1, 8, 8)
+    c = curves(by_column, img, scorer=lambda x: x.mean((1, 2, 3)), fill="mean", step=0.5)
+    torch.testing.assert_close(c["deletion"][0], torch.tensor([0.5, 0.25, 0.5]))
 
 
 def test_batching_and_deduplication():
@@ -185,7 +189,7 @@ def test_clip_scorer_kinds(micro_clip):
 def test_clip_normalisation_constants_match_open_clip():
     import open_clip
 
-    from mmel.metrics.deletion_insertion import CLIP_MEAN, CLIP_STD
+    from mmel.metrics.perturbation import CLIP_MEAN, CLIP_STD
 
     assert tuple(CLIP_MEAN) == tuple(open_clip.OPENAI_DATASET_MEAN)
     assert tuple(CLIP_STD) == tuple(open_clip.OPENAI_DATASET_STD)
@@ -193,11 +197,25 @@ def test_clip_normalisation_constants_match_open_clip():
 
 def test_docstring_examples_run():
     import doctest
+    import importlib
 
-    import mmel.metrics.deletion_insertion as di
-    import mmel.metrics.pointing as pg
-    import mmel.metrics.saliency_iou as iou
-
-    for module in (pg, iou, di):
+    for name in ("pointing", "iou", "perturbation"):
+        module = importlib.import_module(f"mmel.metrics.{name}")
         result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
+        assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_curves_survive_a_state_dict_round_trip():
+    g = torch.Generator().manual_seed(4)
+    maps, images = torch.rand(3, 4, 4, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    a = DeletionInsertion(quadrant_score, step=0.25, fill="zeros", **RAW)
+    a.persistent(True)
+    a.update(maps[:2], images[:2])
+    b = DeletionInsertion(quadrant_score, step=0.25, fill="zeros", **RAW)
+    b.persistent(True)
+    b.load_state_dict(a.state_dict())
+    b.update(maps[2:], images[2:])
+    ref = curves(maps, images, step=0.25)
+    torch.testing.assert_close(b.curves()["deletion"], ref["deletion"])
+    torch.testing.assert_close(b.compute()["insertion_auc"], deletion_insertion(maps, images, quadrant_score,
+                               step=0.25, fill="zeros", **RAW)["insertion_auc"])  # fmt: skip

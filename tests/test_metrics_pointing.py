@@ -215,3 +215,19 @@ def test_bad_options():
         energy_pointing_game(-torch.ones(1, 4, 4), [torch.tensor([[0.0, 0.0, 1.0, 1.0]])])
     with pytest.raises(ValueError, match="categories"):
         pointing_game(torch.ones(1, 4, 4), [torch.tensor([[0.0, 0.0, 1.0, 1.0]])], categories=["a", "b"])
+
+
+def test_states_survive_a_state_dict_round_trip():
+    # evaluate checkpoints metric states (persistent) to resume long runs: sum and "cat" states must come back.
+    maps, boxes, sizes, cats, diff = random_batch(6, 2)
+    a = PointingGame(tolerance=4)
+    a.persistent(True)
+    a.update(maps[:4], boxes[:4], sizes[:4], cats[:4], diff[:4])
+    b = PointingGame(tolerance=4)
+    b.persistent(True)
+    b.load_state_dict(a.state_dict())
+    b.update(maps[4:], boxes[4:], sizes[4:], cats[4:], diff[4:])
+    ref = pointing_game(maps, boxes, sizes, cats, diff, tolerance=4)
+    out = b.compute()
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], equal_nan=True)

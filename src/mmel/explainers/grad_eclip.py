@@ -83,6 +83,11 @@ def spatial_weights(q_c: Tensor, k: Tensor) -> Tensor:
     return minmax(cos, dims=(-1,))
 
 
+def pull_back_through_out_proj(grad_y: Tensor, out_proj_weight: Tensor) -> Tensor:
+    """dS/do from dS/dy for y = o W_Oᵀ + b_O: (dS/dy) W_O. grad_y [..., C], W_O [C, C] -> [..., C]."""
+    return grad_y @ out_proj_weight
+
+
 def _out_project(x: Tensor, rec_weight: Tensor, rec_bias: Tensor | None) -> Tensor:
     """Official mode: q or k [B, 1, T, C] (one head) through out_proj with bias -> [B, 1, T, C]."""
     return F.linear(x, rec_weight, rec_bias)
@@ -121,7 +126,7 @@ class GradECLIP(Explainer):
         """dS/do at the CLS/EOS rows. grad: [..., C] gradient w.r.t. y (native) or o (official)."""
         if self.mode == "official":
             return grad
-        return grad @ block.attn.out_proj.weight  # y = o W_Oᵀ + b  =>  dS/do = (dS/dy) W_O
+        return pull_back_through_out_proj(grad, block.attn.out_proj.weight)
 
     def _qk(self, rec: BlockRecord, block) -> tuple[Tensor, Tensor]:
         """q, k [B, H, T, d] used for λ: raw per head (native) or out-projected with bias (official)."""

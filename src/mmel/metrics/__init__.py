@@ -10,14 +10,15 @@ each module documents its own, with sources.
 * :class:`DeletionInsertion`   -> {"deletion_auc", "insertion_auc"} (+ ``curves()``), scored by e.g. :class:`ClipScorer`
 """
 
-from mmel.metrics.deletion_insertion import ClipScorer, DeletionInsertion, deletion_insertion
+from mmel.metrics.iou import SaliencyIoU, binarise, saliency_iou
+from mmel.metrics.perturbation import ClipScorer, DeletionInsertion, PerturbationOptions, deletion_insertion
 from mmel.metrics.pointing import EnergyPointingGame, PointingGame, energy_pointing_game, pointing_game
-from mmel.metrics.saliency_iou import SaliencyIoU, binarise, saliency_iou
 
 __all__ = [
     "ClipScorer",
     "DeletionInsertion",
     "EnergyPointingGame",
+    "PerturbationOptions",
     "PointingGame",
     "SaliencyIoU",
     "binarise",

@@ -23,9 +23,10 @@ Pointing game conventions, with their sources:
   with ``difficult`` [N]; its accuracy is reported next to the overall one.
 * Undefined results (no samples, no categorised / difficult samples) are NaN; the key set never changes.
 
-Energy pointing game: the share of the map's mass inside the union of boxes, ``sum(map * mask) / sum(map)``, averaged
-over samples (Score-CAM §4.3 uses the same ratio with boxes). Maps must be non-negative; an all-zero map has no mass
-and scores 0 (it explains nothing). The functional form is differentiable in ``maps`` (usable as a training signal).
+Energy pointing game: the share of the map's mass inside the union of boxes, ``sum(map * mask) / sum(map)``,
+averaged over samples (Score-CAM's "energy-based pointing game", with boxes as the target region). Maps must be
+non-negative; an all-zero map has no mass and scores 0 (it explains nothing). The functional form is differentiable
+in ``maps`` (usable as a training signal).
 """
 
 from __future__ import annotations

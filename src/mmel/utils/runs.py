@@ -59,6 +59,13 @@ def announce(directory: str | os.PathLike) -> None:
     print(f"run dir: {directory}", flush=True)
 
 
+def build_datamodule(cfg: DictConfig, clip) -> Any:
+    """The configured datamodule (``cfg.data``), sized and normalised for the loaded CLIP bundle."""
+    return instantiate(
+        cfg.data, image_size=clip.image_size[0], mean=list(clip.mean), std=list(clip.std), patch_size=clip.patch_size
+    )
+
+
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (loggers, callbacks)."""
     objs: list[Any] = []

@@ -5,8 +5,8 @@ becomes all zeros), so results do not depend on a map's scale or offset, and a p
 **strictly** above the rule's threshold. Consequently an all-zero or constant map selects nothing (IoU 0). Rules
 (``rule=``), with their sources:
 
-* ``"mean"``     — above the mean of the min-max normalised map (Chefer et al., CVPR 2021, segmentation eval:
-                   ``Res.gt(Res.mean())`` after min-max).
+* ``"mean"``     — above the mean of the min-max normalised map (Chefer et al., CVPR 2021; their reference
+                   code's segmentation evaluation: ``Res.gt(Res.mean())`` after min-max).
 * ``"fraction"`` — above ``fraction`` of the range; for non-negative maps with minimum 0 (the explainer contract)
                    this is "above ``fraction`` x max" (CAM, Zhou et al. 2016, used 20%).
 * ``"otsu"``     — Otsu's threshold (Otsu 1979) on a 256-bin histogram of the normalised map: the pixels in the

@@ -1,0 +1,174 @@
+"""Explainer speed and memory, measured side by side in one run (issue 3 targets; CPU).
+
+ViT-B/16 with random weights (timing does not depend on the weights) at 224 px, 1 image x 16 prompts:
+  * floor      = one stock ``encode_image`` + one stock ``encode_text`` of the 16 prompts (no gradients);
+  * Grad-ECLIP = the explainer call (one traced forward, text encoded once, one batched VJP), n = 1 and n = 6;
+  * naive loop = the same explainer called once per prompt (one forward + one backward per prompt);
+  * maps/s for every baseline; peak memory of 1 image x 64 prompts vs 1 x 1, each in a fresh subprocess:
+    the peak RSS of the process during the explainer call (kernel peak mark reset just before it; model
+    included) and its growth over the RSS before the call (model loaded, one warm-up call done).
+Targets: Grad-ECLIP <= 1.5 x floor, >= 5 x faster than the naive loop (n = 1 and n = 6), memory 64/1 <= 2.
+Exit status 1 when a target is missed.
+
+    python benchmarks/bench_explainers.py            # the issue's setting (a few minutes on 2 cores)
+    python benchmarks/bench_explainers.py --quick    # smoke run on the 32 px micro model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+COLOURS = "red green blue cyan magenta yellow black white grey pink brown orange purple gold silver teal".split()
+SHAPES = "circle square triangle star"
+
+
+def prompts(k: int) -> list[str]:
+    shapes = SHAPES.split()
+    return [f"a photo of a {COLOURS[i % 16]} {shapes[i % 4]} number {i}" for i in range(k)]
+
+
+def setup(model_name: str, size: int):
+    from mmel.backbone import load_clip
+
+    torch.manual_seed(0)
+    clip = load_clip(model_name)
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return clip, image
+
+
+def timeit(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so that it measures what follows (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(model_name: str, size: int, k: int, layers: int) -> None:
+    """Run in a fresh process: explain 1 image for k prompts, print peak / baseline RSS as JSON."""
+    from mmel.explainers import build_explainer
+
+    torch.set_num_threads(2)
+    clip, image = setup(model_name, size)
+    e = build_explainer("grad_eclip", clip, layers=layers)
+    e(image[..., : clip.patch_size, : clip.patch_size], ["warm up"])  # allocator / thread pools warm, tiny input
+    base = _status_mb("VmRSS")
+    reset = reset_peak_rss()
+    e(image, prompts(k))
+    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"k": k, "layers": layers, "peak_mb": peak, "base_mb": base, "peak_reset": reset}))
+
+
+def measure_memory(model_name: str, size: int, k: int, layers: int) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", str(k), str(layers), "--model", model_name, "--size", str(size)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-16")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rise-masks", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="micro model, 32 px: a smoke run of this script")
+    ap.add_argument("--memory-child", nargs=2, type=int, metavar=("K", "LAYERS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.size, args.rise_masks = "mmel-micro", 32, 64
+    if args.memory_child:
+        memory_child(args.model, args.size, *args.memory_child)
+        return 0
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    from mmel.explainers import available, build_explainer
+    from mmel.explainers.vit import encode_text
+
+    clip, image = setup(args.model, args.size)
+    ps = prompts(args.prompts)
+    tokens = clip.tokenize(ps)
+    K, R = len(ps), args.repeats
+    print(f"model {args.model} (random weights), {args.size} px, 1 image x {K} prompts, {torch.get_num_threads()} threads")
+
+    def floor():
+        with torch.no_grad():
+            clip.model.encode_image(image)
+            clip.model.encode_text(tokens)
+
+    t_floor = timeit(floor, R)
+    with torch.no_grad():
+        t_img = timeit(lambda: clip.model.encode_image(image), R)
+        t_txt = timeit(lambda: clip.model.encode_text(tokens), R)
+    t_txt_eos = timeit(lambda: encode_text(clip.model, tokens), R)
+    print(f"floor {t_floor:.3f}s = encode_image {t_img:.3f}s + encode_text {t_txt:.3f}s (full context)")
+    print(f"  (the explainers' encode_text stops at the longest prompt's EOS: {t_txt_eos:.3f}s, same features)")
+
+    ok = True
+    depth = len(clip.visual.transformer.resblocks)
+    rows = []
+    for n in sorted({1, min(6, depth)}):
+        e = build_explainer("grad_eclip", clip, layers=n)
+        t_batched = timeit(lambda e=e: e(image, ps), R)
+        t_naive = timeit(lambda e=e: [e(image, [p]) for p in ps], max(1, R // 3))
+        rows.append((n, t_batched, t_batched / t_floor, t_naive, t_naive / t_batched))
+        ok &= t_batched / t_floor <= 1.5 and t_naive / t_batched >= 5
+    print(f"\n{'Grad-ECLIP':<14}{'time s':>9}{'x floor':>9}{'naive s':>9}{'speed-up':>10}   targets: <=1.5x, >=5x")
+    for n, tb, rf, tn, su in rows:
+        print(f"{'layers=' + str(n):<14}{tb:>9.3f}{rf:>9.2f}{tn:>9.2f}{su:>10.1f}")
+
+    print(f"\n{'explainer':<14}{'time s':>9}{'maps/s':>9}   (1 image x {K} prompts; rise: {args.rise_masks} masks)")
+    for name in available():
+        cfg = {"n_masks": args.rise_masks} if name == "rise" else {}
+        e = build_explainer(name, clip, **cfg)
+        t = timeit(lambda e=e: e(image, ps), 1 if name == "rise" else R)
+        print(f"{name:<14}{t:>9.3f}{K / t:>9.1f}")
+
+    print("\npeak memory, Grad-ECLIP, 1 image (fresh process each)")
+    print(f"{'layers':<8}{'K':>4}{'peak RSS MB':>13}{'growth MB':>11}")
+    for n in sorted({1, min(6, depth)}):
+        one = measure_memory(args.model, args.size, 1, n)
+        many = measure_memory(args.model, args.size, 64, n)
+        for m in (one, many):
+            print(f"{n:<8}{m['k']:>4}{m['peak_mb']:>13.0f}{m['peak_mb'] - m['base_mb']:>11.0f}")
+        ratio = many["peak_mb"] / one["peak_mb"]
+        growth = (many["peak_mb"] - many["base_mb"]) / max(one["peak_mb"] - one["base_mb"], 1.0)
+        print(f"  64 vs 1 prompts: peak RSS x{ratio:.2f} (target <= 2), growth over baseline x{growth:.2f}")
+        ok &= ratio <= 2
+    print("\nall targets met" if ok else "\nTARGET MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Collect runs into a paper-style table: every `metrics.json` beside a `.hydra/config.yaml` under the given dirs.
+
+    python experiments/aggregate.py logs/evaluate --rows explainer.name,explainer.mode --out table.md
+
+Each row is one run; columns are the chosen config keys (dotted paths into the resolved config) followed by the
+metrics (all numeric keys of metrics.json, or the ones named with --metrics). Runs missing a metric show "—",
+never a made-up number. Writes Markdown (``.md``) or CSV (``.csv``) by the output's suffix; prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import yaml
+
+DEFAULT_ROWS = ("task_name", "model.name", "data._target_", "explainer.name", "explainer.mode")
+
+
+def find_runs(roots: Iterable[str | Path]) -> list[Path]:
+    """Run dirs (holding metrics.json and .hydra/config.yaml) below each root, sorted."""
+    runs = set()
+    for root in roots:
+        for mj in Path(root).rglob("metrics.json"):
+            if (mj.parent / ".hydra" / "config.yaml").is_file():
+                runs.add(mj.parent)
+    return sorted(runs)
+
+
+def lookup(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def load_run(run: Path) -> tuple[dict, dict]:
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text()) or {}
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{run / 'metrics.json'} is not valid JSON: {e}") from e
+    return cfg, metrics
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}/"))
+        else:
+            out[key] = v
+    return out
+
+
+def build_table(
+    runs: Sequence[Path], rows: Sequence[str] = DEFAULT_ROWS, metrics: Sequence[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and body rows (strings) for the given runs."""
+    loaded = [(r, *load_run(r)) for r in runs]
+    flat = [flatten(m) for _, _, m in loaded]
+    if metrics is None:
+        keys = sorted({k for f in flat for k, v in f.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    else:
+        keys = list(metrics)
+    header = [*rows, *keys, "run"]
+    body = []
+    for (run, cfg, _), f in zip(loaded, flat, strict=True):
+        cells = [str(lookup(cfg, r)) if lookup(cfg, r) is not None else "—" for r in rows]
+        for k in keys:
+            v = f.get(k)
+            cells.append(f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v)))
+        cells.append(run.name)
+        body.append(cells)
+    return header, body
+
+
+def to_markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: list[str], body: list[list[str]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(body)
+    return buf.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("roots", nargs="+", help="directories to search for runs")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated config keys")
+    ap.add_argument("--metrics", default=None, help="comma-separated metric keys (default: all numeric)")
+    ap.add_argument("--out", default=None, help="write the table here (.md or .csv)")
+    args = ap.parse_args(argv)
+    runs = find_runs(args.roots)
+    if not runs:
+        print(f"no runs (metrics.json + .hydra/config.yaml) under {args.roots}", file=sys.stderr)
+        return 1
+    header, body = build_table(runs, args.rows.split(","), args.metrics.split(",") if args.metrics else None)
+    md = to_markdown(header, body)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(to_csv(header, body) if out.suffix == ".csv" else md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

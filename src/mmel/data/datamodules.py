@@ -1,0 +1,238 @@
+"""LightningDataModules for the shapes world, COCO and Flickr30k Entities (``data=shapes|coco|flickr30k``).
+
+Built by Hydra as ``instantiate(cfg.data, image_size=..., mean=..., std=..., patch_size=...)`` with the loaded
+CLIP's values. Constructors only store arguments; disk work happens in ``prepare_data`` (generating the shapes
+world) and ``setup`` (reading annotations). Outside a Trainer call ``dm.prepare_data(); dm.setup()`` first.
+
+Batches come from :func:`mmel.data.transforms.collate_boxes`: ``images`` [B, 3, H, W] (+ ``valid`` [B, H, W] in
+keep-size mode with padding), and lists ``boxes`` ([M_i, 4] in the input's pixels), ``prompt``, ``sample_id``, ...
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from mmel.data.base import BoxDataset
+from mmel.data.coco import DEFAULT_TEMPLATE, CocoBoxes
+from mmel.data.flickr30k import Flickr30kEntities
+from mmel.data.transforms import CLIP_MEAN, CLIP_STD, BoxTransform, collate_boxes
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+
+
+def _plain(x: Any) -> Any:
+    """Hydra passes DictConfig / ListConfig; keep plain containers (picklable, comparable)."""
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
+
+
+class TransformedDataset(Dataset):
+    """``transform(dataset[i])``; ``None`` passes through (dropped by the collate)."""
+
+    def __init__(self, dataset: BoxDataset, transform: BoxTransform) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.transform(self.dataset[index])
+
+
+class BoxDataModule(pl.LightningDataModule):
+    """Shared machinery: one :class:`BoxDataset` per stage, transformed for CLIP, batched by ``collate_boxes``.
+
+    Args:
+        root: dataset folder.
+        splits: stage -> split name (``{"train": ..., "val": ..., "test": ...}``); a stage mapped to null has no
+            loader.
+        batch_size, num_workers, pin_memory: DataLoader settings.
+        image_size, patch_size, mean, std: the CLIP model's input settings (the programs pass them).
+        resize: ``"fixed"`` (224-style centre crop) or ``"keep"`` (aspect kept, sides multiple of the patch).
+        max_side: keep mode only: cap on the longer side.
+        subset: samples per split for quick runs (None = all), drawn with ``seed``.
+        verify_images: decode every image in ``setup`` and drop unreadable ones (exact skip counts; slow on real
+            data).
+        dataset_kwargs: passed to the dataset class (prompt template, box filters, ...).
+    """
+
+    dataset_cls: type[BoxDataset] = BoxDataset
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        splits: dict[str, str | None] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        image_size: int = 224,
+        patch_size: int = 16,
+        mean: tuple[float, ...] = CLIP_MEAN,
+        std: tuple[float, ...] = CLIP_STD,
+        resize: str = "fixed",
+        max_side: int | None = None,
+        subset: int | None = None,
+        seed: int = 0,
+        verify_images: bool = False,
+        **dataset_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.root = Path(str(root)).expanduser()
+        self.splits = dict(_plain(splits)) if splits is not None else self.default_splits()
+        unknown = set(self.splits) - set(STAGES)
+        if unknown:
+            raise ValueError(f"splits keys must be among {STAGES}, got {sorted(unknown)}")
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.subset, self.seed, self.verify_images = subset, int(seed), bool(verify_images)
+        self.transform = BoxTransform(resize, image_size, patch_size, max_side, tuple(_plain(mean)), tuple(_plain(std)))
+        self.dataset_kwargs = {k: _plain(v) for k, v in dataset_kwargs.items()}
+        self.datasets: dict[str, BoxDataset] = {}
+
+    def default_splits(self) -> dict[str, str | None]:
+        return {"train": "train", "val": "val", "test": "test"}
+
+    def dataset_root(self) -> Path:
+        return self.root
+
+    def make_dataset(self, split: str) -> BoxDataset:
+        return self.dataset_cls(
+            self.dataset_root(), split, subset=self.subset, seed=self.seed, **dict(self.dataset_kwargs)
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the splits a stage needs (all when ``stage`` is None); logs each split's counts."""
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for s in wanted.get(stage, STAGES) if stage else STAGES:
+            if self.splits.get(s) is not None:
+                self.dataset(s)
+
+    def dataset(self, stage: str) -> BoxDataset:
+        """The untransformed dataset of a stage (items with PIL images and original-pixel boxes)."""
+        if stage not in self.datasets:
+            split = self.splits.get(stage)
+            if split is None:
+                raise ValueError(f"{type(self).__name__} has no '{stage}' split (splits={self.splits})")
+            ds = self.make_dataset(split)
+            if self.verify_images:
+                ds.verify()
+            self.datasets[stage] = ds
+            log.info("%s", ds.report())
+        return self.datasets[stage]
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        collate = functools.partial(
+            collate_boxes, pad=True, pad_multiple=self.transform.patch_size if self.transform.mode == "keep" else 1
+        )
+        return DataLoader(
+            TransformedDataset(self.dataset(stage), self.transform),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    @property
+    def skipped(self) -> Counter:
+        """Skip counts over every split set up so far plus the transform's (in this process)."""
+        total: Counter = Counter()
+        for ds in self.datasets.values():
+            total.update(ds.skipped)
+        total.update(self.transform.skipped)
+        return total
+
+    def teardown(self, stage: str | None = None) -> None:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()) if v) or "none"
+        log.info("%s skipped/adjusted (main process): %s", type(self).__name__, counts)
+
+
+class CocoDataModule(BoxDataModule):
+    """COCO 2017 instances: ``<root>/annotations/instances_<split>.json`` + ``<root>/<split>/`` images.
+
+    COCO's test split has no public boxes, so ``test`` defaults to ``val2017``. Dataset options (``image_dir``,
+    ``prompt_template``, ``include_crowd``, ``min_box_area``, ``captions``) go to :class:`CocoBoxes`.
+    """
+
+    dataset_cls = CocoBoxes
+
+    def __init__(self, root: str | os.PathLike, prompt_template: str = DEFAULT_TEMPLATE, **kwargs: Any) -> None:
+        super().__init__(root, prompt_template=prompt_template, **kwargs)
+
+    def default_splits(self) -> dict[str, str | None]:
+        return {"train": "train2017", "val": "val2017", "test": "val2017"}
+
+
+class Flickr30kDataModule(BoxDataModule):
+    """Flickr30k Entities with the official train/val/test split files (options go to :class:`Flickr30kEntities`)."""
+
+    dataset_cls = Flickr30kEntities
+
+
+class ShapesDataModule(BoxDataModule):
+    """The synthetic shapes world (DESIGN §5), generated under ``root`` on first use.
+
+    Args:
+        root: where the world lives (``<root>/coco``, ``<root>/flickr30k``, ``<root>/MANIFEST.json``).
+        seed: the generator's seed (also the subset seed).
+        format: ``"coco"`` (category prompts) or ``"flickr30k"`` (caption phrases) — same images, two formats.
+        generate_kwargs: extra arguments of ``mmel.data.shapes.generate`` (image count, size, ...).
+        prompt_template: None = the format's default (``"a photo of a {}."`` for coco, ``"{}"`` for flickr30k).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        seed: int = 0,
+        format: str = "coco",
+        generate_kwargs: dict[str, Any] | None = None,
+        prompt_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if format not in ("coco", "flickr30k"):
+            raise ValueError(f"format must be 'coco' or 'flickr30k', got {format!r}")
+        if prompt_template is None:
+            prompt_template = DEFAULT_TEMPLATE if format == "coco" else "{}"
+        super().__init__(root, seed=seed, prompt_template=prompt_template, **kwargs)
+        self.format = format
+        self.dataset_cls = CocoBoxes if format == "coco" else Flickr30kEntities
+        self.generate_kwargs = dict(_plain(generate_kwargs) or {})
+
+    def dataset_root(self) -> Path:
+        return self.root / self.format
+
+    def prepare_data(self) -> None:
+        """Generate the world unless ``<root>/MANIFEST.json`` exists (it is written last, so its presence means
+        a complete world)."""
+        if (self.root / "MANIFEST.json").is_file():
+            return
+        from mmel.data.shapes import generate
+
+        log.info("generating the shapes world under %s (seed=%d)", self.root, self.seed)
+        generate(self.root, seed=self.seed, **self.generate_kwargs)
+
+    def make_dataset(self, split: str) -> BoxDataset:
+        if not (self.root / "MANIFEST.json").is_file():
+            self.prepare_data()  # convenience outside a Trainer (single process)
+        return super().make_dataset(split)

@@ -1,0 +1,178 @@
+"""Image + box transforms for CLIP, box masks at any map resolution, and a collate for variable image sizes.
+
+Two geometry modes:
+  * ``fixed``: CLIP's own preprocessing — resize the shorter side to ``image_size`` (bicubic), centre-crop
+    ``image_size`` x ``image_size``. Boxes are mapped with the image and clipped to the crop; a box with nothing left
+    inside is dropped (``box_cropped_out``) and a sample with no box left is dropped (``sample_cropped_out``).
+  * ``keep``: the aspect ratio is kept and each side is rounded to a multiple of ``patch_size`` (what Grad-ECLIP's
+    official code feeds a ViT with interpolated positional embeddings); ``max_side`` optionally scales the image
+    down first so the longer side is at most that many pixels.
+
+A transformed sample keeps the dataset item's fields and replaces ``image`` by a normalised FloatTensor [3, H, W]
+and ``boxes`` by boxes [M, 4] in that tensor's pixels; ``boxes_orig`` and ``size`` keep the original ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+# OpenAI CLIP's normalisation (open_clip.OPENAI_DATASET_MEAN / _STD); the programs pass the loaded model's values.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """PIL RGB -> FloatTensor [3, H, W], (x/255 - mean) / std."""
+    return TF.normalize(TF.to_tensor(image), list(mean), list(std))
+
+
+def keep_size(size: tuple[int, int], patch_size: int, max_side: int | None = None) -> tuple[int, int]:
+    """Target (H, W) of keep-size mode: aspect kept, each side rounded to the nearest (nonzero) multiple of
+    ``patch_size``."""
+    h, w = size
+    s = min(1.0, max_side / max(h, w)) if max_side else 1.0
+    # half rounds up (Python's round() would send 2.5 patches to 2 and 3.5 to 4)
+    return tuple(max(1, math.floor(side * s / patch_size + 0.5)) * patch_size for side in (h, w))
+
+
+def box_mask(
+    boxes: torch.Tensor, size: tuple[int, int], image_size: tuple[int, int] | None = None, soft: bool = False
+) -> torch.Tensor:
+    """Mask of the union of boxes on an (h, w) grid. boxes [M, 4] xyxy -> [h, w] float in [0, 1].
+
+    ``image_size`` (H, W) is the frame the boxes are in (default: the grid itself). Hard mask: a cell is inside when
+    its centre is inside a box; in addition the cell holding each box's centre is set, so a box smaller than a cell
+    still marks one cell (pointing game on coarse maps). ``soft=True``: the fraction of each cell a box covers
+    (max over boxes, a lower bound of the union's coverage when boxes overlap).
+    """
+    h, w = size
+    H, W = image_size if image_size is not None else size
+    b = boxes.reshape(-1, 4).to(torch.float32)
+    if b.numel() == 0:
+        return torch.zeros(h, w)
+    sx, sy = w / W, h / H
+    x0, x1 = b[:, 0:1] * sx, b[:, 2:3] * sx  # [M, 1] in grid units
+    y0, y1 = b[:, 1:2] * sy, b[:, 3:4] * sy
+    xs = torch.arange(w, dtype=torch.float32)
+    ys = torch.arange(h, dtype=torch.float32)
+    if soft:
+        ox = (torch.minimum(x1, xs + 1) - torch.maximum(x0, xs)).clamp(min=0)  # [M, w] overlap per column
+        oy = (torch.minimum(y1, ys + 1) - torch.maximum(y0, ys)).clamp(min=0)  # [M, h]
+        return (oy[:, :, None] * ox[:, None, :]).amax(dim=0).clamp(max=1.0)
+    inx = (xs + 0.5 >= x0) & (xs + 0.5 <= x1)  # [M, w]
+    iny = (ys + 0.5 >= y0) & (ys + 0.5 <= y1)  # [M, h]
+    mask = (iny[:, :, None] & inx[:, None, :]).any(dim=0)
+    cx = ((x0 + x1) / 2).floor().long().clamp(0, w - 1).flatten()
+    cy = ((y0 + y1) / 2).floor().long().clamp(0, h - 1).flatten()
+    mask[cy, cx] = True
+    return mask.to(torch.float32)
+
+
+class BoxTransform:
+    """Dataset item (PIL image, original-pixel boxes) -> normalised tensor and boxes in its pixels.
+
+    Args:
+        mode: ``"fixed"`` (resize shorter side + centre crop to ``image_size``) or ``"keep"``.
+        image_size: output side in fixed mode.
+        patch_size: the ViT's patch size (keep mode rounds each side to a multiple of it).
+        max_side: keep mode only — scale down so the longer side is at most this (None: original size).
+        mean, std: normalisation (the CLIP model's own).
+
+    Returns ``None`` for a ``None`` item, or when no box survives the crop; counts go to ``self.skipped``.
+    """
+
+    def __init__(
+        self,
+        mode: str = "fixed",
+        image_size: int = 224,
+        patch_size: int = 16,
+        max_side: int | None = None,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    ) -> None:
+        if mode not in ("fixed", "keep"):
+            raise ValueError(f"mode must be 'fixed' or 'keep', got {mode!r}")
+        self.mode, self.image_size, self.patch_size, self.max_side = mode, int(image_size), int(patch_size), max_side
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.skipped: Counter = Counter()
+
+    def geometry(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[float, float], tuple[int, int, int, int]]:
+        """For an original (H, W): resized (H', W'), scale (sy, sx), crop (top, left, height, width)."""
+        h, w = size
+        if self.mode == "keep":
+            rh, rw = keep_size(size, self.patch_size, self.max_side)
+            return (rh, rw), (rh / h, rw / w), (0, 0, rh, rw)
+        s = self.image_size
+        # torchvision's Resize(int) rule: shorter side -> s, longer side truncated (so the pixels match CLIP's)
+        rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
+        return (rh, rw), (rh / h, rw / w), (top, left, s, s)
+
+    def boxes(self, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Map [M, 4] original-pixel boxes into the output frame; clipped, empty ones dropped (counted)."""
+        _, (sy, sx), (top, left, ch, cw) = self.geometry(size)
+        b = boxes.reshape(-1, 4).to(torch.float32) * torch.tensor([sx, sy, sx, sy])
+        b = b - torch.tensor([left, top, left, top], dtype=torch.float32)
+        b[:, 0::2] = b[:, 0::2].clamp(0, cw)
+        b[:, 1::2] = b[:, 1::2].clamp(0, ch)
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        if not keep.all():
+            self.skipped["box_cropped_out"] += int((~keep).sum())
+        return b[keep]
+
+    def image(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB -> normalised FloatTensor [3, H', W'] in the output frame."""
+        (rh, rw), _, (top, left, ch, cw) = self.geometry((image.height, image.width))
+        if self.mode == "fixed":
+            image = TF.resize(image, self.image_size, interpolation=InterpolationMode.BICUBIC)
+            image = TF.center_crop(image, [ch, cw])
+        elif (rh, rw) != (image.height, image.width):
+            image = TF.resize(image, [rh, rw], interpolation=InterpolationMode.BICUBIC)
+        return normalize(image, self.mean, self.std)
+
+    def __call__(self, item: dict[str, Any] | None) -> dict[str, Any] | None:
+        if item is None:
+            return None
+        size = (item["image"].height, item["image"].width)
+        boxes = self.boxes(item["boxes"], size)
+        if len(boxes) == 0:
+            self.skipped["sample_cropped_out"] += 1
+            return None
+        return {**item, "image": self.image(item["image"]), "boxes": boxes, "boxes_orig": item["boxes"]}
+
+
+def collate_boxes(items: list[dict[str, Any] | None], pad: bool = True, pad_multiple: int = 1) -> dict[str, Any] | None:
+    """Batch transformed samples; ``None`` items (bad images, emptied crops) are dropped and counted.
+
+    ``pad=True``: ``images`` FloatTensor [B, 3, Hmax, Wmax] (zero-padded at the bottom/right, Hmax/Wmax rounded up to
+    ``pad_multiple``) and ``valid`` BoolTensor [B, Hmax, Wmax] marking real pixels; boxes stay in each image's own
+    pixels, which padding at the bottom/right does not move. ``pad=False``: ``images`` is a list of [3, H_i, W_i].
+    Other fields become lists (``boxes``: list of [M_i, 4]); ``n_dropped`` counts the ``None`` items. Returns
+    ``None`` when every item was dropped (a LightningModule should skip such a batch).
+    """
+    kept = [it for it in items if it is not None]
+    if not kept:
+        return None
+    batch: dict[str, Any] = {k: [it[k] for it in kept] for k in kept[0] if k != "image"}
+    batch["n_dropped"] = len(items) - len(kept)
+    images = [it["image"] for it in kept]
+    if not pad:
+        batch["images"] = images
+        return batch
+    hmax = math.ceil(max(im.shape[-2] for im in images) / pad_multiple) * pad_multiple
+    wmax = math.ceil(max(im.shape[-1] for im in images) / pad_multiple) * pad_multiple
+    out = images[0].new_zeros(len(images), images[0].shape[0], hmax, wmax)
+    valid = torch.zeros(len(images), hmax, wmax, dtype=torch.bool)
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im
+        valid[i, : im.shape[-2], : im.shape[-1]] = True
+    batch["images"] = out
+    batch["valid"] = valid
+    return batch

@@ -1,0 +1,180 @@
+"""The HSRM: multi-scale relationship propagation, adaptive layer/scale weighting, cross-modal gating.
+
+Inputs per (image, prompt) pair, all from the frozen CLIP (and therefore cacheable):
+    evidence      g^l   [P, L, h, w]   signed Grad-ECLIP evidence of the selected blocks (before ReLU)
+    keys          k^l   [P, L, N, C]   patch keys of those blocks (N = h*w, heads concatenated)
+    patch_tokens  x     [P, N, W]      last block's output patch tokens (before ln_post)
+    text          t     [P, D]         text embedding of the prompt (encode_text output)
+
+1. Multi-scale relationships. For each granularity s (patch windows s x s) the keys are average-pooled to
+   regions, R^{l,s} = softmax_b(cos(k_a, k_b) / tau_s), and the evidence is propagated between related regions:
+   g^{l,s} = upsample(R^{l,s} pool_s(g^l)). The un-propagated g^l is the term s = 0.
+2. Adaptive weighting. G = sum_l alpha_l sum_s beta_s g^{l,s}, with alpha = e_last + d_alpha and
+   beta = e_0 + d_beta, d_* zero-initialised. Why not softmax(theta) as in the paper's wording: a softmax saturated
+   on the last layer gives the other layers no gradient, while at the one-hot start of this parametrisation
+   dG/d d_alpha_l = g^{l,0} and dG/d d_beta_s = g^{last,s}, so every weight learns from step one.
+3. Cross-modal alignment. P_v = Linear(W -> D) after a LayerNorm, both initialised from CLIP's ln_post / proj, and
+   P_t = Linear(D -> D) initialised to the identity give a_i = cos(P_v x_i, P_t t); gate A = sigmoid(gamma (a - mean a))
+   with gamma = 0 at the start (A = 1/2 everywhere, which min-max normalisation removes).
+4. Map. M = minmax(ReLU(G) * A), upsampled bilinearly to the image.
+
+At initialisation M equals the single-layer Grad-ECLIP map of the last selected block exactly (a test pins it).
+Each layer's evidence is first divided by its own max |g| per pair: a positive per-map constant does not change
+min-max-normalised maps, but puts layers of very different gradient magnitude on one scale for the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-8
+
+
+@dataclass
+class HSRMInputs:
+    """Frozen-CLIP quantities for P (image, prompt) pairs; see the module docstring for shapes."""
+
+    evidence: Tensor  # [P, L, h, w]
+    keys: Tensor  # [P, L, N, C]
+    patch_tokens: Tensor  # [P, N, W]
+    text: Tensor  # [P, D]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.evidence.shape[-2]), int(self.evidence.shape[-1])
+
+    def to(self, device: torch.device | str) -> HSRMInputs:
+        return HSRMInputs(*(t.to(device) for t in (self.evidence, self.keys, self.patch_tokens, self.text)))
+
+
+def minmax(x: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
+    """Min-max normalise over ``dims``; a constant map becomes zeros (never NaN)."""
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    rng = hi - lo
+    return torch.where(rng > EPS, (x - lo) / rng.clamp_min(EPS), torch.zeros_like(x))
+
+
+class HSRM(nn.Module):
+    """Hierarchical Semantic Relationship Module (reconstructed).
+
+    Args:
+        num_layers: L, the number of selected CLIP blocks (the last one is the Grad-ECLIP block).
+        width: W, the vision transformer width (patch-token size).
+        embed_dim: D, CLIP's joint embedding size.
+        scales: granularities s (patch-window sizes) for relationship propagation.
+        tau: initial softmax temperature per scale (learnt, in log space).
+        ln_post, proj: CLIP's own final LayerNorm and projection, used to initialise P_v.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        width: int,
+        embed_dim: int,
+        scales: Sequence[int] = (1, 2, 4),
+        tau: float | Sequence[float] = 0.1,
+        ln_post: nn.LayerNorm | None = None,
+        proj: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"HSRM needs at least one layer, got num_layers={num_layers}")
+        scales = [int(s) for s in scales]
+        if any(s < 1 for s in scales):
+            raise ValueError(f"HSRM scales must be positive window sizes, got {scales}")
+        taus = [float(tau)] * len(scales) if isinstance(tau, int | float) else [float(t) for t in tau]
+        if len(taus) != len(scales) or any(t <= 0 for t in taus):
+            raise ValueError(f"tau needs one positive value per scale {scales}, got {taus}")
+        self.num_layers, self.scales = num_layers, scales
+        self.log_tau = nn.Parameter(torch.tensor([math.log(t) for t in taus]))
+        self.d_alpha = nn.Parameter(torch.zeros(num_layers))
+        self.d_beta = nn.Parameter(torch.zeros(1 + len(scales)))
+        self.register_buffer("alpha0", F.one_hot(torch.tensor(num_layers - 1), num_layers).float())
+        self.register_buffer("beta0", F.one_hot(torch.tensor(0), 1 + len(scales)).float())
+        self.ln_v = nn.LayerNorm(width)
+        self.proj_v = nn.Linear(width, embed_dim, bias=False)
+        self.proj_t = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+        with torch.no_grad():
+            if ln_post is not None:
+                self.ln_v.load_state_dict(ln_post.state_dict())
+            if proj is not None:
+                if tuple(proj.shape) != (width, embed_dim):
+                    raise ValueError(f"proj must be [width={width}, embed_dim={embed_dim}], got {tuple(proj.shape)}")
+                self.proj_v.weight.copy_(proj.t())
+            self.proj_t.weight.copy_(torch.eye(embed_dim))
+
+    @property
+    def alpha(self) -> Tensor:
+        """Layer weights [L] (the last selected layer first carries all the weight)."""
+        return self.alpha0 + self.d_alpha
+
+    @property
+    def beta(self) -> Tensor:
+        """Scale weights [1 + |S|]: un-propagated term first."""
+        return self.beta0 + self.d_beta
+
+    def propagate(self, evidence: Tensor, keys: Tensor, grid: tuple[int, int]) -> Tensor:
+        """g^{l,s} for s in {0} + scales: [P, L, h, w] -> [P, L, 1+|S|, h, w]."""
+        p, l, h, w = evidence.shape
+        k = keys.reshape(p * l, h, w, -1).permute(0, 3, 1, 2)  # [PL, C, h, w]
+        g = evidence.reshape(p * l, 1, h, w)
+        terms = [evidence]
+        for i, s in enumerate(self.scales):
+            # ceil_mode keeps a partial last window, so any grid size works (e.g. 7x7 with s = 2)
+            kp = F.avg_pool2d(k, s, s, ceil_mode=True) if s > 1 else k
+            gp = F.avg_pool2d(g, s, s, ceil_mode=True) if s > 1 else g
+            hs, ws = kp.shape[-2:]
+            kr = F.normalize(kp.flatten(2).transpose(1, 2), dim=-1)  # [PL, R, C]
+            rel = torch.softmax(kr @ kr.transpose(1, 2) / self.log_tau[i].exp(), dim=-1)  # [PL, R, R]
+            prop = (rel @ gp.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(p * l, 1, hs, ws)
+            if s > 1:
+                prop = F.interpolate(prop, scale_factor=s, mode="nearest")[..., :h, :w]
+            terms.append(prop.reshape(p, l, h, w))
+        return torch.stack(terms, dim=2)
+
+    def alignment(self, patch_tokens: Tensor, text: Tensor) -> Tensor:
+        """Patch-text cosine a [P, N] through the learnt projections."""
+        v = F.normalize(self.proj_v(self.ln_v(patch_tokens)), dim=-1)
+        t = F.normalize(self.proj_t(text), dim=-1)
+        return torch.einsum("pnd,pd->pn", v, t)
+
+    def forward(self, inputs: HSRMInputs, out_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (map M [P, H, W] in [0,1], unnormalised energy map E = ReLU(G) * A [P, h, w]).
+
+        ``out_size`` (H, W) upsamples M bilinearly (default: the patch grid).
+        """
+        ev = inputs.evidence
+        if ev.dim() != 4 or ev.shape[1] != self.num_layers:
+            raise ValueError(f"evidence must be [P, L={self.num_layers}, h, w], got {tuple(ev.shape)}")
+        h, w = inputs.grid
+        scale = ev.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        terms = self.propagate(ev / scale, inputs.keys, (h, w))  # [P, L, S+1, h, w]
+        g = torch.einsum("plshw,l,s->phw", terms, self.alpha, self.beta)
+        a = self.alignment(inputs.patch_tokens, inputs.text).reshape(-1, h, w)
+        gate = torch.sigmoid(self.gamma * (a - a.mean(dim=(-2, -1), keepdim=True)))
+        energy = F.relu(g) * gate
+        m = minmax(energy)
+        if out_size is not None and tuple(out_size) != (h, w):
+            m = minmax(F.interpolate(m[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0])
+        return m, energy
+
+    @classmethod
+    def for_clip(cls, model: nn.Module, num_layers: int, **kw) -> HSRM:
+        """Build an HSRM sized for an open_clip ViT CLIP and initialised from its ln_post / proj."""
+        visual = model.visual
+        return cls(
+            num_layers=num_layers,
+            width=visual.ln_post.normalized_shape[0],
+            embed_dim=visual.proj.shape[1],
+            ln_post=visual.ln_post,
+            proj=visual.proj.detach(),
+            **kw,
+        )

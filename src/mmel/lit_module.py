@@ -1,0 +1,202 @@
+"""LightningModule that trains the HSRM against a frozen CLIP from box annotations.
+
+The CLIP and its Grad-ECLIP evidence source are held as plain attributes, not sub-modules: they are frozen, stay
+in eval mode, and are kept out of checkpoints (a checkpoint holds only the HSRM). A batch is either raw
+(``images`` [B,3,H,W], ``prompt`` list[str], ``boxes`` list of [M,4] in input pixels) — the evidence is then
+computed on the fly with one forward and one batched backward through CLIP — or carries cached frozen-CLIP
+features (``evidence``, ``keys``, ``patch_tokens``, ``text``), so that epochs after the first need no CLIP pass.
+
+Validation / test log, for the same held-out pairs, the HSRM map and the Grad-ECLIP map it started from
+(``*/grad_eclip_*``), so every table row of "MMEL (ours, reconstructed)" sits next to its baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmel.backbone import ClipBundle
+from mmel.hsrm import HSRM, HSRMInputs, box_losses
+from mmel.hsrm.module import minmax
+
+FEATURE_KEYS = ("evidence", "keys", "patch_tokens", "text")
+
+
+def union_masks(boxes: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    """Box-union masks [P, H, W] (a pixel is inside when its centre is inside a box) in input-pixel coords."""
+    from mmel.data.transforms import box_mask
+
+    return torch.stack([box_mask(b, size) for b in boxes])
+
+
+class HSRMLitModule(pl.LightningModule):
+    """Train :class:`mmel.hsrm.HSRM` on box objectives.
+
+    Args:
+        clip: the frozen backbone.
+        layers: selected vision blocks (negative = from the end); the last one is Grad-ECLIP's block.
+        scales, tau: HSRM propagation granularities and initial temperatures.
+        losses: objective weights, e.g. ``{"energy": 1.0, "dice": 0.5}``.
+        optimizer: a half-built optimizer (``functools.partial`` / Hydra ``_partial_``) taking the parameters.
+        evidence_fn: ``(images, prompts, layers) -> mmel.explainers.LayerEvidence`` (paired); default: native
+            Grad-ECLIP of ``clip``.
+        pointing_tolerance: pointing-game tolerance in input pixels.
+    """
+
+    def __init__(
+        self,
+        clip: ClipBundle,
+        layers: Sequence[int] = (-6, -5, -4, -3, -2, -1),
+        scales: Sequence[int] = (1, 2, 4),
+        tau: float | Sequence[float] = 0.1,
+        losses: Mapping[str, float] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        evidence_fn: Callable[..., Any] | None = None,
+        pointing_tolerance: float = 15.0,
+    ) -> None:
+        super().__init__()
+        depth = len(clip.model.visual.transformer.resblocks)
+        self.layers = resolve_layers(layers, depth)
+        self.save_hyperparameters(
+            {
+                "layers": self.layers,
+                "scales": list(scales),
+                "tau": tau,
+                "losses": dict(losses or {"energy": 1.0}),
+                "backbone": clip.name,
+                "pretrained": clip.pretrained,
+                "pointing_tolerance": pointing_tolerance,
+            }
+        )
+        object.__setattr__(self, "clip", clip)  # not registered: frozen, out of checkpoints
+        object.__setattr__(self, "_evidence_fn", evidence_fn)
+        self.hsrm = HSRM.for_clip(clip.model, num_layers=len(self.layers), scales=scales, tau=tau)
+        self.loss_weights = dict(losses or {"energy": 1.0})
+        self.optimizer_factory = optimizer
+        self.metrics = torch.nn.ModuleDict({stage: self._metric_set(pointing_tolerance) for stage in ("val", "test")})
+
+    @staticmethod
+    def _metric_set(tol: float) -> torch.nn.ModuleDict:
+        from mmel.metrics import EnergyPointingGame, PointingGame
+
+        return torch.nn.ModuleDict(
+            {
+                "pointing_game": PointingGame(tolerance=tol),
+                "energy": EnergyPointingGame(),
+                "grad_eclip_pointing_game": PointingGame(tolerance=tol),
+                "grad_eclip_energy": EnergyPointingGame(),
+            }
+        )
+
+    # -- frozen-CLIP features ---------------------------------------------------------------------------------
+    def evidence_fn(self) -> Callable[..., Any]:
+        if self._evidence_fn is None:
+            from mmel.explainers import build_explainer
+
+            explainer = build_explainer("grad_eclip", self.clip, mode="native")
+            object.__setattr__(self, "_evidence_fn", explainer.layer_evidence)
+        return self._evidence_fn
+
+    def features(self, batch: Mapping[str, Any]) -> HSRMInputs:
+        """HSRM inputs for the batch's (image, prompt) pairs, from the cache or from CLIP."""
+        if all(k in batch for k in FEATURE_KEYS):
+            return HSRMInputs(*(torch.as_tensor(batch[k]).to(self.device) for k in FEATURE_KEYS))
+        with torch.enable_grad():  # Lightning may run val/test under no_grad; Grad-ECLIP needs dS/d(activations)
+            ev = self.evidence_fn()(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
+        return HSRMInputs(
+            evidence=ev.evidence[:, 0].detach(),
+            keys=ev.keys.detach(),
+            patch_tokens=ev.patch_tokens.detach(),
+            text=ev.text_features.detach(),
+        )
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def _maps_and_masks(self, batch: Mapping[str, Any]) -> tuple[HSRMInputs, Tensor, Tensor, Tensor]:
+        x = self.features(batch)
+        size = tuple(batch["images"].shape[-2:]) if "images" in batch else tuple(batch["input_size"])
+        m, energy = self.hsrm(x, out_size=size)
+        energy = F.interpolate(energy[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        masks = union_masks(batch["boxes"], size).to(m)
+        return x, m, energy, masks
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+        if batch is None:
+            return None
+        _, m, energy, masks = self._maps_and_masks(batch)
+        losses = box_losses(m, energy, masks, self.loss_weights)
+        bs = m.shape[0]
+        for k, v in losses.items():
+            self.log(f"train/loss_{k}" if k != "total" else "train/loss", v, batch_size=bs, prog_bar=k == "total")
+        return losses["total"]
+
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        if batch is None:
+            return
+        x, m, energy, masks = self._maps_and_masks(batch)
+        size = m.shape[-2:]
+        baseline = minmax(
+            F.interpolate(minmax(F.relu(x.evidence[:, -1]))[:, None], size=size, mode="bilinear", align_corners=False)[
+                :, 0
+            ]
+        )
+        boxes = [b.to(m.device) for b in batch["boxes"]]
+        ms = self.metrics[stage]
+        ms["pointing_game"].update(m.detach(), boxes)
+        ms["energy"].update(m.detach(), boxes)
+        ms["grad_eclip_pointing_game"].update(baseline, boxes)
+        ms["grad_eclip_energy"].update(baseline, boxes)
+        losses = box_losses(m, energy, masks, self.loss_weights)
+        self.log(f"{stage}/loss", losses["total"], batch_size=m.shape[0], sync_dist=True)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for name, metric in self.metrics[stage].items():
+            value = metric.compute()
+            if isinstance(value, dict):
+                value = value.get("accuracy", next(iter(value.values())))
+            self.log(f"{stage}/{name}", value, prog_bar=name == "pointing_game")
+            metric.reset()
+        for name, w in (("alpha", self.hsrm.alpha), ("beta", self.hsrm.beta)):
+            for i, v in enumerate(w.detach()):
+                self.log(f"{stage}/hsrm_{name}{i}", v)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=5e-3))
+        return factory(params=self.hsrm.parameters())
+
+    def hsrm_checkpoint(self) -> dict[str, Any]:
+        """What `build_explainer("mmel", clip, checkpoint=PATH)` needs: HSRM weights + how they were made."""
+        return {"hsrm": self.hsrm.state_dict(), "config": dict(self.hparams)}
+
+
+def resolve_layers(layers: Sequence[int] | int, depth: int) -> list[int]:
+    """Block indices as non-negative ints; an int n means the last n blocks (clamped to the model's depth)."""
+    if isinstance(layers, int):
+        if layers < 1:
+            raise ValueError(f"hsrm.layers must be >= 1 (last n blocks), got {layers}")
+        layers = list(range(-min(layers, depth), 0))
+    out = []
+    for i in layers:
+        j = int(i) + depth if int(i) < 0 else int(i)
+        if not 0 <= j < depth:
+            raise ValueError(f"layer index {i} out of range for a {depth}-block vision transformer")
+        out.append(j)
+    if len(set(out)) != len(out) or out != sorted(out):
+        raise ValueError(f"hsrm.layers must be increasing and distinct, got {list(layers)} -> {out}")
+    return out

@@ -1,0 +1,153 @@
+"""FeatureCache: second pass reads (no compute), identical tensors, key changes rebuild, interrupted builds resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmel.data import FeatureCache, cache_key
+
+KEY = cache_key("mmel-micro", None, layers=[2, 3], resolution=32, dataset="shapes/test")
+
+
+class Items(list):
+    """A list of item specs with the ``sample_ids`` attribute datasets have."""
+
+    @property
+    def sample_ids(self):
+        return [f"s{i['n']}" for i in self]
+
+
+def make_items(n: int) -> Items:
+    # variable spatial size per item (keep-size mode), several dtypes
+    return Items({"n": i, "h": 2 + i % 3, "w": 3 + i % 2} for i in range(n))
+
+
+class Compute:
+    """A deterministic compute_fn that counts its calls and items; can be told to fail at a given call."""
+
+    def __init__(self, fail_at: int | None = None, bad: set[int] = frozenset()):
+        self.calls = self.items = 0
+        self.fail_at, self.bad = fail_at, bad
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("simulated crash (out of memory, Ctrl-C, ...)")
+        self.items += len(batch)
+        out = []
+        for it in batch:
+            if it["n"] in self.bad:
+                out.append(None)
+                continue
+            g = torch.Generator().manual_seed(it["n"])
+            out.append(
+                {
+                    "evidence": torch.randn(2, it["h"], it["w"], generator=g),
+                    "keys": torch.randn(2, it["h"] * it["w"], 5, generator=g).half(),
+                    "text": torch.randn(7, generator=g).bfloat16(),
+                    "n_tokens": torch.tensor(it["h"] * it["w"]),
+                }
+            )
+        return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def test_second_pass_reads_from_cache_with_identical_tensors(tmp_path):
+    items, fn = make_items(11), Compute()
+    feats = FeatureCache(tmp_path / "c", KEY, shard_size=4).build(items, fn, batch_size=3)
+    assert fn.items == 11 and len(feats) == 11
+    again = Compute()
+    feats2 = FeatureCache(tmp_path / "c", KEY, shard_size=4).build(items, again, batch_size=3)
+    assert again.calls == 0, "a complete cache must not call compute_fn"
+    reference = Compute()(items)
+    for i in range(11):
+        got = feats2[i]
+        assert got["id"] == f"s{i}" and feats2.index(f"s{i}") == i
+        _assert_same({k: v for k, v in got.items() if k != "id"}, reference[i])
+    _assert_same({k: v for k, v in feats.get("s7").items() if k != "id"}, reference[7])
+    assert feats2[-1]["id"] == "s10"
+    with pytest.raises(IndexError):
+        feats2[11]
+    loaded = FeatureCache(tmp_path / "c", KEY, shard_size=4).load()
+    assert torch.equal(loaded[3]["evidence"], reference[3]["evidence"])
+
+
+def test_batched_dict_output_and_failed_items(tmp_path):
+    def batched(batch):
+        return {"x": torch.stack([torch.full((2, 3), float(it["n"])) for it in batch])}
+
+    feats = FeatureCache(tmp_path, KEY, shard_size=5).build(make_items(7), batched, batch_size=2)
+    assert torch.equal(feats[6]["x"], torch.full((2, 3), 6.0))
+    feats = FeatureCache(tmp_path / "b", KEY).build(make_items(4), Compute(bad={2}), batch_size=4)
+    assert feats[2] is None and feats[3] is not None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"layers": [1, 2, 3]},
+        {"resolution": 64},
+        {"backbone": "mmel-tiny"},
+        {"weights": "shapes"},
+    ],
+)
+def test_a_key_change_rebuilds(tmp_path, change):
+    items = make_items(6)
+    FeatureCache(tmp_path, KEY, shard_size=4).build(items, Compute())
+    fn = Compute()
+    FeatureCache(tmp_path, {**KEY, **change}, shard_size=4).build(items, fn)
+    assert fn.items == 6
+    assert json.loads((tmp_path / "cache.json").read_text())["key"] == json.loads(json.dumps({**KEY, **change}))
+    with pytest.raises(ValueError, match="was built for key"):
+        FeatureCache(tmp_path, KEY).load()
+
+
+def test_changed_items_rebuild(tmp_path):
+    FeatureCache(tmp_path, KEY).build(make_items(6), Compute())
+    fn = Compute()
+    FeatureCache(tmp_path, KEY).build(make_items(5), fn)  # a different data subset
+    assert fn.items == 5
+    fn = Compute()
+    FeatureCache(tmp_path, KEY).build(make_items(5), fn)
+    assert fn.calls == 0
+
+
+def test_interrupted_build_resumes_without_recomputing_finished_shards(tmp_path):
+    items = make_items(10)
+    crash = Compute(fail_at=4)  # shard_size 4, batch 2: shard 0 = calls 1-2, shard 1 = 3-4 -> dies in shard 1
+    cache = FeatureCache(tmp_path, KEY, shard_size=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cache.build(items, crash, batch_size=2)
+    assert not cache.is_complete()
+    with pytest.raises(ValueError, match="incomplete"):
+        cache.load()
+    resume = Compute()
+    feats = FeatureCache(tmp_path, KEY, shard_size=4).build(items, resume, batch_size=2)
+    assert resume.items == 6, "only the unfinished shards (items 4..9) are computed again"
+    assert cache.is_complete(items.sample_ids)
+    ref = Compute()(items)
+    for i in range(10):
+        assert torch.equal(feats[i]["keys"], ref[i]["keys"])
+
+
+def test_refuses_foreign_folder_and_bad_arguments(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        FeatureCache(tmp_path, KEY).build(make_items(2), Compute())
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError):
+        FeatureCache(tmp_path / "none", KEY).load()
+    with pytest.raises(ValueError, match="unique"):
+        FeatureCache(tmp_path / "u", KEY).build([1, 2], Compute(), ids=["a", "a"])
+    with pytest.raises(ValueError, match="sample_ids"):
+        FeatureCache(tmp_path / "u", KEY).build([1, 2], Compute())
+    with pytest.raises(ValueError, match="per-item dicts"):
+        FeatureCache(tmp_path / "v", KEY).build(make_items(3), lambda b: [], batch_size=3)

@@ -1,0 +1,113 @@
+"""Transforms: pixels as CLIP's own preprocessing, boxes moved with the image, box masks, the collate."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from mmel.data import BoxTransform, box_mask, collate_boxes, keep_size
+from mmel.data.fixtures import COLOURS, canvas
+
+MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+
+
+def _item(size, rects):
+    boxes = torch.tensor([r for r, _ in rects], dtype=torch.float32).reshape(-1, 4)
+    return {"image": canvas(size, rects), "boxes": boxes, "prompt": "p", "size": size, "sample_id": "x"}
+
+
+def _colour_of(t: torch.Tensor, box) -> torch.Tensor:
+    """Mean de-normalised RGB (0..255) inside an integer box of a [3, H, W] tensor."""
+    x0, y0, x1, y1 = (round(float(v)) for v in box)
+    rgb = t * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    return rgb[:, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].mean(dim=(1, 2)) * 255
+
+
+@pytest.mark.parametrize("size", [(60, 100), (100, 60), (64, 64), (33, 47)])
+def test_fixed_mode_matches_open_clip_preprocess(size):
+    item = _item(size, [((10, 10, 30, 25), "red")])
+    ref = open_clip.image_transform(32, is_train=False, mean=MEAN, std=STD)(item["image"])
+    out = BoxTransform("fixed", image_size=32, mean=MEAN, std=STD)(item)["image"]
+    assert out.shape == ref.shape == (3, 32, 32)
+    torch.testing.assert_close(out, ref)
+
+
+def test_fixed_mode_moves_boxes_with_pixels():
+    # 80x160 image -> resized to 64x128 (scale 0.8) -> crop columns 32..96
+    item = _item((80, 160), [((60, 10, 100, 50), "red"), ((0, 0, 30, 20), "blue"), ((110, 40, 150, 70), "green")])
+    tf = BoxTransform("fixed", image_size=64, mean=MEAN, std=STD)
+    out = tf(item)
+    # the blue box is entirely cropped away; the green one (x 88..120 resized) is clipped at the right edge
+    torch.testing.assert_close(out["boxes"], torch.tensor([[16.0, 8, 48, 40], [56, 32, 64, 56]]))
+    assert tf.skipped["box_cropped_out"] == 1
+    assert torch.equal(out["boxes_orig"], item["boxes"])
+    for box, colour in zip(out["boxes"], ["red", "green"], strict=True):
+        got = _colour_of(out["image"], box)
+        assert (got - torch.tensor(COLOURS[colour], dtype=torch.float32)).abs().max() < 12
+
+
+def test_sample_whose_boxes_are_all_cropped_out_is_dropped():
+    tf = BoxTransform("fixed", image_size=32)
+    assert tf(_item((32, 128), [((0, 0, 20, 10), "red")])) is None
+    assert tf.skipped["sample_cropped_out"] == 1 and tf(None) is None
+
+
+def test_keep_mode_sizes_and_boxes():
+    assert keep_size((480, 640), 16) == (480, 640)
+    assert keep_size((333, 500), 32) == (320, 512)
+    assert keep_size((100, 1000), 16, max_side=320) == (32, 320)
+    assert keep_size((5, 7), 16) == (16, 16)  # never below one patch
+    assert keep_size((40, 56), 16) == (48, 64)  # 2.5 and 3.5 patches both round up
+    item = _item((90, 130), [((20, 30, 60, 70), "yellow")])
+    out = BoxTransform("keep", patch_size=16, mean=MEAN, std=STD)(item)
+    assert out["image"].shape == (3, 96, 128)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[20 * 128 / 130, 32.0, 60 * 128 / 130, 70 * 96 / 90]]))
+    got = _colour_of(out["image"], out["boxes"][0])
+    assert (got - torch.tensor(COLOURS["yellow"], dtype=torch.float32)).abs().max() < 12
+
+
+def test_box_mask_hard_and_soft():
+    boxes = torch.tensor([[0.0, 0, 4, 2], [6, 6, 8, 8]])
+    m = box_mask(boxes, (8, 8))
+    expect = torch.zeros(8, 8)
+    expect[0:2, 0:4] = 1
+    expect[6:8, 6:8] = 1
+    assert torch.equal(m, expect)
+    # the same boxes from a 16x16 image onto a 4x4 map
+    m4 = box_mask(boxes * 2, (4, 4), image_size=(16, 16))
+    assert torch.equal(m4, expect[::2, ::2])
+    # soft: coverage fractions; their sum is the box area in cells
+    soft = box_mask(torch.tensor([[1.0, 1, 3, 2]]), (2, 2), image_size=(4, 4), soft=True)
+    torch.testing.assert_close(soft, torch.tensor([[0.25, 0.25], [0.0, 0.0]]))
+    # non-square image and map
+    m = box_mask(torch.tensor([[0.0, 0, 30, 10]]), (2, 3), image_size=(20, 30))
+    assert torch.equal(m, torch.tensor([[1.0, 1, 1], [0, 0, 0]]))
+
+
+def test_box_mask_tiny_box_marks_its_cell():
+    m = box_mask(torch.tensor([[13.0, 5, 14, 6]]), (4, 4), image_size=(32, 32))
+    assert m.sum() == 1 and m[0, 1] == 1
+    assert box_mask(torch.zeros(0, 4), (3, 5)).shape == (3, 5)
+
+
+def test_collate_pads_and_drops_none():
+    tf = BoxTransform("keep", patch_size=16)
+    a = tf(_item((40, 70), [((1, 1, 20, 20), "red")]))
+    b = tf(_item((70, 30), [((1, 1, 20, 20), "red"), ((5, 5, 9, 9), "blue")]))
+    batch = collate_boxes([a, None, b], pad=True, pad_multiple=16)
+    assert batch["images"].shape == (2, 3, 64, 64) and batch["n_dropped"] == 1
+    assert batch["valid"][0].sum() == 48 * 64 and batch["valid"][1].sum() == 64 * 32
+    assert torch.equal(batch["images"][0, :, :48, :64], a["image"]) and batch["images"][0, :, 48:].abs().sum() == 0
+    assert [len(x) for x in batch["boxes"]] == [1, 2] and batch["prompt"] == ["p", "p"]
+    lists = collate_boxes([a, b], pad=False)
+    assert [t.shape for t in lists["images"]] == [a["image"].shape, b["image"].shape] and "valid" not in lists
+    assert collate_boxes([None, None]) is None
+
+
+def test_fixed_batch_needs_no_padding():
+    tf = BoxTransform("fixed", image_size=32)
+    batch = collate_boxes([tf(_item((40, 50), [((1, 1, 30, 30), "red")])) for _ in range(3)])
+    assert batch["images"].shape == (3, 3, 32, 32) and bool(batch["valid"].all())
+    assert np.allclose(batch["images"][0].numpy(), batch["images"][2].numpy())

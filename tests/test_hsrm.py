@@ -1,0 +1,116 @@
+"""HSRM: starts exactly at Grad-ECLIP, every weight learns from step one, shapes/ranges, the box losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmel.hsrm import HSRM, HSRMInputs, box_losses
+from mmel.hsrm.losses import dice_loss, energy_loss, pointing_loss
+from mmel.hsrm.module import minmax
+
+
+def make_inputs(p=3, l=4, h=5, w=7, c=16, width=24, d=12, seed=0) -> HSRMInputs:
+    g = torch.Generator().manual_seed(seed)
+    return HSRMInputs(
+        evidence=torch.randn(p, l, h, w, generator=g),
+        keys=torch.randn(p, l, h * w, c, generator=g),
+        patch_tokens=torch.randn(p, h * w, width, generator=g),
+        text=torch.randn(p, d, generator=g),
+    )
+
+
+def make_hsrm(**kw) -> HSRM:
+    torch.manual_seed(0)
+    return HSRM(num_layers=4, width=24, embed_dim=12, **kw)
+
+
+def test_initialisation_is_grad_eclip_of_the_last_layer():
+    x = make_inputs()
+    m, _ = make_hsrm()(x)
+    expected = minmax(torch.relu(x.evidence[:, -1]))
+    assert m.shape == (3, 5, 7)
+    torch.testing.assert_close(m, expected, atol=1e-6, rtol=0)
+
+
+def test_every_parameter_gets_a_gradient_after_one_step_and_most_at_the_start():
+    x = make_inputs()
+    hsrm = make_hsrm()
+    mask = torch.zeros(3, 5, 7)
+    mask[:, 1:3, 2:5] = 1
+    m, e = hsrm(x)
+    box_losses(m, e, mask, {"energy": 1.0, "dice": 1.0})["total"].backward()
+    # at the Grad-ECLIP start the layer weights, scale weights and the gate already learn ...
+    for name in ("d_alpha", "d_beta", "gamma"):
+        grad = getattr(hsrm, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert (hsrm.d_alpha.grad != 0).all() and (hsrm.d_beta.grad != 0).all()
+    # ... and after one step (weights off their one-hot start) temperatures and projections learn too
+    with torch.no_grad():
+        for p in (hsrm.d_alpha, hsrm.d_beta, hsrm.gamma):
+            p -= 0.1 * p.grad
+    hsrm.zero_grad()
+    m, e = hsrm(x)
+    box_losses(m, e, mask, {"energy": 1.0, "dice": 1.0})["total"].backward()
+    for name, p in hsrm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_maps_are_in_unit_range_and_upsampled():
+    hsrm = make_hsrm()
+    with torch.no_grad():
+        hsrm.d_alpha.add_(0.3)
+        hsrm.d_beta.add_(0.2)
+        hsrm.gamma.fill_(2.0)
+    m, e = hsrm(make_inputs(), out_size=(20, 28))
+    assert m.shape == (3, 20, 28) and e.shape == (3, 5, 7)
+    assert torch.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+    assert torch.allclose(m.flatten(1).amax(1), torch.ones(3))
+
+
+def test_constant_evidence_gives_zero_map_not_nan():
+    x = make_inputs()
+    x.evidence = torch.zeros_like(x.evidence)
+    m, _ = make_hsrm()(x)
+    assert torch.equal(m, torch.zeros_like(m))
+
+
+def test_propagation_moves_evidence_between_related_regions():
+    """Two patches with identical keys share evidence at s=1 with a low temperature."""
+    hsrm = HSRM(num_layers=1, width=4, embed_dim=4, scales=(1,), tau=0.01)
+    keys = torch.eye(4).repeat(1, 1).reshape(1, 1, 4, 4).clone()
+    keys[0, 0, 3] = keys[0, 0, 0]  # patch 3 looks like patch 0
+    ev = torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 2, 2)
+    terms = hsrm.propagate(ev, keys, (2, 2))
+    prop = terms[0, 0, 1].flatten()
+    assert prop[3] > 0.4 and prop[0] > 0.4 and prop[1] < 0.01 and prop[2] < 0.01
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (4, 6), (14, 14)])
+def test_any_grid_size(grid):
+    h, w = grid
+    m, _ = make_hsrm()(make_inputs(h=h, w=w))
+    assert m.shape == (3, h, w)
+
+
+def test_bad_shapes_and_config():
+    with pytest.raises(ValueError, match="evidence must be"):
+        make_hsrm()(make_inputs(l=3))
+    with pytest.raises(ValueError, match="tau"):
+        HSRM(num_layers=2, width=4, embed_dim=4, scales=(1, 2), tau=[0.1])
+    with pytest.raises(ValueError, match="Unknown HSRM loss"):
+        box_losses(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), {"iou": 1.0})
+
+
+def test_losses_hand_computed():
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    e = torch.tensor([[[3.0, 1.0], [0.0, 0.0]]])
+    torch.testing.assert_close(energy_loss(e, mask), -torch.log(torch.tensor([0.75])), atol=1e-5, rtol=0)
+    m = torch.tensor([[[1.0, 0.5], [0.0, 0.0]]])
+    torch.testing.assert_close(dice_loss(m, mask), torch.tensor([1 - 2 * 1.0 / (1.5 + 1.0)]), atol=1e-5, rtol=0)
+    # peak inside with margin 0.5 > 0.1: no hinge; peak outside: hinge = 0.1 + (1.0 - 0.2)
+    assert pointing_loss(m, mask).item() == 0
+    m2 = torch.tensor([[[0.2, 1.0], [0.0, 0.0]]])
+    torch.testing.assert_close(pointing_loss(m2, mask), torch.tensor([0.9]))
+    # a box covering everything has no outside: no hinge
+    assert pointing_loss(m2, torch.ones_like(mask)).item() == 0
