@@ -334,6 +334,10 @@ def test_bad_inputs_give_clear_errors(micro_clip):
         e.layer_evidence(_images(), PROMPTS, layers=[5])
     with pytest.raises(RuntimeError, match="inference mode"), torch.inference_mode():
         e(_images(), PROMPTS)
+    with pytest.raises(RuntimeError, match="inference mode"), torch.inference_mode():
+        e.layer_evidence(_images(), PROMPTS, layers=[-1])
+    with pytest.raises(ValueError, match="not a multiple"):
+        e.explain_text(torch.randn(1, 3, 30, 30), PROMPTS)
 
 
 def test_long_prompt_is_truncated_with_warning(micro_clip):
@@ -351,3 +355,42 @@ def test_resnet_clip_is_rejected_clearly():
     for name in ("grad_eclip", "attention", "rise"):
         with pytest.raises(TypeError, match="ViT CLIP"):
             build_explainer(name, rn)
+
+
+# ------------------------------------------------------------------------------------------ other backbones
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """The tiny architecture (64 px, patch 8, 4 blocks, 4 heads) with random weights."""
+    from mmel.backbone import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("mmel-tiny")
+
+
+def test_tiny_architecture_exact_and_batched(tiny_clip):
+    images = _images((1, 3, 64, 64))
+    with torch.no_grad():
+        stock = tiny_clip.model.encode_image(images)
+    assert (trace_image(tiny_clip.model, images, [0, 3]).features - stock).abs().max() <= 1e-5
+    e = build_explainer("grad_eclip", tiny_clip, layers=3)
+    single = torch.cat([e(images, [p]) for p in PROMPTS], dim=1)
+    assert (e(images, PROMPTS) - single).abs().max() <= 1e-5
+    assert e(_images((1, 3, 48, 80)), PROMPTS).shape == (1, 3, 48, 80)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14-quickgelu"])
+def test_real_architectures_random_weights(name):
+    """The open_clip ViT-B/32, B/16 and L/14 architectures (random weights: no downloads)."""
+    from mmel.backbone import load_clip
+
+    torch.manual_seed(0)
+    clip = load_clip(name)
+    images = _images((1, 3, *clip.image_size))
+    with torch.no_grad():
+        stock = clip.model.encode_image(images)
+    e = build_explainer("grad_eclip", clip, layers=2)
+    assert (trace_image(clip.model, images, e.layers).features - stock).abs().max() <= 1e-4
+    p = clip.patch_size
+    maps = e(_images((1, 3, 7 * p, 9 * p)), PROMPTS[:2])
+    assert maps.shape == (1, 2, 7 * p, 9 * p) and torch.isfinite(maps).all()

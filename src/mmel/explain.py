@@ -9,7 +9,8 @@ writes into the run directory, for K prompts:
                           token weights.
 :func:`explain_image` does the same from Python.
 
-Input sizes (``resize``): ``model`` resizes the whole image to the model's native square (no crop, so the map
+Input sizes (``resize``): ``auto`` (default) is ``keep`` for official-mode Grad-ECLIP (the authors' setting)
+and ``model`` otherwise; ``model`` resizes the whole image to the model's native square (no crop, so the map
 covers every pixel; the aspect ratio is not kept), ``keep`` rounds each side to the nearest multiple of the patch
 size (at least one patch; positional embedding interpolated), as the official Grad-ECLIP code does. Maps are
 resized back to the original image size for the overlays.
@@ -34,7 +35,7 @@ from mmel.explainers.vit import encode_image
 from mmel.utils.runs import announce, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
-RESIZE_MODES = ("model", "keep")
+RESIZE_MODES = ("model", "keep", "auto")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -67,7 +68,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def input_size(size_wh: tuple[int, int], clip, resize: str) -> tuple[int, int]:
-    """(H, W) fed to the model for an image of PIL size (W, H) under ``resize`` (model | keep)."""
+    """(H, W) fed to the model for an image of PIL size (W, H) under ``resize`` (model | keep; auto resolved)."""
     if resize == "model":
         return tuple(clip.image_size)
     if resize == "keep":
@@ -143,7 +144,7 @@ def explain_image(
     explainer,
     *,
     out_dir: str | Path,
-    resize: str = "model",
+    resize: str = "auto",
     alpha: float = 0.5,
 ) -> dict[str, Any]:
     """Explain one image for K prompts and write the overlays into ``out_dir``; returns the metrics dict.
@@ -153,6 +154,8 @@ def explain_image(
     prompts = check_prompts(prompts)
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
+    if resize == "auto":
+        resize = "keep" if getattr(explainer, "mode", None) == "official" else "model"
     src = str(image) if not isinstance(image, Image.Image) else "<PIL image>"
     img = load_image(image) if not isinstance(image, Image.Image) else to_rgb(image)
     out = Path(out_dir)
@@ -217,7 +220,7 @@ def run(cfg: DictConfig) -> tuple[dict, dict]:
     explainer = instantiate(cfg.explainer)(clip=clip)  # keyword: the partial already binds name=
     out = output_dir(cfg)
     metrics = explain_image(
-        image, prompts, clip, explainer, out_dir=out, resize=cfg.get("resize", "model"), alpha=cfg.get("alpha", 0.5)
+        image, prompts, clip, explainer, out_dir=out, resize=cfg.get("resize", "auto"), alpha=cfg.get("alpha", 0.5)
     )
     save_metrics(metrics, out)
     announce(out)

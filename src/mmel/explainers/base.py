@@ -120,14 +120,19 @@ class Explainer:
         prompts = check_prompts(prompts)
         check_images(images, self.patch)
         images = images.to(self.clip.device)
-        if self.needs_grad and torch.is_inference_mode_enabled():
+        if self.needs_grad:
+            self.require_grad()
+        with torch.enable_grad() if self.needs_grad else torch.no_grad():
+            raw = self.raw_maps(images, prompts)
+        return to_image_maps(raw.detach(), images.shape[-2:])
+
+    def require_grad(self) -> None:
+        """Clear error when gradients are impossible (under ``torch.inference_mode``)."""
+        if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{self.name} needs gradients but inference mode is on: call it outside torch.inference_mode() "
                 "(Lightning: Trainer(inference_mode=False))."
             )
-        with torch.enable_grad() if self.needs_grad else torch.no_grad():
-            raw = self.raw_maps(images, prompts)
-        return to_image_maps(raw.detach(), images.shape[-2:])
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
         """Unnormalised maps [B, K, h, w] (any sign; normalised and resized by the caller)."""

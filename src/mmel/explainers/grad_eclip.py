@@ -147,7 +147,7 @@ class GradECLIP(Explainer):
         else:
             scores = cosine_scores(f, text_features)  # [B, K]
         recs = [trace.records[i] for i in layers]
-        grads = batched_vjp(scores, [r.o if self.mode == "official" else r.y for r in recs])  # each [K, B, T, C]
+        grads = batched_vjp(scores, [r.o_cls if self.mode == "official" else r.y_cls for r in recs])  # [K, B, 1, C]
         per_layer = []
         for i, rec, g in zip(layers, recs, grads, strict=True):
             B, H, T, d = rec.v.shape
@@ -172,6 +172,7 @@ class GradECLIP(Explainer):
             raise ValueError("layer_evidence is defined for mode='native' (the unmodified model) only")
         prompts = check_prompts(prompts)
         check_images(images, self.patch)
+        self.require_grad()
         if paired and len(prompts) != images.shape[0]:
             raise ValueError(
                 f"paired=True needs one prompt per image: got {len(prompts)} prompts, {len(images)} images"
@@ -194,7 +195,9 @@ class GradECLIP(Explainer):
     def explain_text(self, images: Tensor, prompts: Sequence[str]) -> TextExplanation:
         """Per-token weights [B, K, L] of each prompt for each image (see :class:`TextExplanation`)."""
         prompts = check_prompts(prompts)
+        check_images(images, self.patch)
         check_text_tower(self.model)
+        self.require_grad()
         tokens = tokenize(self.clip, prompts)
         text_blocks = self.model.transformer.resblocks
         layers = last_layers(self.text_layers, len(text_blocks))

@@ -10,7 +10,9 @@ Efficiency decisions (DESIGN.md §3):
   * blocks before the first traced one run the stock module under ``no_grad`` (no graph is kept for them);
   * in the last vision block only the CLS row feeds the image embedding, so its residual + MLP is computed for
     the CLS row on the graph and, when the patch tokens are wanted, for the patches off the graph. A backward
-    pass from the score then never touches the patch rows of the last MLP;
+    pass from the score then never touches the patch rows of the last MLP. In the other traced blocks the CLS
+    row and the patch rows go through residual + MLP separately, so that a gradient w.r.t. a block's CLS-row
+    attention output (all Grad-ECLIP needs) does not run backward through that block's patch-row MLP;
   * text features for the scores are computed on the tokens up to the longest prompt's EOS only: the causal mask
     makes later positions irrelevant for the EOS feature (exact; tested against ``encode_text``).
 """
@@ -33,6 +35,9 @@ class BlockRecord:
 
     x_in: [B, T, C] block input;  q, k, v: [B, H, T, d] (q unscaled);  attn: [B, H, T, T] softmax probabilities;
     o: [B, T, C] attention output before out_proj (heads concatenated);  y: [B, T, C] = o W_O^T + b_O.
+    o_cls, y_cls: [B, 1, C] and y_rest: [B, T-1, C] the first row / the other rows. With ``split`` they are
+    separate graph nodes (the block's residual + MLP consume y_cls and y_rest, not y), so a gradient w.r.t.
+    y_cls or o_cls never runs backward through the patch rows of this block.
     """
 
     x_in: Tensor
@@ -42,6 +47,9 @@ class BlockRecord:
     attn: Tensor
     o: Tensor
     y: Tensor
+    o_cls: Tensor
+    y_cls: Tensor
+    y_rest: Tensor
 
 
 @dataclass
@@ -56,12 +64,13 @@ class Trace:
 
 
 def block_attention(
-    blk: nn.Module, x: Tensor, attn_mask: Tensor | None = None, heads: int | None = None
+    blk: nn.Module, x: Tensor, attn_mask: Tensor | None = None, heads: int | None = None, split: bool = False
 ) -> BlockRecord:
     """The attention half of an open_clip ``ResidualAttentionBlock`` with every intermediate kept.
 
     x: [B, T, C]. ``heads`` overrides the block's head count (the official Grad-ECLIP uses 1 head over the full
-    width, scale 1/sqrt(C)); None keeps the model's own.
+    width, scale 1/sqrt(C)); None keeps the model's own. ``split``: compute the first (CLS) row of o and y as
+    separate graph nodes (see :class:`BlockRecord`).
     """
     mha = blk.attn
     B, T, C = x.shape
@@ -74,9 +83,17 @@ def block_attention(
     if attn_mask is not None:
         logits = logits + attn_mask.to(logits.dtype)
     attn = logits.softmax(dim=-1)
-    o = (attn @ v).transpose(1, 2).reshape(B, T, C)
-    y = F.linear(o, mha.out_proj.weight, mha.out_proj.bias)
-    return BlockRecord(x_in=x, q=q, k=k, v=v, attn=attn, o=o, y=y)
+    W, b = mha.out_proj.weight, mha.out_proj.bias
+    if split:
+        o_cls = (attn[:, :, :1] @ v).transpose(1, 2).reshape(B, 1, C)
+        o_rest = (attn[:, :, 1:] @ v).transpose(1, 2).reshape(B, T - 1, C)
+        y_cls, y_rest = F.linear(o_cls, W, b), F.linear(o_rest, W, b)
+        o, y = torch.cat([o_cls, o_rest], dim=1), torch.cat([y_cls, y_rest], dim=1)
+    else:
+        o = (attn @ v).transpose(1, 2).reshape(B, T, C)
+        y = F.linear(o, W, b)
+        o_cls, y_cls, y_rest = o[:, :1], y[:, :1], y[:, 1:]
+    return BlockRecord(x_in=x, q=q, k=k, v=v, attn=attn, o=o, y=y, o_cls=o_cls, y_cls=y_cls, y_rest=y_rest)
 
 
 def block_rest(blk: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -190,17 +207,19 @@ def trace_image(
             x = x.detach().requires_grad_(True)
         for i in range(first, len(blocks)):
             blk = blocks[i]
-            rec = block_attention(blk, x, heads=heads if i in traced else None)
+            rec = block_attention(blk, x, heads=heads if i in traced else None, split=True)
             if i in traced:
                 records[i] = rec
+            # CLS row and patch rows separately: the path from the score to rec.y_cls / rec.o_cls of this
+            # block then skips this block's patch-row MLP (the first traced block's in particular).
+            cls_out = block_rest(blk, x[:, :1], rec.y_cls)
             if i < len(blocks) - 1:
-                x = block_rest(blk, x, rec.y)
+                x = torch.cat([cls_out, block_rest(blk, x[:, 1:], rec.y_rest)], dim=1)
                 continue
             # last block: the CLS row alone feeds the embedding; patches only on demand and off the graph
-            cls_out = block_rest(blk, x[:, :1], rec.y[:, :1])
             if need_tokens:
                 with torch.no_grad():
-                    tokens = torch.cat([cls_out.detach(), block_rest(blk, x[:, 1:], rec.y[:, 1:])], dim=1)
+                    tokens = torch.cat([cls_out.detach(), block_rest(blk, x[:, 1:], rec.y_rest)], dim=1)
             x = cls_out
         if first == len(blocks) and need_tokens:
             tokens = x
