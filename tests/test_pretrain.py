@@ -15,7 +15,7 @@ from mmel.backbone import load_clip, register_model_configs
 from mmel.data.shapes.world import CATEGORIES
 from mmel.pretrain import tiny
 from mmel.pretrain.data import ShapesCaptionStream
-from mmel.pretrain.loss import caption_matches, multi_positive_contrastive_loss
+from mmel.pretrain.loss import caption_matches, category_spread_loss, multi_positive_contrastive_loss
 
 _CONFIG = tiny.PretrainConfig  # the real class (one test swaps the module attribute)
 
@@ -64,6 +64,17 @@ def test_captions_without_a_matching_image_only_act_as_negatives():
     logits = scale * img @ txt.T
     want = (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits[:, :3].T, torch.arange(3))) / 2
     torch.testing.assert_close(multi_positive_contrastive_loss(img, txt, scale, matches), want)
+
+
+def test_category_spread_loss_penalises_merged_captions():
+    merged = F.normalize(torch.ones(3, 4), dim=-1)  # three captions with one embedding: log 3, its maximum
+    torch.testing.assert_close(category_spread_loss(merged), torch.log(torch.tensor(3.0)))
+    apart = torch.eye(3, 4)
+    torch.testing.assert_close(category_spread_loss(apart), -F.log_softmax(torch.tensor([10.0, 0, 0]), 0)[0])
+    near = F.normalize(torch.ones(3, 4) + 0.01 * torch.eye(3, 4), dim=-1).requires_grad_()
+    category_spread_loss(near).backward()
+    moved = F.normalize(near - 0.1 * near.grad, dim=-1)
+    assert (moved @ moved.T).fill_diagonal_(0).max() < (near @ near.T).fill_diagonal_(0).max()  # pushed apart
 
 
 def test_caption_stream_is_deterministic_and_truthful():

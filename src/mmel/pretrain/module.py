@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from mmel.backbone import register_model_configs
-from mmel.pretrain.loss import caption_matches, multi_positive_contrastive_loss
+from mmel.pretrain.loss import caption_matches, category_spread_loss, multi_positive_contrastive_loss
 from mmel.pretrain.quality import category_prompts, top1_present, zero_shot_scores
 
 
@@ -19,6 +19,7 @@ class TinyClipPretrainer(pl.LightningModule):
     Batches: images [B, 3, S, S], tokens [B, L], image objects [B, C], caption objects [B, C] (multi-hot);
     each step contrasts the B images with the B captions and the C one-object category captions.
     Validation: zero-shot top-1 over the category prompts ("val/top1_present").
+    ``text_spread`` weighs :func:`mmel.pretrain.loss.category_spread_loss` (keeps shape words from collapsing).
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class TinyClipPretrainer(pl.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
         max_steps: int = 600,
+        text_spread: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -46,6 +48,11 @@ class TinyClipPretrainer(pl.LightningModule):
         scale = self.model.logit_scale.exp().float()
         matches = caption_matches(image_objects, caption_objects)
         loss = multi_positive_contrastive_loss(image_features, text_features, scale, matches)
+        self.log("train/contrastive", loss)
+        if self.hparams.text_spread > 0:
+            spread = category_spread_loss(text_features[-len(self.prompt_tokens) :])
+            self.log("train/text_spread", spread)
+            loss = loss + self.hparams.text_spread * spread
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", scale)
         return loss
