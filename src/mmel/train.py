@@ -40,7 +40,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+        metrics.update({k: v for k, v in trainer.callback_metrics.items()})  # val/* of the last epoch
+        ckpt_cb = trainer.checkpoint_callback
+        if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
+            metrics[f"best/{ckpt_cb.monitor}"] = ckpt_cb.best_model_score  # the epoch that test/* and hsrm.pt use
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
