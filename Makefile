@@ -43,6 +43,7 @@ demo: install ## the main job on the embedded default (shapes world + tiny CLIP)
 shapes: install ## write the synthetic shapes world (COCO + Flickr30k Entities formats) under data/shapes
 	$(BIN)/python -m mmel.data.shapes --root data/shapes --seed 0
 
+.PHONY: pretrain
 pretrain: install ## train the tiny CLIP on the shapes world -> src/mmel/pretrain/assets/ (the committed file; ~30 min)
 	$(BIN)/python -m mmel.pretrain --out src/mmel/pretrain/assets/mmel-tiny-shapes.safetensors --seed 0
 
