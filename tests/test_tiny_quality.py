@@ -70,6 +70,7 @@ def test_committed_tiny_clip_passes_the_quality_gates(held_out_world, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # the full pretraining: ~25 min on one busy core (the suite's 900 s would cut it)
 def test_documented_command_reproduces_the_quality(held_out_world, tmp_path):
     out = tmp_path / tiny.WEIGHTS_NAME
     cmd = [sys.executable, "-m", "mmel.pretrain", "--out", str(out), "--seed", "0"]
