@@ -80,7 +80,23 @@ class BoxDataLoader(DataLoader):
                 yield batch
 
 
-class BoxDataModule(pl.LightningDataModule):
+class StageLoaders(pl.LightningDataModule):
+    """train/val/test loaders from one ``_loader(stage, shuffle)`` (only training data is shuffled)."""
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class BoxDataModule(StageLoaders):
     """Shared machinery: one :class:`BoxDataset` per stage, transformed for CLIP, batched by ``collate_boxes``.
 
     Args:
@@ -180,15 +196,6 @@ class BoxDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             skipped=self.loading_skipped.setdefault(stage, Counter()),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     @property
     def skipped(self) -> Counter:

@@ -19,13 +19,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmel.data.base import Dropped
 from mmel.data.cache import CachedFeatures, FeatureCache, cache_key
-from mmel.data.datamodules import TransformedDataset
+from mmel.data.datamodules import StageLoaders, TransformedDataset
 from mmel.data.transforms import collate_boxes
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def collate_features(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None
     return batch
 
 
-class CachedFeatureDataModule(pl.LightningDataModule):
+class CachedFeatureDataModule(StageLoaders):
     """Serve HSRM inputs from a feature cache built once from ``base`` (a box data module) and ``evidence_fn``.
 
     Args:
@@ -143,12 +142,3 @@ class CachedFeatureDataModule(pl.LightningDataModule):
             collate_fn=collate_features,
             generator=torch.Generator().manual_seed(self.base.seed) if shuffle else None,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
