@@ -42,7 +42,8 @@ def _is_png(path):
 
 
 @pytest.mark.parametrize(
-    ("explainer", "resize"), [("grad_eclip", "keep"), ("grad_eclip_official", "keep"), ("gradcam", "model")]
+    ("explainer", "resize"),
+    [("grad_eclip", "keep"), ("grad_eclip_official", "keep"), ("gradcam", "model"), ("mmel", "model")],
 )
 def test_program_writes_overlays_grid_tokens_and_metrics(png, tmp_path, explainer, resize):
     cfg = compose_cfg(

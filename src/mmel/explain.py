@@ -30,8 +30,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image, UnidentifiedImageError
 
-from mmel.explainers.base import check_prompts, cosine_scores
-from mmel.explainers.vit import encode_image
+from mmel.explainers.base import check_prompts, cosine_scores, tokenize
+from mmel.explainers.vit import encode_image, encode_text
 from mmel.utils.runs import announce, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def explain_image(
     maps = explainer(x, prompts)  # [1, K, H, W]
     W0, H0 = img.size
     maps = torch.nn.functional.interpolate(maps, size=(H0, W0), mode="bilinear", align_corners=False).clamp(0, 1)
-    text = explainer.text_features(prompts) if hasattr(explainer, "text_features") else None
+    text = encode_text(clip.model, tokenize(clip, prompts))  # any explainer: scores come from the CLIP itself
     scores = cosine_scores(encode_image(clip.model, x), text)[0].tolist()
 
     entries, overlays = [], []
