@@ -195,3 +195,36 @@ def test_ddp_test_metrics_equal_single_process(world, tmp_path):
     assert "test/pointing_game" in keys and "test/energy" in keys
     for k in keys:
         assert results["ddp"][k] == pytest.approx(results["cpu"][k], abs=1e-6), k
+
+
+def test_optuna_sweep_runs_trials_and_reports_the_best(world, tmp_path):
+    """`train.py -m hparams_search=hsrm_optuna`: one run dir with metrics.json per trial; Optuna gets a number."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    world_kw = "{" + ",".join(f"{k}:{v}" for k, v in WORLD.items()) + "}"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "hparams_search=hsrm_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        "model=micro",
+        "trainer.max_epochs=1",
+        "test=false",
+        "feature_cache.enabled=false",
+        f"data.root={world}",
+        "data.seed=3",
+        f"++data.generate_kwargs={world_kw}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best value:" in proc.stdout + proc.stderr
+    trials = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(trials) == 2
+    for t in trials:
+        assert 0 <= json.loads(t.read_text())["val/pointing_game"] <= 1
