@@ -106,6 +106,11 @@ class HSRMLitModule(pl.LightningModule):
         """HSRM inputs for the batch's (image, prompt) pairs, from the cache or from CLIP."""
         if all(k in batch for k in FEATURE_KEYS):
             return HSRMInputs(*(torch.as_tensor(batch[k]).to(self.device) for k in FEATURE_KEYS))
+        if "valid" in batch and not bool(torch.as_tensor(batch["valid"]).all()):
+            raise ValueError(
+                "HSRM training needs equal-size inputs in a batch: use data.resize=fixed (keep-size "
+                "batches are padded, and padding would be explained as image content)"
+            )
         with torch.enable_grad():  # Lightning may run val/test under no_grad; Grad-ECLIP needs dS/d(activations)
             ev = self.evidence_fn()(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
         return HSRMInputs(
