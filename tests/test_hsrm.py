@@ -118,3 +118,30 @@ def test_losses_hand_computed():
     torch.testing.assert_close(pointing_loss(m2, mask), torch.tensor([0.9]))
     # a box covering everything has no outside: no hinge
     assert pointing_loss(m2, torch.ones_like(mask)).item() == 0
+
+
+def test_k_prompts_share_their_image_quantities():
+    """Keys/tokens given once per image (P = B*K pairs, image-major) == the same keys repeated for every pair."""
+    b, k = 2, 3
+    per_pair = make_inputs(p=b * k)
+    shared = HSRMInputs(
+        evidence=per_pair.evidence,
+        keys=per_pair.keys[::k].clone(),
+        patch_tokens=per_pair.patch_tokens[::k].clone(),
+        text=per_pair.text,
+    )
+    repeated = HSRMInputs(
+        evidence=per_pair.evidence,
+        keys=shared.keys.repeat_interleave(k, 0),
+        patch_tokens=shared.patch_tokens.repeat_interleave(k, 0),
+        text=per_pair.text,
+    )
+    hsrm = make_hsrm()
+    with torch.no_grad():
+        hsrm.d_alpha.add_(0.3)
+        hsrm.d_beta.add_(0.2)
+        hsrm.gamma.fill_(2.0)
+    for a, r in zip(hsrm(shared), hsrm(repeated), strict=True):
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="HSRM inputs disagree"):
+        hsrm(HSRMInputs(per_pair.evidence[:5], shared.keys, shared.patch_tokens, per_pair.text[:5]))

@@ -60,11 +60,10 @@ class MMELExplainer:
         """images [B,3,H,W] normalised, prompts of length K -> maps [B, K, H, W] in [0, 1]."""
         ev = self.grad_eclip.layer_evidence(images, prompts, layers=self.layers)
         b, k = ev.evidence.shape[:2]
-        n = ev.keys.shape[2]
-        x = HSRMInputs(
+        x = HSRMInputs(  # image quantities once per image, pair quantities image-major (see HSRMInputs)
             evidence=ev.evidence.flatten(0, 1),
-            keys=ev.keys[:, None].expand(b, k, *ev.keys.shape[1:]).flatten(0, 1),
-            patch_tokens=ev.patch_tokens[:, None].expand(b, k, n, -1).flatten(0, 1),
+            keys=ev.keys,
+            patch_tokens=ev.patch_tokens,
             text=ev.text_features[None].expand(b, k, -1).flatten(0, 1),
         )
         with torch.no_grad():

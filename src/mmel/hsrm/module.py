@@ -38,11 +38,16 @@ from mmel.explainers.base import to_image_maps
 
 @dataclass
 class HSRMInputs:
-    """Frozen-CLIP quantities for P (image, prompt) pairs; see the module docstring for shapes."""
+    """Frozen-CLIP quantities for P (image, prompt) pairs of B images; see the module docstring for shapes.
+
+    Image quantities (keys, patch tokens) are given once per image, pair quantities (evidence, text) once per pair,
+    pairs ordered image-major (P = B * K: the K prompts of image 0, then of image 1, ...). So K prompts of one
+    image share its relation matrices instead of recomputing them K times.
+    """
 
     evidence: Tensor  # [P, L, h, w]
-    keys: Tensor  # [P, L, N, C]
-    patch_tokens: Tensor  # [P, N, W]
+    keys: Tensor  # [B, L, N, C]
+    patch_tokens: Tensor  # [B, N, W]
     text: Tensor  # [P, D]
 
     @property
@@ -114,29 +119,32 @@ class HSRM(nn.Module):
         return self.beta0 + self.d_beta
 
     def propagate(self, evidence: Tensor, keys: Tensor, grid: tuple[int, int]) -> Tensor:
-        """g^{l,s} for s in {0} + scales: [P, L, h, w] -> [P, L, 1+|S|, h, w]."""
+        """g^{l,s} for s in {0} + scales: evidence [P, L, h, w], keys [B, L, N, C] -> [P, L, 1+|S|, h, w]."""
         p, l, h, w = evidence.shape
-        k = keys.reshape(p * l, h, w, -1).permute(0, 3, 1, 2)  # [PL, C, h, w]
-        g = evidence.reshape(p * l, 1, h, w)
+        b = keys.shape[0]
+        kk = p // b  # prompts per image
+        k = keys.reshape(b * l, h, w, -1).permute(0, 3, 1, 2)  # [BL, C, h, w]
+        # one relation matrix per (image, layer), applied to the K prompts' evidence at once (K as channels)
+        g = evidence.reshape(b, kk, l, h, w).transpose(1, 2).reshape(b * l, kk, h, w)
         terms = [evidence]
         for i, s in enumerate(self.scales):
             # ceil_mode keeps a partial last window, so any grid size works (e.g. 7x7 with s = 2)
             kp = F.avg_pool2d(k, s, s, ceil_mode=True) if s > 1 else k
             gp = F.avg_pool2d(g, s, s, ceil_mode=True) if s > 1 else g
             hs, ws = kp.shape[-2:]
-            kr = F.normalize(kp.flatten(2).transpose(1, 2), dim=-1)  # [PL, R, C]
-            rel = torch.softmax(kr @ kr.transpose(1, 2) / self.log_tau[i].exp(), dim=-1)  # [PL, R, R]
-            prop = (rel @ gp.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(p * l, 1, hs, ws)
+            kr = F.normalize(kp.flatten(2).transpose(1, 2), dim=-1)  # [BL, R, C]
+            rel = torch.softmax(kr @ kr.transpose(1, 2) / self.log_tau[i].exp(), dim=-1)  # [BL, R, R]
+            prop = (rel @ gp.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b * l, kk, hs, ws)
             if s > 1:
                 prop = F.interpolate(prop, scale_factor=s, mode="nearest")[..., :h, :w]
-            terms.append(prop.reshape(p, l, h, w))
+            terms.append(prop.reshape(b, l, kk, h, w).transpose(1, 2).reshape(p, l, h, w))
         return torch.stack(terms, dim=2)
 
     def alignment(self, patch_tokens: Tensor, text: Tensor) -> Tensor:
-        """Patch-text cosine a [P, N] through the learnt projections."""
-        v = F.normalize(self.proj_v(self.ln_v(patch_tokens)), dim=-1)
-        t = F.normalize(self.proj_t(text), dim=-1)
-        return torch.einsum("pnd,pd->pn", v, t)
+        """Patch-text cosine a [P, N] through the learnt projections: tokens [B, N, W], text [P = B*K, D]."""
+        v = F.normalize(self.proj_v(self.ln_v(patch_tokens)), dim=-1)  # [B, N, D], once per image
+        t = F.normalize(self.proj_t(text), dim=-1).reshape(v.shape[0], -1, v.shape[-1])  # [B, K, D]
+        return torch.einsum("bnd,bkd->bkn", v, t).flatten(0, 1)
 
     def forward(self, inputs: HSRMInputs, out_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
         """Returns (map M [P, H, W] in [0,1], unnormalised energy map E = ReLU(G) * A [P, h, w]).
@@ -146,6 +154,12 @@ class HSRM(nn.Module):
         ev = inputs.evidence
         if ev.dim() != 4 or ev.shape[1] != self.num_layers:
             raise ValueError(f"evidence must be [P, L={self.num_layers}, h, w], got {tuple(ev.shape)}")
+        b = inputs.keys.shape[0]
+        if inputs.patch_tokens.shape[0] != b or ev.shape[0] % b or inputs.text.shape[0] != ev.shape[0]:
+            raise ValueError(
+                f"HSRM inputs disagree: evidence {tuple(ev.shape)} and text {tuple(inputs.text.shape)} need P = B*K "
+                f"rows for keys {tuple(inputs.keys.shape)} / tokens {tuple(inputs.patch_tokens.shape)} of B images"
+            )
         h, w = inputs.grid
         scale = ev.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
         terms = self.propagate(ev / scale, inputs.keys, (h, w))  # [P, L, S+1, h, w]
