@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mmel.backbone import ClipBundle
 from mmel.explainers.base import minmax
+from mmel.explainers.vit import last_layers, resolve_layers
 from mmel.hsrm import HSRM, HSRMInputs, box_losses
 
 FEATURE_KEYS = ("evidence", "keys", "patch_tokens", "text")
@@ -61,7 +62,7 @@ class HSRMLitModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         depth = len(clip.model.visual.transformer.resblocks)
-        self.layers = resolve_layers(layers, depth)
+        self.layers = hsrm_layers(layers, depth)
         self.save_hyperparameters(
             {
                 "layers": self.layers,
@@ -190,18 +191,12 @@ class HSRMLitModule(pl.LightningModule):
         return {"hsrm": self.hsrm.state_dict(), "config": dict(self.hparams)}
 
 
-def resolve_layers(layers: Sequence[int] | int, depth: int) -> list[int]:
-    """Block indices as non-negative ints; an int n means the last n blocks (clamped to the model's depth)."""
+def hsrm_layers(layers: Sequence[int] | int, depth: int) -> list[int]:
+    """Block indices for the HSRM: an int n means the last n blocks, clamped to the model's depth (so the default
+    of 6 also fits the 4-block tiny CLIP); a list is checked by the explainers' resolver and must increase."""
     if isinstance(layers, int):
-        if layers < 1:
-            raise ValueError(f"hsrm.layers must be >= 1 (last n blocks), got {layers}")
-        layers = list(range(-min(layers, depth), 0))
-    out = []
-    for i in layers:
-        j = int(i) + depth if int(i) < 0 else int(i)
-        if not 0 <= j < depth:
-            raise ValueError(f"layer index {i} out of range for a {depth}-block vision transformer")
-        out.append(j)
-    if len(set(out)) != len(out) or out != sorted(out):
-        raise ValueError(f"hsrm.layers must be increasing and distinct, got {list(layers)} -> {out}")
+        return last_layers(min(layers, depth) if layers >= 1 else layers, depth)
+    out = resolve_layers(layers, depth, "hsrm.layers")
+    if out != sorted(out):
+        raise ValueError(f"hsrm.layers must be increasing (shallow to deep), got {list(layers)} -> {out}")
     return out

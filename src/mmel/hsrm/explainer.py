@@ -31,7 +31,7 @@ class MMELExplainer:
         scales: Sequence[int] = (1, 2, 4),
         tau: float | Sequence[float] = 0.1,
     ) -> None:
-        from mmel.lit_module import resolve_layers
+        from mmel.lit_module import hsrm_layers
 
         self.clip = clip
         state = None
@@ -49,7 +49,7 @@ class MMELExplainer:
                 raise ValueError(f"{path} was trained for backbone '{cfg['backbone']}', not '{clip.name}'")
             layers, scales, tau = cfg["layers"], cfg["scales"], cfg["tau"]
         depth = len(clip.model.visual.transformer.resblocks)
-        self.layers = resolve_layers(layers, depth)
+        self.layers = hsrm_layers(layers, depth)
         self.grad_eclip = build_explainer("grad_eclip", clip, mode="native")
         self.hsrm = HSRM.for_clip(clip.model, num_layers=len(self.layers), scales=scales, tau=tau)
         if state is not None:
