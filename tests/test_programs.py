@@ -191,6 +191,10 @@ def test_ddp_test_metrics_equal_single_process(world, tmp_path):
         if trainer == "ddp":
             assert "MEMBER: 2/2" in (out / "train.log").read_text()
         results[trainer] = json.loads((out / "metrics.json").read_text())
+    # untrained (train=false): the HSRM is at its start, so its maps are the logged Grad-ECLIP baseline's
+    cpu = results["cpu"]
+    assert cpu["test/pointing_game"] == cpu["test/grad_eclip_pointing_game"]
+    assert cpu["test/energy"] == pytest.approx(cpu["test/grad_eclip_energy"], abs=1e-6)
     keys = [k for k in results["cpu"] if k.startswith("test/")]
     assert "test/pointing_game" in keys and "test/energy" in keys
     for k in keys:

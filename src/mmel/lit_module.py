@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmel.backbone import ClipBundle
-from mmel.explainers.base import minmax
+from mmel.explainers.base import to_image_maps
 from mmel.explainers.vit import last_layers, resolve_layers
 from mmel.hsrm import HSRM, HSRMInputs, box_losses
 
@@ -145,11 +145,8 @@ class HSRMLitModule(pl.LightningModule):
             return
         x, m, energy, masks = self._maps_and_masks(batch)
         size = m.shape[-2:]
-        baseline = minmax(
-            F.interpolate(minmax(F.relu(x.evidence[:, -1]))[:, None], size=size, mode="bilinear", align_corners=False)[
-                :, 0
-            ]
-        )
+        # the Grad-ECLIP map the HSRM started from, made exactly as the grad_eclip explainer makes it
+        baseline = to_image_maps(F.relu(x.evidence[:, -1])[:, None], size)[:, 0]
         boxes = [b.to(m.device) for b in batch["boxes"]]
         ms = self.metrics[stage]
         ms["pointing_game"].update(m.detach(), boxes)
