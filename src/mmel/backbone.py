@@ -18,12 +18,15 @@ gives wrong activations with those weights, so loading OpenAI weights into a non
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import open_clip
@@ -100,6 +103,41 @@ class ClipBundle:
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Tokens [K, context_length] on the model's device."""
         return self.tokenizer(prompts).to(self.device)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the loaded weights (computed once; the model is frozen)."""
+        return weights_fingerprint(self.model)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of a CLIP's weights, so that caches and checkpoints follow the weights themselves, not just the
+    name of the file or tag they came from. It hashes the few tensors that every (re)training changes: the
+    projections, the patch embedding, the class and token embeddings."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if name.endswith(("proj", "projection", "conv1.weight", "class_embedding", "token_embedding.weight")):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded … initialized randomly" (on the root logger) whenever it builds
+    a model without a tag, also when we then load a weight file into it: that line would be false, so drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    root, f = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -270,7 +308,9 @@ def load_clip(
                 "See data/README.md."
             ) from e
     else:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, precision=precision)
+        # weights from a file: the "initialized randomly" line open_clip prints first would be untrue
+        with _quiet_random_init() if weight_file is not None else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, precision=precision)
         if weight_file is not None:
             _load_file_into(model, weight_file, name)
         model.to(device)
@@ -278,7 +318,7 @@ def load_clip(
     model.eval()
     mean = tuple(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
-    return ClipBundle(
+    bundle = ClipBundle(
         model=model,
         preprocess=preprocess,
         tokenizer=open_clip.get_tokenizer(name),
@@ -287,6 +327,12 @@ def load_clip(
         mean=mean,
         std=std,
     )
+    if tag is None:
+        log.info("CLIP %s: random weights (pretrained=None)", name)
+    else:
+        source = f"file {weight_file}" if weight_file is not None else f"open_clip tag '{tag}'"
+        log.info("CLIP %s: loaded weights from %s (fingerprint %s)", name, source, bundle.fingerprint)
+    return bundle
 
 
 def check_vit(model: nn.Module) -> VisionTransformer:

@@ -9,15 +9,15 @@ Returns (metrics, objects); `main()` in the root shim returns `cfg.optimized_met
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mmel.hsrm import save_hsrm
+from mmel.hsrm.features import CachedFeatureDataModule
 from mmel.utils.runs import announce, build_datamodule, instantiate_group, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     if trainer.is_global_zero:
-        torch.save(module.hsrm_checkpoint(), out / "hsrm.pt")
+        save_hsrm(out / "hsrm.pt", module.hsrm, module.hsrm_config())
         metrics["hsrm_checkpoint"] = str(out / "hsrm.pt")
         save_metrics(metrics, out)
         announce(out)
@@ -57,27 +57,14 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, {"clip": clip, "datamodule": datamodule, "module": module, "trainer": trainer}
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a CLIP's weights (a few tensors that every retraining changes): cache keys follow the
-    weights themselves, not just the name of the file or tag they came from."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if name.endswith(("proj", "projection", "conv1.weight", "class_embedding", "token_embedding.weight")):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def cached_features(cfg: DictConfig, clip, datamodule, module):
     """Wrap the data module so the frozen-CLIP features are computed once into a cache (see mmel.hsrm.features)."""
-    from mmel.hsrm.features import CachedFeatureDataModule
-
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for k in ("batch_size", "num_workers", "pin_memory"):  # do not change what is computed
         data.pop(k, None)
     key = {
         "backbone": clip.name,
-        "weights": f"{clip.pretrained}:{weights_fingerprint(clip.model)}",
+        "weights": f"{clip.pretrained}:{clip.fingerprint}",
         "resolution": list(clip.image_size),
         "evidence": "grad_eclip/native",
         "data": data,
