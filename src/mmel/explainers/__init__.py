@@ -1,48 +1,60 @@
 """Explainers: (images [B,3,H,W], prompts list[str] of K) -> saliency maps [B,K,H,W] in [0,1].
 
-`build_explainer(name, clip, **cfg)` is the one entry point (DESIGN.md §6); each explainer module registers its
-class under a name with :func:`register`.
+`build_explainer(name, clip, **cfg)` is the one entry point (docs/contracts.md). Each explainer module registers
+its class under a name with :func:`register`, which also sets the class's ``name`` (what metrics.json and figures
+say). Explainers that live in a higher layer of the package (``mmel``: the HSRM builds on this package) are
+registered by dotted path in ``_LAZY`` and imported on first use, so this package never imports them.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
+# name -> "module:Class", imported by build_explainer (the idiom of backbone.py's weights table and mmel.data)
+_LAZY: dict[str, str] = {"mmel": "mmel.hsrm.explainer:MMELExplainer"}
 
 
-def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Class decorator: make an explainer buildable as ``build_explainer(name, clip, **cfg)``."""
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make an explainer buildable as ``build_explainer(name, clip, **cfg)``; sets ``cls.name``."""
 
-    def deco(cls: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
+    def deco(cls: type) -> type:
+        if (name in _REGISTRY and _REGISTRY[name] is not cls) or (name in _LAZY and not _lazy_is(name, cls)):
             raise ValueError(f"explainer name '{name}' registered twice")
+        cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return deco
 
 
+def _lazy_is(name: str, cls: type) -> bool:
+    return _LAZY[name] == f"{cls.__module__}:{cls.__qualname__}"
+
+
 def available() -> list[str]:
     """Names accepted by :func:`build_explainer`."""
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_LAZY})
+
+
+def explainer_class(name: str) -> type:
+    """The class registered as ``name`` (a lazily registered one is imported now)."""
+    if name not in _REGISTRY and name in _LAZY:
+        module, cls = _LAZY[name].split(":")
+        importlib.import_module(module)  # its @register(name) fills _REGISTRY
+        if name not in _REGISTRY:
+            raise RuntimeError(f"{module} did not register explainer '{name}' (expected {cls} decorated @register)")
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown explainer '{name}'. Available: {available()}")
+    return _REGISTRY[name]
 
 
 def build_explainer(name: str, clip: Any, **cfg: Any) -> Any:
     """Build the explainer registered as ``name`` for a loaded :class:`mmel.backbone.ClipBundle`."""
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown explainer '{name}'. Available: {available()}")
-    return _REGISTRY[name](clip, **cfg)
+    return explainer_class(name)(clip, **cfg)
 
 
 # Importing the explainer modules registers them; they import `register` from this (already initialised) module.
 from mmel.explainers import attention, game, grad_eclip, gradcam, maskclip, rise  # noqa: E402, F401
-
-
-@register("mmel")
-def _mmel(clip: Any, **cfg: Any) -> Any:
-    """MMEL (ours, reconstructed): the HSRM over Grad-ECLIP; imported on use (mmel.hsrm builds on this package)."""
-    from mmel.hsrm.explainer import MMELExplainer
-
-    return MMELExplainer(clip, **cfg)

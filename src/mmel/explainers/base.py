@@ -1,12 +1,12 @@
 """The explainer contract and the pieces every explainer shares.
 
 ``Explainer.__call__(images [B, 3, H, W], prompts list[str] of K) -> maps [B, K, H, W]`` in [0, 1]
-(DESIGN.md §6). A subclass overrides one method, :meth:`Explainer.raw_maps`, returning unnormalised maps on the
+(docs/contracts.md). A subclass overrides one method, :meth:`Explainer.raw_maps`, returning unnormalised maps on the
 patch grid (or any grid); the base validates inputs, min-max normalises each map (a constant map becomes zeros,
 never NaN) and resizes bilinearly to the image size. Everything stays in torch.
 
-Scores are the unscaled cosine S = cos(f_image, f_text) (DESIGN.md §2). The gradients of the K scores of a batch
-are one batched vector-Jacobian product (:func:`batched_vjp`, DESIGN.md §3), never K backward passes.
+Scores are the unscaled cosine S = cos(f_image, f_text) (docs/grad_eclip.md). The gradients of the K scores of a batch
+are one batched vector-Jacobian product (:func:`batched_vjp`, docs/grad_eclip.md, Batching), never K backward passes.
 """
 
 from __future__ import annotations
@@ -20,21 +20,7 @@ from torch import Tensor
 
 from mmel.backbone import check_vit
 from mmel.explainers.vit import check_images, encode_text
-
-# A map whose range is below this fraction of its magnitude is treated as constant (float noise is not signal).
-_CONST_RTOL = 1e-6
-_CONST_ATOL = 1e-12
-
-
-def minmax(x: Tensor, dims: Sequence[int] = (-2, -1)) -> Tensor:
-    """Min-max normalise ``x`` over ``dims`` to [0, 1]; slices that are constant (to float noise) become zeros."""
-    dims = tuple(dims)
-    lo = x.amin(dim=dims, keepdim=True)
-    hi = x.amax(dim=dims, keepdim=True)
-    span = hi - lo
-    flat = span <= _CONST_ATOL + _CONST_RTOL * torch.maximum(hi.abs(), lo.abs())
-    out = (x - lo) / torch.where(flat, torch.ones_like(span), span)
-    return torch.where(flat, torch.zeros_like(out), out)
+from mmel.utils.maps import minmax
 
 
 def to_image_maps(raw: Tensor, size: Sequence[int]) -> Tensor:
@@ -77,6 +63,10 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
         raise ValueError(f"prompts: every prompt must be a string; got {bad[:3]}")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        # an empty prompt is tokenised to start+end only: a map of "nothing" that looks like a real explanation
+        raise ValueError(f"prompts: prompt(s) at position {empty} are empty; every prompt needs some text")
     return prompts
 
 
@@ -99,7 +89,7 @@ def tokenize(clip, prompts: Sequence[str]) -> Tensor:
 class Explainer:
     """Base explainer: ``explainer(images [B, 3, H, W], prompts) -> maps [B, K, H, W]`` in [0, 1].
 
-    Subclasses set ``name``, ``needs_grad`` and implement :meth:`raw_maps`.
+    Subclasses set ``needs_grad`` and implement :meth:`raw_maps`; :func:`mmel.explainers.register` sets ``name``.
     """
 
     name = "base"
@@ -117,14 +107,19 @@ class Explainer:
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """images [B, 3, H, W] normalised, prompts list of K strings -> maps [B, K, H, W] in [0, 1]."""
-        prompts = check_prompts(prompts)
-        check_images(images, self.patch)
-        images = images.to(self.clip.device)
-        if self.needs_grad:
-            self.require_grad()
+        images, prompts = self._prepare(images, prompts, grad=self.needs_grad)
         with torch.enable_grad() if self.needs_grad else torch.no_grad():
             raw = self.raw_maps(images, prompts)
         return to_image_maps(raw.detach(), images.shape[-2:])
+
+    def _prepare(self, images: Tensor, prompts: Sequence[str], grad: bool = True) -> tuple[Tensor, list[str]]:
+        """The checks every entry point makes: prompts, image shape/patch multiple, gradients possible (``grad``).
+        Returns the images on the model's device and the prompts as a list."""
+        prompts = check_prompts(prompts)
+        check_images(images, self.patch)
+        if grad:
+            self.require_grad()
+        return images.to(self.clip.device), prompts
 
     def require_grad(self) -> None:
         """Clear error when gradients are impossible (under ``torch.inference_mode``)."""

@@ -5,7 +5,7 @@ For a block with CLS/EOS row c, S = cos(f_image, f_text) (unscaled):
     λ_i = minmax_i cos(q_c, k_i)                "loosened" attention, no softmax
     E_i = λ_i · <w, v_i>                        signed evidence;  map = normalise(Σ_layers ReLU(E)) (image side)
 
-Modes (DESIGN.md §2), every result labelled with its mode:
+Modes (docs/grad_eclip.md), every result labelled with its mode:
   * ``native`` (default): the unmodified multi-head CLIP. dS/do is recovered from the attention module's output
     y = o W_Oᵀ + b_O as (dS/dy)·W_O; λ and <w, v> are per head, E summed over heads.
   * ``official``: as the authors' ``generate_emap.py``: the traced blocks are recomputed with one head over the
@@ -17,7 +17,7 @@ Image side: λ over the patch tokens, w at the CLS row; ``layers=n`` sums ReLU(E
 authors' multi-layer notebook). Text side: w at the EOS row, λ over all context positions (as the official code),
 signed E of the last n text blocks summed, then ReLU, start and end tokens dropped, normalised to sum 1.
 
-All K prompts share one image forward and one batched vector-Jacobian product (DESIGN.md §3).
+All K prompts share one image forward and one batched vector-Jacobian product (docs/grad_eclip.md, Batching).
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmel.explainers import register
-from mmel.explainers.base import Explainer, batched_vjp, check_prompts, cosine_scores, minmax, tokenize
+from mmel.explainers.base import Explainer, batched_vjp, cosine_scores, minmax, tokenize
 from mmel.explainers.vit import (
     BlockRecord,
-    check_images,
     check_text_tower,
     encode_image,
     eos_positions,
@@ -53,9 +52,10 @@ class LayerEvidence:
     evidence:      [B, K, L, h, w] signed λ_i·<w, v_i> summed over heads, before ReLU / normalisation
     keys:          [B, L, N, C] patch-token keys of each selected block (heads concatenated, C = width)
     patch_tokens:  [B, N, C] output tokens of the last vision block for the patches (before ln_post)
-    text_features: [K, E] encode_text output (unnormalised)
+    text_features: [K, E] encode_text output (unnormalised); [B, E] when ``paired``
     grid:          (h, w) patch grid
     layers:        the block indices (non-negative) in the order of the L axis
+    paired:        image b was explained for prompt b only (K = 1)
     """
 
     evidence: Tensor
@@ -64,6 +64,7 @@ class LayerEvidence:
     text_features: Tensor
     grid: tuple[int, int]
     layers: list[int]
+    paired: bool = False
 
 
 @dataclass
@@ -170,9 +171,7 @@ class GradECLIP(Explainer):
         """
         if self.mode != "native":
             raise ValueError("layer_evidence is defined for mode='native' (the unmodified model) only")
-        prompts = check_prompts(prompts)
-        check_images(images, self.patch)
-        self.require_grad()
+        images, prompts = self._prepare(images, prompts)
         if paired and len(prompts) != images.shape[0]:
             raise ValueError(
                 f"paired=True needs one prompt per image: got {len(prompts)} prompts, {len(images)} images"
@@ -180,7 +179,7 @@ class GradECLIP(Explainer):
         idx = resolve_layers(layers, self.depth)
         text_features = self.text_features(prompts)
         with torch.enable_grad():
-            evidence, trace = self._image_evidence(images.to(self.clip.device), text_features, idx, paired, True)
+            evidence, trace = self._image_evidence(images, text_features, idx, paired, True)
         keys = torch.stack([trace.records[i].k[:, :, 1:].transpose(1, 2).flatten(2) for i in idx], dim=1)
         return LayerEvidence(
             evidence=evidence,
@@ -189,19 +188,18 @@ class GradECLIP(Explainer):
             text_features=text_features,
             grid=trace.grid,
             layers=idx,
+            paired=paired,
         )
 
     # --------------------------------------------------------------------------------------------- text side
     def explain_text(self, images: Tensor, prompts: Sequence[str]) -> TextExplanation:
         """Per-token weights [B, K, L] of each prompt for each image (see :class:`TextExplanation`)."""
-        prompts = check_prompts(prompts)
-        check_images(images, self.patch)
+        images, prompts = self._prepare(images, prompts)
         check_text_tower(self.model)
-        self.require_grad()
         tokens = tokenize(self.clip, prompts)
         text_blocks = self.model.transformer.resblocks
         layers = last_layers(self.text_layers, len(text_blocks))
-        image_features = encode_image(self.model, images.to(self.clip.device))  # [B, E], no graph
+        image_features = encode_image(self.model, images)  # [B, E], no graph
         with torch.enable_grad():
             trace = trace_text(self.model, tokens, layers, heads=self.heads)
             scores = cosine_scores(image_features, trace.features).T  # [K, B]: batch the VJP over images

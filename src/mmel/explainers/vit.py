@@ -6,7 +6,7 @@ never fire. These functions recompute each block from its parameters (``ln_1``, 
 ``attn.out_proj``, ``ls_1``, ``ln_2``, ``mlp``, ``ls_2``) and reproduce ``model.encode_image`` /
 ``model.encode_text`` to float rounding (~1e-6; tests pin it). Nothing is registered on the model.
 
-Efficiency decisions (DESIGN.md §3):
+Efficiency decisions (docs/grad_eclip.md, Batching):
   * blocks before the first traced one run the stock module under ``no_grad`` (no graph is kept for them);
   * in the last vision block only the CLS row feeds the image embedding, so its residual + MLP is computed for
     the CLS row on the graph and, when the patch tokens are wanted, for the patches off the graph. A backward

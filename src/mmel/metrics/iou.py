@@ -38,18 +38,10 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mmel.metrics._common import box_union_mask, prepare
+from mmel.utils.maps import minmax
 
 RULES = ("mean", "fraction", "otsu", "topk")
 _NAME = "SaliencyIoU"
-
-
-def minmax(m: Tensor) -> Tensor:
-    """Map [..., H, W] min-max normalised to [0, 1] over its last two dims; a map without contrast becomes 0."""
-    flat = m.flatten(-2)
-    lo = flat.min(-1, keepdim=True).values
-    span = flat.max(-1, keepdim=True).values - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(m.dtype).tiny), 0.0)
-    return out.view_as(m)
 
 
 def _otsu_mask(n: Tensor, bins: int = 256) -> Tensor:
