@@ -21,17 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmel.backbone import ClipBundle
+from mmel.data.transforms import box_mask
+from mmel.explainers import build_explainer
 from mmel.explainers.base import to_image_maps
-from mmel.explainers.vit import last_layers, resolve_layers
-from mmel.hsrm import HSRM, HSRMInputs, box_losses
-
-FEATURE_KEYS = ("evidence", "keys", "patch_tokens", "text")
+from mmel.hsrm import HSRM, HSRMInputs, box_losses, hsrm_config, hsrm_layers
+from mmel.metrics import EnergyPointingGame, PointingGame
 
 
 def union_masks(boxes: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
     """Box-union masks [P, H, W] (a pixel is inside when its centre is inside a box) in input-pixel coords."""
-    from mmel.data.transforms import box_mask
-
     return torch.stack([box_mask(b, size) for b in boxes])
 
 
@@ -83,8 +81,6 @@ class HSRMLitModule(pl.LightningModule):
 
     @staticmethod
     def _metric_set(tol: float) -> torch.nn.ModuleDict:
-        from mmel.metrics import EnergyPointingGame, PointingGame
-
         return torch.nn.ModuleDict(
             {
                 "pointing_game": PointingGame(tolerance=tol),
@@ -97,16 +93,14 @@ class HSRMLitModule(pl.LightningModule):
     # -- frozen-CLIP features ---------------------------------------------------------------------------------
     def evidence_fn(self) -> Callable[..., Any]:
         if self._evidence_fn is None:
-            from mmel.explainers import build_explainer
-
             explainer = build_explainer("grad_eclip", self.clip, mode="native")
             object.__setattr__(self, "_evidence_fn", explainer.layer_evidence)
         return self._evidence_fn
 
     def features(self, batch: Mapping[str, Any]) -> HSRMInputs:
         """HSRM inputs for the batch's (image, prompt) pairs, from the cache or from CLIP."""
-        if all(k in batch for k in FEATURE_KEYS):
-            return HSRMInputs(*(torch.as_tensor(batch[k]).to(self.device) for k in FEATURE_KEYS))
+        if all(k in batch for k in HSRMInputs.fields()):
+            return HSRMInputs(**{k: torch.as_tensor(batch[k]) for k in HSRMInputs.fields()}).to(self.device)
         if "valid" in batch and not bool(torch.as_tensor(batch["valid"]).all()):
             raise ValueError(
                 "HSRM training needs equal-size inputs in a batch: use data.resize=fixed (keep-size "
@@ -114,12 +108,7 @@ class HSRMLitModule(pl.LightningModule):
             )
         with torch.enable_grad():  # Lightning may run val/test under no_grad; Grad-ECLIP needs dS/d(activations)
             ev = self.evidence_fn()(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
-        return HSRMInputs(
-            evidence=ev.evidence[:, 0].detach(),
-            keys=ev.keys.detach(),
-            patch_tokens=ev.patch_tokens.detach(),
-            text=ev.text_features.detach(),
-        )
+        return HSRMInputs.from_evidence(ev)
 
     # -- steps ----------------------------------------------------------------------------------------------
     def _maps_and_masks(self, batch: Mapping[str, Any]) -> tuple[HSRMInputs, Tensor, Tensor, Tensor]:
@@ -183,17 +172,8 @@ class HSRMLitModule(pl.LightningModule):
         factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=5e-3))
         return factory(params=self.hsrm.parameters())
 
-    def hsrm_checkpoint(self) -> dict[str, Any]:
-        """What `build_explainer("mmel", clip, checkpoint=PATH)` needs: HSRM weights + how they were made."""
-        return {"hsrm": self.hsrm.state_dict(), "config": dict(self.hparams)}
-
-
-def hsrm_layers(layers: Sequence[int] | int, depth: int) -> list[int]:
-    """Block indices for the HSRM: an int n means the last n blocks, clamped to the model's depth (so the default
-    of 6 also fits the 4-block tiny CLIP); a list is checked by the explainers' resolver and must increase."""
-    if isinstance(layers, int):
-        return last_layers(min(layers, depth) if layers >= 1 else layers, depth)
-    out = resolve_layers(layers, depth, "hsrm.layers")
-    if out != sorted(out):
-        raise ValueError(f"hsrm.layers must be increasing (shallow to deep), got {list(layers)} -> {out}")
-    return out
+    def hsrm_config(self) -> dict[str, Any]:
+        """The ``config`` of ``hsrm.pt`` (:func:`mmel.hsrm.save_hsrm`): the CLIP it reads and how it was trained."""
+        hp = dict(self.hparams)
+        extra = {k: hp[k] for k in ("losses", "pointing_tolerance")}
+        return hsrm_config(self.clip, self.layers, hp["scales"], hp["tau"], **extra)

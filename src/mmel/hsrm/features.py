@@ -26,9 +26,9 @@ from mmel.data.base import Dropped
 from mmel.data.cache import CachedFeatures, FeatureCache, cache_key
 from mmel.data.datamodules import StageLoaders, TransformedDataset
 from mmel.data.transforms import collate_boxes
+from mmel.hsrm.module import HSRMInputs
 
 log = logging.getLogger(__name__)
-TENSORS = ("evidence", "keys", "patch_tokens", "text")
 
 
 class _Rows(Dataset):
@@ -45,11 +45,13 @@ class _Rows(Dataset):
 
 
 def collate_features(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Stack cached rows: the four HSRM inputs [P, ...], `boxes` list of [M, 4], `input_size` (H, W)."""
+    """Stack cached rows: the HSRM inputs (:meth:`HSRMInputs.fields`) [P, ...], `boxes` list of [M, 4],
+    `input_size` (H, W)."""
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
-    batch: dict[str, Any] = {k: torch.stack([r[k] for r in rows]) for k in TENSORS}
+    inputs = HSRMInputs.stack(rows)
+    batch: dict[str, Any] = {k: getattr(inputs, k) for k in HSRMInputs.fields()}
     batch["boxes"] = [r["boxes"] for r in rows]
     batch["input_size"] = tuple(int(s) for s in rows[0]["input_size"])
     batch["sample_id"] = [r["id"] for r in rows]
@@ -105,15 +107,8 @@ class CachedFeatureDataModule(StageLoaders):
         with torch.enable_grad():
             ev = self.evidence_fn(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
         size = torch.tensor(batch["images"].shape[-2:])
-        for j, i in enumerate(good):
-            out[i] = {
-                "evidence": ev.evidence[j, 0].detach().cpu(),
-                "keys": ev.keys[j].detach().cpu(),
-                "patch_tokens": ev.patch_tokens[j].detach().cpu(),
-                "text": ev.text_features[j].detach().cpu(),
-                "boxes": torch.as_tensor(batch["boxes"][j], dtype=torch.float32),
-                "input_size": size,
-            }
+        for j, (i, row) in enumerate(zip(good, HSRMInputs.from_evidence(ev).to("cpu").rows(), strict=True)):
+            out[i] = {**row, "boxes": torch.as_tensor(batch["boxes"][j], dtype=torch.float32), "input_size": size}
         return out
 
     def prepare_data(self) -> None:

@@ -25,8 +25,9 @@ min-max-normalised maps, but puts layers of very different gradient magnitude on
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmel.explainers.base import to_image_maps
+from mmel.explainers.grad_eclip import LayerEvidence
+from mmel.explainers.vit import last_layers, resolve_layers
+
+
+def hsrm_layers(layers: Sequence[int] | int, depth: int) -> list[int]:
+    """Block indices for the HSRM: an int n means the last n blocks, clamped to the model's depth (so the default
+    of 6 also fits the 4-block tiny CLIP); a list is checked by the explainers' resolver and must increase."""
+    if isinstance(layers, int):
+        return last_layers(min(layers, depth) if layers >= 1 else layers, depth)
+    out = resolve_layers(layers, depth, "hsrm.layers")
+    if out != sorted(out):
+        raise ValueError(f"hsrm.layers must be increasing (shallow to deep), got {list(layers)} -> {out}")
+    return out
 
 
 @dataclass
@@ -50,12 +64,44 @@ class HSRMInputs:
     patch_tokens: Tensor  # [B, N, W]
     text: Tensor  # [P, D]
 
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The tensor names, in order (what a feature cache stores and a batch of cached features carries)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_evidence(cls, ev: LayerEvidence) -> HSRMInputs:
+        """The one conversion from Grad-ECLIP's :class:`~mmel.explainers.grad_eclip.LayerEvidence` (detached).
+
+        Shared prompts (``ev.paired`` False): evidence [B, K, L, h, w] -> P = B*K pairs, image-major, the K text
+        embeddings repeated per image. Paired (image b with prompt b, K = 1): P = B, text [B, D] as it is.
+        """
+        b, k = ev.evidence.shape[:2]
+        text = ev.text_features if ev.paired else ev.text_features[None].expand(b, k, -1).flatten(0, 1)
+        return cls(
+            evidence=ev.evidence.flatten(0, 1).detach(),
+            keys=ev.keys.detach(),
+            patch_tokens=ev.patch_tokens.detach(),
+            text=text.detach(),
+        )
+
+    def rows(self) -> list[dict[str, Tensor]]:
+        """One dict per pair (needs one pair per image, P = B: e.g. paired evidence), for a feature cache."""
+        if self.evidence.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"rows() needs one pair per image, got P={self.evidence.shape[0]}, B={self.keys.shape[0]}")
+        return [{f: getattr(self, f)[j] for f in self.fields()} for j in range(self.evidence.shape[0])]
+
+    @classmethod
+    def stack(cls, rows: Sequence[Mapping[str, Tensor]]) -> HSRMInputs:
+        """Inverse of :meth:`rows`: dicts of per-pair tensors -> inputs of P = B pairs."""
+        return cls(**{f: torch.stack([torch.as_tensor(r[f]) for r in rows]) for f in cls.fields()})
+
     @property
     def grid(self) -> tuple[int, int]:
         return int(self.evidence.shape[-2]), int(self.evidence.shape[-1])
 
     def to(self, device: torch.device | str) -> HSRMInputs:
-        return HSRMInputs(*(t.to(device) for t in (self.evidence, self.keys, self.patch_tokens, self.text)))
+        return HSRMInputs(**{f: getattr(self, f).to(device) for f in self.fields()})
 
 
 class HSRM(nn.Module):
