@@ -3,9 +3,9 @@
     python evaluate.py model=tiny data=shapes explainer=grad_eclip split=test
     python evaluate.py ... resume=logs/evaluate/runs/<dir>      # continue an interrupted run in its own dir
 
-Images are explained once for all their prompts (DESIGN.md §3): consecutive samples of a batch that share an
-image are one explainer call with K prompts. Metrics are computed in the frame the model saw: in `keep` resize
-mode the maps are resized back to the original image and scored against the original boxes (tolerances in
+Images are explained once for all their prompts (docs/grad_eclip.md, Batching): consecutive samples of a batch
+that share an image are one explainer call with K prompts. Metrics are computed in the frame the model saw: in
+`keep` resize mode the maps are resized back to the original image and scored against the original boxes (tolerances in
 original pixels); in `fixed` mode (centre crop) against the boxes transformed into the crop.
 
 Long runs lose nothing: after every `checkpoint_every` images the metric states and the ids of the finished
@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
+from mmel.metrics import ClipScorer, difficult_flags
 from mmel.utils.runs import announce, build_datamodule, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
@@ -148,17 +149,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return results, {"clip": clip, "datamodule": datamodule, "explainer": explainer, "metrics": metrics}
 
 
-def difficult_flags(boxes: list[torch.Tensor], sizes: torch.Tensor, distractor: bool) -> torch.Tensor:
-    """Zhang et al.'s (ECCV 2016) difficult subset: the target covers < 1/4 of the image and another category is
-    present (``distractor``: the image has more than one annotated category). [N] bool."""
-    from mmel.data.transforms import box_mask
-
-    if not distractor:
-        return torch.zeros(len(boxes), dtype=torch.bool)
-    share = torch.stack([box_mask(b, (int(h), int(w))).mean() for b, (h, w) in zip(boxes, sizes, strict=True)])
-    return share < 0.25
-
-
 def _score_image(batch, idx, explainer, metrics, scorer, keep: bool, prompts_per_image: Counter) -> None:
     """Explain one image for the prompts of the samples ``idx`` and update every metric with those pairs."""
     i0 = idx[0]
@@ -187,21 +177,7 @@ def _score_image(batch, idx, explainer, metrics, scorer, keep: bool, prompts_per
             m.update(maps, boxes, sizes)
 
 
-class _PromptScorer:
-    """ClipScorer over the dataset's distinct prompts, with a prompt -> index lookup."""
-
-    def __init__(self, inner, prompts: list[str]) -> None:
-        self.inner, self.lookup = inner, {p: i for i, p in enumerate(prompts)}
-
-    def index(self, prompt: str) -> int:
-        return self.lookup[prompt]
-
-    def __call__(self, images, targets=None):
-        return self.inner(images, targets)
-
-
-def _scorer(cfg: DictConfig, clip, dataset) -> _PromptScorer:
-    from mmel.metrics import ClipScorer
-
+def _scorer(cfg: DictConfig, clip, dataset) -> ClipScorer:
+    """One scorer over the dataset's distinct prompts (deletion/insertion targets are their positions)."""
     prompts = sorted({r.prompt for r in dataset.records})
-    return _PromptScorer(ClipScorer(clip, prompts, kind=cfg.metrics.get("scorer", "cosine")), prompts)
+    return ClipScorer(clip, prompts, kind=cfg.metrics.get("scorer", "cosine"))

@@ -12,7 +12,13 @@ each module documents its own, with sources.
 
 from mmel.metrics.iou import SaliencyIoU, binarise, saliency_iou
 from mmel.metrics.perturbation import ClipScorer, DeletionInsertion, PerturbationOptions, deletion_insertion
-from mmel.metrics.pointing import EnergyPointingGame, PointingGame, energy_pointing_game, pointing_game
+from mmel.metrics.pointing import (
+    EnergyPointingGame,
+    PointingGame,
+    difficult_flags,
+    energy_pointing_game,
+    pointing_game,
+)
 
 __all__ = [
     "ClipScorer",
@@ -23,6 +29,7 @@ __all__ = [
     "SaliencyIoU",
     "binarise",
     "deletion_insertion",
+    "difficult_flags",
     "energy_pointing_game",
     "pointing_game",
     "saliency_iou",

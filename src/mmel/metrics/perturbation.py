@@ -330,7 +330,8 @@ class DeletionInsertion(Metric):
 
 
 class ClipScorer:
-    """Scores images for target prompts with a frozen CLIP (:class:`mmel.backbone.ClipBundle`).
+    """Scores images for prompts with a frozen CLIP (:class:`mmel.backbone.ClipBundle`): the one scorer of the
+    project (deletion/insertion, the prompt scores that explain.py and evaluate report).
 
     ``kind``: ``"cosine"`` — cosine of image and target-prompt embeddings (what Grad-ECLIP explains);
     ``"softmax"`` — probability of the target among ``prompts`` (CLIP's zero-shot softmax with its learnt
@@ -338,7 +339,9 @@ class ClipScorer:
     (ties: the first prompt), else 0 (Grad-ECLIP's deletion/insertion score).
 
     ``scorer(images [M, 3, H, W], targets LongTensor [M] | int | None) -> scores [M]``; ``targets=None`` uses the
-    ``target`` given at construction. Prompt embeddings are computed once, here.
+    ``target`` given at construction. :meth:`cosines` gives every prompt's cosine [M, K]; :meth:`index` a prompt's
+    position. Prompt embeddings are computed once, here. Any input size works (keep-size evaluation): the
+    positional embedding is interpolated like the explainers do.
     """
 
     def __init__(self, clip: Any, prompts: Sequence[str], kind: str = "cosine", target: int | None = None) -> None:
@@ -347,9 +350,28 @@ class ClipScorer:
         if not prompts or (target is not None and not 0 <= target < len(prompts)):
             raise ValueError(f"ClipScorer: need >= 1 prompt and 0 <= target < {len(prompts)}; got target={target}.")
         self.clip, self.kind, self.target = clip, kind, target
+        self.prompts = list(prompts)
+        self._index: dict[str, int] = {}
+        for i, p in enumerate(self.prompts):
+            self._index.setdefault(p, i)  # a repeated prompt: its first position
         with torch.no_grad():
-            self.text = F.normalize(clip.model.encode_text(clip.tokenize(list(prompts))).float(), dim=-1)  # [K, D]
+            self.text = F.normalize(clip.model.encode_text(clip.tokenize(self.prompts)).float(), dim=-1)  # [K, D]
             self.scale = clip.model.logit_scale.exp().float()
+
+    def index(self, prompt: str) -> int:
+        """Position of ``prompt`` among the scorer's prompts (a clear error for one it was not built with)."""
+        if prompt not in self._index:
+            raise KeyError(f"ClipScorer: prompt {prompt!r} is not among its {len(self.prompts)} prompts")
+        return self._index[prompt]
+
+    def cosines(self, images: Tensor) -> Tensor:
+        """Unscaled cosine of each image with each prompt: images [M, 3, H, W] -> [M, K]."""
+        # imported here, not at the top: it pulls in open_clip (seconds), which the metrics need only with a CLIP
+        from mmel.explainers.vit import encode_image
+
+        with torch.no_grad():
+            f = F.normalize(encode_image(self.clip.model, images.to(self.text.device)).float(), dim=-1)
+            return f @ self.text.T
 
     def __call__(self, images: Tensor, targets: Tensor | int | None = None) -> Tensor:
         if targets is None:
@@ -357,15 +379,10 @@ class ClipScorer:
                 raise ValueError("ClipScorer: no target: pass `targets` or build the scorer with `target=`.")
             targets = self.target
         t = torch.as_tensor(targets, device=self.text.device).expand(images.shape[0])
-        with torch.no_grad():
-            # any input size (keep-size evaluation): positional embedding interpolated like the explainers do
-            from mmel.explainers.vit import encode_image
-
-            f = F.normalize(encode_image(self.clip.model, images.to(self.text.device)).float(), dim=-1)
-            cos = f @ self.text.T  # [M, K]
-            rows = torch.arange(cos.shape[0], device=cos.device)
-            if self.kind == "cosine":
-                return cos[rows, t]
-            if self.kind == "softmax":
-                return (self.scale * cos).softmax(-1)[rows, t]
-            return (cos.argmax(-1) == t).float()
+        cos = self.cosines(images)  # [M, K]
+        rows = torch.arange(cos.shape[0], device=cos.device)
+        if self.kind == "cosine":
+            return cos[rows, t]
+        if self.kind == "softmax":
+            return (self.scale * cos).softmax(-1)[rows, t]
+        return (cos.argmax(-1) == t).float()

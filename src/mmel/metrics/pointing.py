@@ -19,8 +19,9 @@ Pointing game conventions, with their sources:
 * **Per-category mean accuracy** is the unweighted mean over categories of each category's accuracy (Zhang et al.
   report it per class and averaged). ``categories`` may be strings or integer ids; strings are turned into ids with
   a stable hash (blake2b), so processes agree on them under DDP without sharing a vocabulary.
-* **Difficult subset** (Zhang et al.: images with a small target or a distractor present): the caller flags it
-  with ``difficult`` [N]; its accuracy is reported next to the overall one.
+* **Difficult subset** (Zhang et al.: the target covers less than 1/4 of the image and another category is present):
+  the caller flags it with ``difficult`` [N] — :func:`difficult_flags` computes the flags with this module's own
+  box rule — and its accuracy is reported next to the overall one.
 * Undefined results (no samples, no categorised / difficult samples) are NaN; the key set never changes.
 
 Energy pointing game: the share of the map's mass inside the union of boxes, ``sum(map * mask) / sum(map)``,
@@ -44,6 +45,28 @@ from mmel.metrics._common import box_pixel_ranges, box_union_mask, check_mask, p
 
 TIES = ("all", "first", "any")
 _NAME = "PointingGame"
+DIFFICULT_MAX_SHARE = 0.25  # Zhang et al.: "the total area of the target category is less than 1/4 of the image"
+
+
+def difficult_flags(
+    boxes: Sequence[Tensor], sizes: Tensor | Sequence, distractor: bool | Sequence[bool] | Tensor
+) -> Tensor:
+    """Zhang et al.'s (ECCV 2016) difficult subset: [N] bool, True when the union of the target's boxes covers less
+    than 1/4 of the image *and* another category is present (``distractor``: one flag for all N, or one each).
+
+    boxes: N tensors [M_i, 4] xyxy in pixels of images of ``sizes`` [N, 2] (H, W). The area is counted in pixels
+    with the same box rule as the hit test (:func:`mmel.metrics._common.box_union_mask`).
+    """
+    sizes = [(int(h), int(w)) for h, w in torch.as_tensor(sizes).reshape(-1, 2).tolist()]
+    if len(sizes) != len(boxes):
+        raise ValueError(f"difficult_flags: {len(boxes)} box sets but {len(sizes)} sizes")
+    present = torch.as_tensor(distractor, dtype=torch.bool).expand(len(boxes))
+    share = [
+        box_union_mask(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), s).float().mean()
+        for b, s in zip(boxes, sizes, strict=True)
+    ]
+    small = torch.stack(share) < DIFFICULT_MAX_SHARE if share else torch.zeros(0, dtype=torch.bool)
+    return small & present
 
 
 def category_ids(categories: Sequence[str] | Tensor | None, n: int, device: torch.device) -> tuple[Tensor, dict]:
