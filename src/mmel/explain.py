@@ -9,11 +9,16 @@ writes into the run directory, for K prompts:
                           token weights.
 :func:`explain_image` does the same from Python.
 
-Input sizes (``resize``): ``auto`` (default) is ``keep`` for official-mode Grad-ECLIP (the authors' setting)
-and ``model`` otherwise; ``model`` resizes the whole image to the model's native square (no crop, so the map
-covers every pixel; the aspect ratio is not kept), ``keep`` rounds each side to the nearest multiple of the patch
-size (at least one patch; positional embedding interpolated), as the official Grad-ECLIP code does. Maps are
-resized back to the original image size for the overlays.
+Images are read and transformed by :mod:`mmel.data` — the same decoding (EXIF orientation, every PIL mode),
+keep-size rounding and normalisation as the datasets — so a photo gets the same map here as in evaluate.py.
+What is this program's own is the choice of input size (``resize``): ``auto`` (default) is ``keep`` for
+official-mode Grad-ECLIP (the authors' setting) and ``model`` otherwise; ``model`` resizes the whole image to the
+model's native square (no crop, so the map covers every pixel; the aspect ratio is not kept), ``keep`` rounds each
+side to the nearest multiple of the patch size (at least one patch; positional embedding interpolated), as the
+official Grad-ECLIP code does, after scaling the longer side down to ``max_side`` pixels (default 1024, logged
+when applied): attention memory grows with the fourth power of the side, so an uncapped 5000x3000 photo would
+need hundreds of GB. The memory a call needs is estimated before anything is allocated and refused with a clear
+message when it exceeds what the device has. Maps are resized back to the original image size for the overlays.
 """
 
 from __future__ import annotations
@@ -26,66 +31,100 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from torchvision.transforms import InterpolationMode
 
-from mmel.explainers.base import check_prompts, cosine_scores, tokenize
-from mmel.explainers.vit import encode_image, encode_text
+from mmel.data.base import DECODE_ERRORS, as_displayed
+from mmel.data.base import load_image as decode_image
+from mmel.data.transforms import BoxTransform, keep_size, normalize
+from mmel.explainers.base import check_prompts
+from mmel.metrics import ClipScorer
 from mmel.utils.runs import announce, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
 RESIZE_MODES = ("model", "keep", "auto")
+DEFAULT_MAX_SIDE = 1024
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB with clear errors. Grayscale, palette, RGBA/LA (composited on white) and
-    16-bit (scaled by 1/257) images are converted."""
+    """Decode an image file as :mod:`mmel.data` does (EXIF orientation applied, any mode -> 8-bit RGB), with errors
+    for a command line: a folder, a missing file and an unreadable one each say so."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"image: {path} is a directory; explain.py explains one image file (image=PATH/TO/FILE.jpg). To score a "
+            "whole dataset use evaluate.py."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"image: file not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return decode_image(path)
+    except DECODE_ERRORS as e:
         raise ValueError(f"image: cannot read {path} as an image ({type(e).__name__}: {e})") from e
-    return to_rgb(img)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. High-bit-depth single-channel modes are scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit data spans 0..65535; 'I'/'F' images whose values stay within 0..255 are already 8-bit scaled
-        scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
-        img = Image.fromarray(np.clip(arr / scale + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def input_size(size_wh: tuple[int, int], clip, resize: str) -> tuple[int, int]:
+def input_size(size_wh: tuple[int, int], clip, resize: str, max_side: int | None = None) -> tuple[int, int]:
     """(H, W) fed to the model for an image of PIL size (W, H) under ``resize`` (model | keep; auto resolved)."""
     if resize == "model":
         return tuple(clip.image_size)
     if resize == "keep":
-        p = clip.patch_size
         w, h = size_wh
-        return max(p, int(h / p + 0.5) * p), max(p, int(w / p + 0.5) * p)
+        return keep_size((h, w), clip.patch_size, max_side)
     raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
 
 
-def preprocess(img: Image.Image, clip, resize: str) -> torch.Tensor:
-    """PIL RGB -> normalised tensor [3, H, W] at the size chosen by ``resize`` (bicubic)."""
+def preprocess(img: Image.Image, clip, resize: str, max_side: int | None = None) -> torch.Tensor:
+    """PIL RGB -> normalised tensor [3, H, W] at the size chosen by ``resize`` (bicubic).
+
+    ``keep`` is the datasets' keep-size transform itself; ``model`` squeezes the whole image into the model's square.
+    """
+    if resize == "keep":
+        t = BoxTransform("keep", patch_size=clip.patch_size, max_side=max_side, mean=clip.mean, std=clip.std)
+        return t.image(img)
     H, W = input_size(img.size, clip, resize)
-    arr = np.asarray(img.resize((W, H), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    mean = torch.tensor(clip.mean).view(3, 1, 1)
-    std = torch.tensor(clip.std).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize(TF.resize(img, [H, W], interpolation=InterpolationMode.BICUBIC), clip.mean, clip.std)
+
+
+def estimate_bytes(clip, explainer, size: tuple[int, int], k: int, batch: int = 1) -> int:
+    """A deliberately generous estimate of the memory one explainer call needs for ``batch`` images of ``size``
+    (H, W) and ``k`` prompts: the traced blocks keep attention logits and weights [B, heads, T, T] (and the batched
+    backward one more per prompt), every block keeps a few activations [B, T, width] per pass."""
+    visual = clip.model.visual
+    blocks = visual.transformer.resblocks
+    depth, heads, width = len(blocks), blocks[0].attn.num_heads, visual.transformer.width
+    t = (size[0] // clip.patch_size) * (size[1] // clip.patch_size) + 1
+    layers = getattr(explainer, "layers", None)
+    traced = depth - min(layers) if isinstance(layers, list) and layers else depth
+    per_image = traced * heads * t * t * (2 + k) + depth * t * width * (12 + 4 * k)
+    return int(4 * batch * per_image)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` (CUDA: free device memory; CPU: MemAvailable), None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(clip, explainer, size: tuple[int, int], k: int) -> None:
+    """Refuse, before allocating, a call whose estimated memory exceeds what the device has free."""
+    need, free = estimate_bytes(clip, explainer, size, k), available_bytes(clip.device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"explaining a {size[0]}x{size[1]} input for {k} prompt(s) needs about {need / 2**30:.1f} GiB, but "
+            f"{clip.device} has {free / 2**30:.1f} GiB free: lower max_side=, use resize=model, or give fewer prompts"
+        )
 
 
 def overlay(img: Image.Image, heat: torch.Tensor, alpha: float = 0.5) -> Image.Image:
@@ -137,6 +176,23 @@ def _token_figure(tokens: list[list[str]], weights: list[list[float]], prompts, 
     plt.close(fig)
 
 
+def explain_maps(
+    img: Image.Image, prompts: list[str], clip, explainer, *, resize: str, max_side: int | None = DEFAULT_MAX_SIDE
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The computation behind :func:`explain_image`: (input x [1, 3, H, W], maps [1, K, H0, W0] at the original
+    image size in [0, 1], CLIP's cosine per prompt). ``img``: displayed RGB (:func:`load_image`); ``resize``
+    resolved (model | keep)."""
+    W0, H0 = img.size
+    if resize == "keep" and max_side and max(H0, W0) > max_side:
+        log.info("image %dx%d: longer side scaled to %d px for keep-size input (max_side=)", W0, H0, max_side)
+    check_memory(clip, explainer, input_size(img.size, clip, resize, max_side), len(prompts))
+    x = preprocess(img, clip, resize, max_side)[None].to(clip.device)  # [1, 3, H, W]
+    maps = explainer(x, prompts)  # [1, K, H, W]
+    maps = torch.nn.functional.interpolate(maps, size=(H0, W0), mode="bilinear", align_corners=False).clamp(0, 1)
+    scores = ClipScorer(clip, prompts).cosines(x)[0].tolist()  # any explainer: scores come from the CLIP itself
+    return x, maps, scores
+
+
 def explain_image(
     image: str | Path | Image.Image,
     prompts: Sequence[str],
@@ -146,10 +202,12 @@ def explain_image(
     out_dir: str | Path,
     resize: str = "auto",
     alpha: float = 0.5,
+    max_side: int | None = DEFAULT_MAX_SIDE,
 ) -> dict[str, Any]:
     """Explain one image for K prompts and write the overlays into ``out_dir``; returns the metrics dict.
 
-    image: a path or a PIL image; explainer: a built explainer (``explainer(images, prompts) -> [B, K, H, W]``).
+    image: a path or a PIL image; explainer: a built explainer (``explainer(images, prompts) -> [B, K, H, W]``);
+    max_side: in ``keep`` mode, the longer side is scaled down to at most this many pixels (None: no cap).
     """
     prompts = check_prompts(prompts)
     if resize not in RESIZE_MODES:
@@ -157,16 +215,11 @@ def explain_image(
     if resize == "auto":
         resize = "keep" if getattr(explainer, "mode", None) == "official" else "model"
     src = str(image) if not isinstance(image, Image.Image) else "<PIL image>"
-    img = load_image(image) if not isinstance(image, Image.Image) else to_rgb(image)
+    img = load_image(image) if not isinstance(image, Image.Image) else as_displayed(image)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x = preprocess(img, clip, resize)[None].to(clip.device)  # [1, 3, H, W]
-    maps = explainer(x, prompts)  # [1, K, H, W]
-    W0, H0 = img.size
-    maps = torch.nn.functional.interpolate(maps, size=(H0, W0), mode="bilinear", align_corners=False).clamp(0, 1)
-    text = encode_text(clip.model, tokenize(clip, prompts))  # any explainer: scores come from the CLIP itself
-    scores = cosine_scores(encode_image(clip.model, x), text)[0].tolist()
-
+    x, maps, scores = explain_maps(img, prompts, clip, explainer, resize=resize, max_side=max_side)
+    H0, W0 = maps.shape[-2:]
     entries, overlays = [], []
     for k, (p, s) in enumerate(zip(prompts, scores, strict=True)):
         ov = overlay(img, maps[0, k], alpha)
@@ -190,6 +243,7 @@ def explain_image(
         "image_size": [H0, W0],
         "input_size": list(x.shape[-2:]),
         "resize": resize,
+        "max_side": max_side if resize == "keep" else None,
         "explainer": getattr(explainer, "name", type(explainer).__name__),
         "mode": getattr(explainer, "mode", None),
         "model": getattr(clip, "name", None),
@@ -207,8 +261,6 @@ def _cfg_value(cfg: DictConfig, key: str, hint: str):
 
 def run(cfg: DictConfig) -> tuple[dict, dict]:
     """Hydra entry: build model + explainer from ``cfg``, explain ``cfg.image`` for ``cfg.prompts``."""
-    from hydra.utils import instantiate
-
     image = _cfg_value(cfg, "image", "image=PATH")
     prompts = _cfg_value(cfg, "prompts", "'prompts=[a red circle, a blue square]'")
     if isinstance(prompts, ListConfig):
@@ -220,7 +272,14 @@ def run(cfg: DictConfig) -> tuple[dict, dict]:
     explainer = instantiate(cfg.explainer)(clip=clip)  # keyword: the partial already binds name=
     out = output_dir(cfg)
     metrics = explain_image(
-        image, prompts, clip, explainer, out_dir=out, resize=cfg.get("resize", "auto"), alpha=cfg.get("alpha", 0.5)
+        image,
+        prompts,
+        clip,
+        explainer,
+        out_dir=out,
+        resize=cfg.get("resize", "auto"),
+        alpha=cfg.get("alpha", 0.5),
+        max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
     )
     save_metrics(metrics, out)
     announce(out)

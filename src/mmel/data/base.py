@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 # What PIL raises on unreadable / truncated / hostile image files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):
@@ -80,8 +80,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     with Image.open(path) as img:
         img.load()  # decode now: a truncated file fails here, inside the caller's try
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return as_displayed(img)
+
+
+def as_displayed(img: Image.Image) -> Image.Image:
+    """A decoded PIL image as it is displayed (and annotated): EXIF orientation applied, 8-bit RGB."""
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 def clean_boxes(boxes: np.ndarray, size: tuple[int, int], counts: Counter, min_area: float = 0.0) -> np.ndarray:
@@ -183,7 +187,7 @@ class BoxDataset(torch.utils.data.Dataset):
             image = load_image(r.file)
         except FileNotFoundError:
             return self._dropped("missing_image", r, "file not found")
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             return self._dropped("corrupt_image", r, f"{type(e).__name__}: {e}")
         if (image.height, image.width) != tuple(r.size):
             why = f"decoded (H, W)={(image.height, image.width)} but annotated {tuple(r.size)}"
