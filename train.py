@@ -11,9 +11,9 @@ os.environ.setdefault("MMEL_ROOT", os.path.dirname(os.path.abspath(__file__)))
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from mmel.train import run
+    from mmel.utils.runs import optimized_value
 
-    metrics, key = run(cfg)[0], cfg.get("optimized_metric")  # a sweep optimises metrics[key]
-    return float(metrics[key]) if key in metrics else None
+    return optimized_value(run(cfg)[0], cfg.get("optimized_metric"))  # what a sweep optimises
 
 
 if __name__ == "__main__":

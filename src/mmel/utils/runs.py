@@ -78,3 +78,23 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
             log.info("instantiating %s <%s>", key, conf._target_)
             objs.append(instantiate(conf))
     return objs
+
+
+STAGES = ("train", "val", "test", "best")
+
+
+def optimized_value(metrics: dict[str, Any], key: str | None) -> float | None:
+    """What a sweep optimises: ``metrics[key]`` as a float, None when no key is configured or when the key's stage
+    did not run (``val/...`` of a ``train=false`` run; logged).
+
+    Any other key the run did not produce is an error: a typo in a sweep config must fail, not optimise None."""
+    if key is None:
+        return None
+    if key in metrics:
+        return float(metrics[key])
+    stage = key.split("/", 1)[0] if "/" in key else None
+    if stage in STAGES and not any(k.startswith(f"{stage}/") for k in metrics):
+        log.warning("optimized_metric=%s: this run has no %s/ metrics (stage not run); returning None", key, stage)
+        return None
+    known = sorted(k for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor))
+    raise KeyError(f"optimized_metric={key!r} is not among this run's metrics {known}")
