@@ -29,9 +29,10 @@ test: install ## run the test suite (fast tests; markers slow/gpu/data are skipp
 test-all: install ## run every test including the slow ones
 	$(BIN)/python -m pytest -m "not gpu and not data" $(PYTEST_ARGS)
 
-lint: install ## ruff lint + format check
+lint: install ## ruff lint + format check + the import-layer contract (docs/architecture.md)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install ## ruff format + autofix
 	$(BIN)/ruff format .
