@@ -196,7 +196,6 @@ def test_docs_and_readmes_reference_only_existing_files():
     assert not bad, "dangling Markdown references:\n" + "\n".join(map(str, bad))
 
 
-@pytest.mark.xfail(strict=True, reason="code refs repointed by lead")
 def test_every_markdown_reference_in_the_repository_resolves():
     bad = dangling(ROOT)
     print("\n".join(map(str, bad)))

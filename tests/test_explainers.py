@@ -1,6 +1,6 @@
 """Explainers: contract (shape/range/finite/deterministic), no side effects on the model, batching, exactness.
 
-Grad-ECLIP is checked against independent re-computations written here from the formulas (DESIGN.md §2), not
+Grad-ECLIP is checked against independent re-computations written here from the formulas (docs/grad_eclip.md), not
 against its own code path: a hand-built block for dS/do, and per-prompt loops over the stock model for both modes.
 """
 

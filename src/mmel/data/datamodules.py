@@ -240,7 +240,7 @@ class Flickr30kDataModule(BoxDataModule):
 
 
 class ShapesDataModule(BoxDataModule):
-    """The synthetic shapes world (DESIGN §5), generated under ``root`` on first use.
+    """The synthetic shapes world (docs/shapes_world.md), generated under ``root`` on first use.
 
     Args:
         root: where the world lives (``<root>/coco``, ``<root>/flickr30k``, ``<root>/MANIFEST.json``).

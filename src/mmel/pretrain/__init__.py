@@ -1,4 +1,4 @@
-"""Pretraining of the project's tiny CLIP (``mmel-tiny``) on the synthetic shapes world (DESIGN.md §5).
+"""Pretraining of the project's tiny CLIP (``mmel-tiny``) on the synthetic shapes world (docs/shapes_world.md).
 
 ``python -m mmel.pretrain --out PATH`` trains it (Lightning, deterministic on CPU for a given seed and thread
 count) and writes an fp16 safetensors file that ``load_clip("mmel-tiny", pretrained=PATH)`` reads;

@@ -1,4 +1,4 @@
-"""The synthetic shapes world (DESIGN.md §5): a seeded generator of images with known boxes and captions.
+"""The synthetic shapes world (docs/shapes_world.md): a seeded generator of images with known boxes and captions.
 
 ``generate(root, seed=0)`` writes the world under ``root`` as a COCO dataset and as a Flickr30k Entities dataset
 (layout in :mod:`mmel.data.shapes.writer`); ``python -m mmel.data.shapes --root data/shapes`` does the same.
