@@ -111,3 +111,10 @@ def test_an_unknown_optimized_metric_is_an_error():
     with pytest.raises(KeyError, match="vall/pointing_game"):
         optimized_value(metrics, "vall/pointing_game")
     assert optimized_value({"test/energy": 0.25}, "val/pointing_game") is None  # train=false: no val stage ran
+
+
+def test_hsrm_checkpoint_keeps_the_ablation_switches(micro_clip, tmp_path):
+    hsrm = HSRM.for_clip(micro_clip.model, num_layers=2, scales=(2,), layer_weights="uniform", gate=False)
+    cfg = hsrm_config(micro_clip, [0, 1], [2], 0.1, layer_weights="uniform", gate=False)
+    loaded, _ = load_hsrm(save_hsrm(tmp_path / "a.pt", hsrm, cfg), micro_clip)
+    assert loaded.layer_weights == "uniform" and not loaded.use_gate and loaded.scales == [2]

@@ -145,3 +145,40 @@ def test_k_prompts_share_their_image_quantities():
         torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="HSRM inputs disagree"):
         hsrm(HSRMInputs(per_pair.evidence[:5], shared.keys, shared.patch_tokens, per_pair.text[:5]))
+
+
+@pytest.mark.parametrize(
+    ("kw", "frozen"),
+    [
+        ({"layer_weights": "uniform"}, {"d_alpha"}),
+        ({"layer_weights": "last"}, {"d_alpha"}),
+        ({"gate": False}, {"gamma"}),
+    ],
+)
+def test_ablation_switches_fix_their_weights_and_change_the_map(kw, frozen):
+    """Each switch removes a part: its weight is no longer a parameter (never trained) and the map follows."""
+    x = make_inputs()
+    full, ablated = make_hsrm(), make_hsrm(**kw)
+    names = {n for n, _ in ablated.named_parameters()}
+    assert not (frozen & names) and frozen <= set(ablated.state_dict())  # same keys, not trainable
+    ablated.load_state_dict(full.state_dict())  # checkpoints stay interchangeable
+    if kw.get("layer_weights") == "uniform":
+        torch.testing.assert_close(ablated.alpha, torch.full((4,), 0.25))
+        assert not torch.allclose(ablated(x)[0], full(x)[0])
+    else:  # 'last' and no gate equal the full module at its start, and stay put when the full one moves
+        torch.testing.assert_close(ablated(x)[0], full(x)[0])
+        with torch.no_grad():
+            if "layer_weights" in kw:
+                full.d_alpha.add_(0.5)
+            else:
+                full.gamma.fill_(5.0)
+        assert not torch.allclose(ablated(x)[0], full(x)[0])
+    with pytest.raises(ValueError, match="layer_weights"):
+        make_hsrm(layer_weights="softmax")
+
+
+def test_no_propagation_is_the_unpropagated_term_only():
+    x = make_inputs()
+    h = make_hsrm(scales=())
+    assert h.beta.shape == (1,) and h.propagate(x.evidence, x.keys, x.grid).shape[2] == 1
+    torch.testing.assert_close(h(x)[0], make_hsrm()(x)[0])  # at the start both are Grad-ECLIP

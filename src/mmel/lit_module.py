@@ -39,7 +39,8 @@ class HSRMLitModule(pl.LightningModule):
     Args:
         clip: the frozen backbone.
         layers: selected vision blocks (negative = from the end); the last one is Grad-ECLIP's block.
-        scales, tau: HSRM propagation granularities and initial temperatures.
+        scales, tau: HSRM propagation granularities and initial temperatures (``scales=()``: no propagation).
+        layer_weights, gate: HSRM switches for ablations (``learned`` / ``uniform`` / ``last``; gate on / off).
         losses: objective weights, e.g. ``{"energy": 1.0, "dice": 0.5}``.
         optimizer: a half-built optimizer (``functools.partial`` / Hydra ``_partial_``) taking the parameters.
         evidence_fn: ``(images, prompts, layers) -> mmel.explainers.LayerEvidence`` (paired); default: native
@@ -53,6 +54,8 @@ class HSRMLitModule(pl.LightningModule):
         layers: Sequence[int] = (-6, -5, -4, -3, -2, -1),
         scales: Sequence[int] = (1, 2, 4),
         tau: float | Sequence[float] = 0.1,
+        layer_weights: str = "learned",
+        gate: bool = True,
         losses: Mapping[str, float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         evidence_fn: Callable[..., Any] | None = None,
@@ -65,6 +68,8 @@ class HSRMLitModule(pl.LightningModule):
             {
                 "layers": self.layers,
                 "scales": list(scales),
+                "layer_weights": layer_weights,
+                "gate": bool(gate),
                 "tau": tau,
                 "losses": dict(losses or {"energy": 1.0}),
                 "backbone": clip.name,
@@ -74,7 +79,9 @@ class HSRMLitModule(pl.LightningModule):
         )
         object.__setattr__(self, "clip", clip)  # not registered: frozen, out of checkpoints
         object.__setattr__(self, "_evidence_fn", evidence_fn)
-        self.hsrm = HSRM.for_clip(clip.model, num_layers=len(self.layers), scales=scales, tau=tau)
+        self.hsrm = HSRM.for_clip(
+            clip.model, num_layers=len(self.layers), scales=scales, tau=tau, layer_weights=layer_weights, gate=gate
+        )
         self.loss_weights = dict(losses or {"energy": 1.0})
         self.optimizer_factory = optimizer
         self.metrics = torch.nn.ModuleDict({stage: self._metric_set(pointing_tolerance) for stage in ("val", "test")})
@@ -175,5 +182,5 @@ class HSRMLitModule(pl.LightningModule):
     def hsrm_config(self) -> dict[str, Any]:
         """The ``config`` of ``hsrm.pt`` (:func:`mmel.hsrm.save_hsrm`): the CLIP it reads and how it was trained."""
         hp = dict(self.hparams)
-        extra = {k: hp[k] for k in ("losses", "pointing_tolerance")}
+        extra = {k: hp[k] for k in ("layer_weights", "gate", "losses", "pointing_tolerance")}
         return hsrm_config(self.clip, self.layers, hp["scales"], hp["tau"], **extra)

@@ -114,7 +114,12 @@ class HSRM(nn.Module):
         scales: granularities s (patch-window sizes) for relationship propagation.
         tau: initial softmax temperature per scale (learnt, in log space).
         ln_post, proj: CLIP's own final LayerNorm and projection, used to initialise P_v.
+        layer_weights: ``learned`` (alpha = e_last + d_alpha), or fixed for ablations: ``uniform`` (1/L each) or
+            ``last`` (only the Grad-ECLIP block). ``scales=()`` switches multi-scale propagation off.
+        gate: False switches the cross-modal alignment gate off (A = 1; its projections are then unused).
     """
+
+    LAYER_WEIGHTS = ("learned", "uniform", "last")
 
     def __init__(
         self,
@@ -125,8 +130,13 @@ class HSRM(nn.Module):
         tau: float | Sequence[float] = 0.1,
         ln_post: nn.LayerNorm | None = None,
         proj: Tensor | None = None,
+        layer_weights: str = "learned",
+        gate: bool = True,
     ) -> None:
         super().__init__()
+        if layer_weights not in self.LAYER_WEIGHTS:
+            raise ValueError(f"hsrm layer_weights={layer_weights!r}: expected one of {self.LAYER_WEIGHTS}")
+        self.layer_weights, self.use_gate = layer_weights, bool(gate)
         if num_layers < 1:
             raise ValueError(f"HSRM needs at least one layer, got num_layers={num_layers}")
         scales = [int(s) for s in scales]
@@ -137,14 +147,15 @@ class HSRM(nn.Module):
             raise ValueError(f"tau needs one positive value per scale {scales}, got {taus}")
         self.num_layers, self.scales = num_layers, scales
         self.log_tau = nn.Parameter(torch.tensor([math.log(t) for t in taus]))
-        self.d_alpha = nn.Parameter(torch.zeros(num_layers))
+        # an ablated weight is a buffer: same state-dict key, no gradient, never moved by the optimiser
+        self._param_or_buffer("d_alpha", torch.zeros(num_layers), layer_weights == "learned")
         self.d_beta = nn.Parameter(torch.zeros(1 + len(scales)))
         self.register_buffer("alpha0", F.one_hot(torch.tensor(num_layers - 1), num_layers).float())
         self.register_buffer("beta0", F.one_hot(torch.tensor(0), 1 + len(scales)).float())
         self.ln_v = nn.LayerNorm(width)
         self.proj_v = nn.Linear(width, embed_dim, bias=False)
         self.proj_t = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self._param_or_buffer("gamma", torch.zeros(()), self.use_gate)
         with torch.no_grad():
             if ln_post is not None:
                 self.ln_v.load_state_dict(ln_post.state_dict())
@@ -154,9 +165,17 @@ class HSRM(nn.Module):
                 self.proj_v.weight.copy_(proj.t())
             self.proj_t.weight.copy_(torch.eye(embed_dim))
 
+    def _param_or_buffer(self, name: str, value: Tensor, learnt: bool) -> None:
+        if learnt:
+            setattr(self, name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
     @property
     def alpha(self) -> Tensor:
-        """Layer weights [L] (the last selected layer first carries all the weight)."""
+        """Layer weights [L] (learned: the last selected layer first carries all the weight)."""
+        if self.layer_weights == "uniform":
+            return torch.full_like(self.alpha0, 1.0 / self.num_layers)
         return self.alpha0 + self.d_alpha
 
     @property
@@ -210,9 +229,11 @@ class HSRM(nn.Module):
         scale = ev.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
         terms = self.propagate(ev / scale, inputs.keys, (h, w))  # [P, L, S+1, h, w]
         g = torch.einsum("plshw,l,s->phw", terms, self.alpha, self.beta)
-        a = self.alignment(inputs.patch_tokens, inputs.text).reshape(-1, h, w)
-        gate = torch.sigmoid(self.gamma * (a - a.mean(dim=(-2, -1), keepdim=True)))
-        energy = F.relu(g) * gate
+        if self.use_gate:
+            a = self.alignment(inputs.patch_tokens, inputs.text).reshape(-1, h, w)
+            energy = F.relu(g) * torch.sigmoid(self.gamma * (a - a.mean(dim=(-2, -1), keepdim=True)))
+        else:
+            energy = F.relu(g)
         # the explainers' own normalise-then-resize, so that the start is Grad-ECLIP's map bit for bit
         m = to_image_maps(energy[:, None], out_size or (h, w))[:, 0]
         return m, energy
