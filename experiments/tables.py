@@ -13,6 +13,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from html import escape as html_escape
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,21 @@ class Table:
                 row += ["" if v is None else repr(float(v)) for v in (cell.value, cell.std, cell.low, cell.high)]
             w.writerow(row)
         return buf.getvalue()
+
+    def html(self) -> str:
+        """An HTML <table> (escaped; best values in <b>), for the self-contained report."""
+        best = self.best()
+        esc = html_escape
+        arrows = [f"{esc(c.name)} {'↑' if c.higher_is_better else '↓'}" for c in self.columns]
+        head = "".join(f"<th>{h}</th>" for h in [esc(self.label_header), *arrows])
+        rows = []
+        for r, label in enumerate(self.rows):
+            cells = []
+            for c in range(len(self.columns)):
+                t = esc(self.cells[r][c].text(self.digits))
+                cells.append(f"<td><b>{t}</b></td>" if r in best[c] else f"<td>{t}</td>")
+            rows.append(f"<tr><th scope='row'>{esc(label)}</th>{''.join(cells)}</tr>")
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>\n"
 
     def latex(self) -> str:
         best = self.best()
