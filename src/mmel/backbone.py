@@ -122,17 +122,27 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class _DropRandomInitWarning(logging.Filter):
-    """open_clip warns "No pretrained weights loaded … initialized randomly" (on the root logger) whenever it builds
-    a model without a tag, also when we then load a weight file into it: that line would be false, so drop it."""
+class _QuietOpenClip(logging.Filter):
+    """open_clip logs on the root logger: a dozen INFO lines per model build (parsing identifiers, configs, the
+    tokenizer), which Hydra's INFO root level prints into every run log, and — with ``weights_loaded`` — the warning
+    "No pretrained weights loaded … initialized randomly", which is false when we then load a weight file. Drop
+    those; every warning or error of open_clip's still passes. :func:`load_clip` logs what was loaded instead."""
+
+    def __init__(self, weights_loaded: bool) -> None:
+        super().__init__()
+        self.weights_loaded = weights_loaded
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
+        if f"{os.sep}open_clip{os.sep}" not in record.pathname:
+            return True
+        if self.weights_loaded and "initialized randomly" in record.getMessage():
+            return False
+        return record.levelno >= logging.WARNING
 
 
 @contextlib.contextmanager
-def _quiet_random_init() -> Iterator[None]:
-    root, f = logging.getLogger(), _DropRandomInitWarning()
+def _quiet_open_clip(weights_loaded: bool) -> Iterator[None]:
+    root, f = logging.getLogger(), _QuietOpenClip(weights_loaded)
     root.addFilter(f)
     try:
         yield
@@ -296,9 +306,10 @@ def load_clip(
 
     if weight_file is None and tag is not None:
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, cache_dir=str(cache), device=device, precision=precision
-            )
+            with _quiet_open_clip(weights_loaded=False):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=tag, cache_dir=str(cache), device=device, precision=precision
+                )
         except Exception as e:  # noqa: BLE001 — offline downloads fail in many library-specific ways
             raise RuntimeError(
                 f"Could not obtain pretrained weights '{tag}' for '{name}' ({type(e).__name__}: {e}). "
@@ -309,11 +320,13 @@ def load_clip(
             ) from e
     else:
         # weights from a file: the "initialized randomly" line open_clip prints first would be untrue
-        with _quiet_random_init() if weight_file is not None else contextlib.nullcontext():
+        with _quiet_open_clip(weights_loaded=weight_file is not None):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, precision=precision)
         if weight_file is not None:
             _load_file_into(model, weight_file, name)
         model.to(device)
+    with _quiet_open_clip(weights_loaded=False):
+        tokenizer = open_clip.get_tokenizer(name)
     model.requires_grad_(False)
     model.eval()
     mean = tuple(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
@@ -321,7 +334,7 @@ def load_clip(
     bundle = ClipBundle(
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=tokenizer,
         name=name,
         pretrained=None if tag is None else tag,
         mean=mean,
