@@ -7,7 +7,7 @@ writes into the run directory, for K prompts:
   * ``tokens.png``      — the text-side token weights per prompt (explainers with a text side: Grad-ECLIP);
   * ``metrics.json``    — the files, the per-prompt scores (unscaled cosine at the explained input size) and the
                           token weights.
-:func:`explain_image` does the same from Python.
+:func:`explain_image` does the same from Python; :func:`explain_maps` only computes (maps, scores, token weights).
 
 Input sizes (``resize``): ``auto`` (default) is ``keep`` for official-mode Grad-ECLIP (the authors' setting)
 and ``model`` otherwise; ``model`` resizes the whole image to the model's native square (no crop, so the map
@@ -137,6 +137,34 @@ def _token_figure(tokens: list[list[str]], weights: list[list[float]], prompts, 
     plt.close(fig)
 
 
+def explain_maps(
+    img: Image.Image, prompts: Sequence[str], clip, explainer, *, resize: str = "auto"
+) -> dict[str, Any]:
+    """Explain one RGB image for K prompts without writing anything (the computing half of :func:`explain_image`).
+
+    Returns ``maps`` [K, H0, W0] in [0, 1] at the image's own size, ``scores`` (K unscaled cosines from the CLIP
+    itself, at the explained input size), ``input`` the model input [1, 3, H, W], ``resize`` (auto resolved) and,
+    for explainers with a text side, ``tokens`` (per prompt, the real tokens) and ``token_weights`` (per prompt).
+    """
+    prompts = check_prompts(prompts)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
+    if resize == "auto":
+        resize = "keep" if getattr(explainer, "mode", None) == "official" else "model"
+    x = preprocess(img, clip, resize)[None].to(clip.device)  # [1, 3, H, W]
+    maps = explainer(x, prompts)  # [1, K, H, W]
+    W0, H0 = img.size
+    maps = torch.nn.functional.interpolate(maps, size=(H0, W0), mode="bilinear", align_corners=False).clamp(0, 1)
+    text = encode_text(clip.model, tokenize(clip, prompts))  # any explainer: scores come from the CLIP itself
+    scores = cosine_scores(encode_image(clip.model, x), text)[0].tolist()
+    out = {"maps": maps[0], "scores": scores, "input": x, "resize": resize, "tokens": None, "token_weights": None}
+    if hasattr(explainer, "explain_text"):
+        te = explainer.explain_text(x, prompts)
+        out["tokens"] = te.tokens
+        out["token_weights"] = [te.weights[0, k][te.mask[k]].tolist() for k in range(len(prompts))]
+    return out
+
+
 def explain_image(
     image: str | Path | Image.Image,
     prompts: Sequence[str],
@@ -154,18 +182,13 @@ def explain_image(
     prompts = check_prompts(prompts)
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
-    if resize == "auto":
-        resize = "keep" if getattr(explainer, "mode", None) == "official" else "model"
     src = str(image) if not isinstance(image, Image.Image) else "<PIL image>"
     img = load_image(image) if not isinstance(image, Image.Image) else to_rgb(image)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x = preprocess(img, clip, resize)[None].to(clip.device)  # [1, 3, H, W]
-    maps = explainer(x, prompts)  # [1, K, H, W]
+    res = explain_maps(img, prompts, clip, explainer, resize=resize)
+    maps, scores, x, resize = res["maps"][None], res["scores"], res["input"], res["resize"]
     W0, H0 = img.size
-    maps = torch.nn.functional.interpolate(maps, size=(H0, W0), mode="bilinear", align_corners=False).clamp(0, 1)
-    text = encode_text(clip.model, tokenize(clip, prompts))  # any explainer: scores come from the CLIP itself
-    scores = cosine_scores(encode_image(clip.model, x), text)[0].tolist()
 
     entries, overlays = [], []
     for k, (p, s) in enumerate(zip(prompts, scores, strict=True)):
@@ -177,12 +200,11 @@ def explain_image(
     _grid_figure(img, overlays, prompts, scores, out / "grid.png")
     files = {"grid": "grid.png", "overlays": [e["overlay"] for e in entries]}
 
-    if hasattr(explainer, "explain_text"):
-        te = explainer.explain_text(x, prompts)
-        weights = [te.weights[0, k][te.mask[k]].tolist() for k in range(len(prompts))]
-        _token_figure(te.tokens, weights, prompts, out / "tokens.png")
+    if res["tokens"] is not None:
+        tokens, weights = res["tokens"], res["token_weights"]
+        _token_figure(tokens, weights, prompts, out / "tokens.png")
         files["tokens"] = "tokens.png"
-        for e, toks, ws in zip(entries, te.tokens, weights, strict=True):
+        for e, toks, ws in zip(entries, tokens, weights, strict=True):
             e["token_weights"] = [[t, w] for t, w in zip(toks, ws, strict=True)]
 
     return {
