@@ -260,3 +260,35 @@ def test_run_request_turns_bad_input_into_messages(cache, image, tmp_path):
     assert "<table" in info and "a blue square" in info
     msg = run(src, "a", ["rollout"], boxes_mode=True)[0]
     assert "no ground truth" in msg
+
+
+def test_one_backbone_busy_does_not_block_another(cache, image):
+    """Explanations hold only their own backbone's lock: with 'micro' busy, 'microq' still computes."""
+    cache.explainer("microq", "rollout")  # built beforehand: the test is about computing, not loading
+    cache.explainer("micro", "rollout")
+    done = threading.Event()
+
+    def other():
+        core.explain(cache, "microq", "rollout", image, PROMPTS)
+        done.set()
+
+    with cache.compute_lock("micro"):
+        t = threading.Thread(target=other)
+        t.start()
+        assert done.wait(60), "an explanation on another backbone waited for the busy one"
+        blocked = threading.Thread(target=lambda: core.explain(cache, "micro", "rollout", image, PROMPTS))
+        blocked.start()
+        blocked.join(0.5)
+        assert blocked.is_alive()  # the same backbone waits for the lock holder
+    blocked.join(60)
+    t.join()
+    assert not blocked.is_alive()
+
+
+def test_command_line_binds_localhost_unless_asked():
+    from mmel.app.__main__ import parse_args
+
+    a = parse_args([])
+    assert (a.host, a.share, a.port) == ("127.0.0.1", False, 7860)
+    a = parse_args(["--host", "0.0.0.0", "--share", "--checkpoint", "x/hsrm.pt"])
+    assert (a.host, a.share, a.checkpoint) == ("0.0.0.0", True, ["x/hsrm.pt"])

@@ -322,6 +322,17 @@ def explain(
 # ------------------------------------------------------------------------------------------------- rendering
 
 
+def display_factor(size: tuple[int, int], min_side: int = DISPLAY_MIN_SIDE) -> int:
+    """The integer factor that brings the shorter side of a (W, H) image to at least ``min_side`` (1 if it is)."""
+    return max(1, math.ceil(min_side / max(1, min(size))))
+
+
+def enlarge(img: Image.Image, min_side: int = DISPLAY_MIN_SIDE) -> Image.Image:
+    """``img`` enlarged by :func:`display_factor` with nearest neighbour (pixels stay sharp; display only)."""
+    f = display_factor(img.size, min_side)
+    return img if f == 1 else img.resize((img.width * f, img.height * f), Image.Resampling.NEAREST)
+
+
 def peak(heat: np.ndarray) -> tuple[int, int]:
     """(x, y) pixel of the first maximum of a [H, W] map (raster order, like ``torch.argmax``)."""
     y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
@@ -339,10 +350,8 @@ def render(
     ``min_side`` (nearest neighbour), with the peak marked (white ring, black cross) and ``boxes`` [M, 4] xyxy in
     image pixels drawn in green."""
     ov = overlay(img, torch.from_numpy(np.asarray(heat, dtype=np.float32)), float(alpha))
-    w, h = ov.size
-    f = max(1, math.ceil(min_side / min(w, h)))
-    if f > 1:
-        ov = ov.resize((w * f, h * f), Image.Resampling.NEAREST)
+    f = display_factor(ov.size, min_side)
+    ov = enlarge(ov, min_side)
     draw = ImageDraw.Draw(ov)
     lw = max(2, min(ov.size) // 128)
     for b in [] if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4):

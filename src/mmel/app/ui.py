@@ -43,7 +43,7 @@ def load_upload(path: str | None, max_side: int) -> tuple[dict | None, Any, str]
         return None, None, _warn(str(e))
     img, note = core.fit_image(img, max_side)
     src = {"image": img, "label": Path(path).name, "boxes": None, "note": note}
-    return src, img, note or f"Loaded {Path(path).name} ({img.width}×{img.height})."
+    return src, core.enlarge(img), note or f"Loaded {Path(path).name} ({img.width}×{img.height})."
 
 
 def load_sample(samples: core.ShapesSamples, split: str, index: float | None) -> tuple[dict | None, Any, Any, str]:
@@ -57,7 +57,7 @@ def load_sample(samples: core.ShapesSamples, split: str, index: float | None) ->
         return None, None, gr.update(), _warn(str(e))
     src = {"image": s.image, "label": s.label, "boxes": s.boxes, "note": None}
     status = [f"Loaded {s.label}: ground truth for {len(s.boxes)} prompt(s)."] + ([note] if note else [])
-    return src, s.image, "\n".join(s.boxes), _message(status)
+    return src, core.enlarge(s.image), "\n".join(s.boxes), _message(status)
 
 
 def _details_html(
@@ -241,7 +241,8 @@ def build_app(
                 download = gr.DownloadButton("Download overlays (zip)", elem_id="download", interactive=False)
                 details = gr.HTML(elem_id="details")
 
-        upload.upload(lambda p: load_upload(p, max_side), [upload], [source, preview, status])
+        # the file slot is emptied after each upload (the preview shows what was loaded), so another can follow
+        upload.upload(lambda p: (*load_upload(p, max_side), None), [upload], [source, preview, status, upload])
         sample_btn.click(lambda s, i: load_sample(samples, s, i), [split, index], [source, preview, prompts, status])
 
         def on_run(src, text, chosen, ckpts, bb, w, bm, a):
