@@ -7,8 +7,10 @@ test or a user script needs has an ``elem_id``.
 
 from __future__ import annotations
 
+import atexit
 import html
 import logging
+import shutil
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -201,7 +203,10 @@ def build_app(
     cache = cache or core.ModelCache()
     samples = samples or core.ShapesSamples(core.repo_root() / "data" / "shapes")
     tolerance = core.pointing_tolerance() if tolerance is None else tolerance
-    out_dir = Path(workdir or tempfile.mkdtemp(prefix="mmel-app-"))
+    if workdir is None:  # the zips of this process; removed when it exits
+        workdir = tempfile.mkdtemp(prefix="mmel-app-")
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    out_dir = Path(workdir)
     found = [str(p) for p in checkpoints] + [str(p) for p in core.find_checkpoints(logs)]
     choices = core.explainer_choices(dict.fromkeys(found))
     backbones = [(s.label, k) for k, s in cache.specs.items()]
