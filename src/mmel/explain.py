@@ -137,9 +137,7 @@ def _token_figure(tokens: list[list[str]], weights: list[list[float]], prompts, 
     plt.close(fig)
 
 
-def explain_maps(
-    img: Image.Image, prompts: Sequence[str], clip, explainer, *, resize: str = "auto"
-) -> dict[str, Any]:
+def explain_maps(img: Image.Image, prompts: Sequence[str], clip, explainer, *, resize: str = "auto") -> dict[str, Any]:
     """Explain one RGB image for K prompts without writing anything (the computing half of :func:`explain_image`).
 
     Returns ``maps`` [K, H0, W0] in [0, 1] at the image's own size, ``scores`` (K unscaled cosines from the CLIP
