@@ -9,7 +9,7 @@ TORCH   = torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo shapes bench clean
+.PHONY: help install test test-all lint format demo shapes bench clean app
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,sweep]'
+	$(BIN)/python -m pip install -q -e '.[dev,sweep,app]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create the venv and install mmel with its dev and sweep extras
+install: $(STAMP) ## create the venv and install mmel with its dev, sweep and app extras
 
 test: install ## run the test suite (fast tests; markers slow/gpu/data are skipped)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -40,6 +40,9 @@ format: install ## ruff format + autofix
 
 demo: install ## the main job on the embedded default (shapes world + tiny CLIP); prints the run dir
 	$(BIN)/python train.py
+
+app: install ## the explorer: compare explanations in the browser at http://127.0.0.1:7860 (ARGS="--port 8000 ...")
+	$(BIN)/python -m mmel.app $(ARGS)
 
 shapes: install ## write the synthetic shapes world (COCO + Flickr30k Entities formats) under data/shapes
 	$(BIN)/python -m mmel.data.shapes --root data/shapes --seed 0

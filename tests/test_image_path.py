@@ -38,8 +38,10 @@ def test_exif_rotated_jpeg_and_rotated_pixels_give_identical_maps_in_explain_and
     jpg, png = rotated_pair
     e = build_explainer("grad_eclip", micro_clip)
     prompts = ["a red square"]
-    ex = {p.name: explain_maps(explain_load_image(p), prompts, micro_clip, e, resize="keep")[1] for p in (jpg, png)}
-    assert ex["exif.jpg"].shape == (1, 1, 40, 24)  # the displayed orientation, not the stored one
+    ex = {
+        p.name: explain_maps(explain_load_image(p), prompts, micro_clip, e, resize="keep")["maps"] for p in (jpg, png)
+    }
+    assert ex["exif.jpg"].shape == (1, 40, 24)  # the displayed orientation, not the stored one
     assert torch.equal(ex["exif.jpg"], ex["upright.png"])
     assert ex["exif.jpg"].amax() > 0  # a real map, not two blank ones
 
@@ -57,7 +59,7 @@ def test_exif_rotated_jpeg_and_rotated_pixels_give_identical_maps_in_explain_and
         assert item["prompt"] == prompts[0]
         coco[item["file"].rsplit("/", 1)[-1]] = e(item["image"][None], [item["prompt"]])
     assert torch.equal(coco["exif.jpg"], coco["upright.png"])
-    torch.testing.assert_close(coco["exif.jpg"], ex["exif.jpg"], atol=1e-6, rtol=0)  # explain.py == the dataset path
+    torch.testing.assert_close(coco["exif.jpg"][0], ex["exif.jpg"], atol=1e-6, rtol=0)  # explain.py == the dataset path
 
 
 def test_explain_preprocessing_is_the_dataset_transform(micro_clip):

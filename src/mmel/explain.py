@@ -7,7 +7,7 @@ writes into the run directory, for K prompts:
   * ``tokens.png``      — the text-side token weights per prompt (explainers with a text side: Grad-ECLIP);
   * ``metrics.json``    — the files, the per-prompt scores (unscaled cosine at the explained input size) and the
                           token weights.
-:func:`explain_image` does the same from Python.
+:func:`explain_image` does the same from Python; :func:`explain_maps` only computes (maps, scores, token weights).
 
 Images are read and transformed by :mod:`mmel.data` — the same decoding (EXIF orientation, every PIL mode),
 keep-size rounding and normalisation as the datasets — so a photo gets the same map here as in evaluate.py.
@@ -177,11 +177,28 @@ def _token_figure(tokens: list[list[str]], weights: list[list[float]], prompts, 
 
 
 def explain_maps(
-    img: Image.Image, prompts: list[str], clip, explainer, *, resize: str, max_side: int | None = DEFAULT_MAX_SIDE
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """The computation behind :func:`explain_image`: (input x [1, 3, H, W], maps [1, K, H0, W0] at the original
-    image size in [0, 1], CLIP's cosine per prompt). ``img``: displayed RGB (:func:`load_image`); ``resize``
-    resolved (model | keep)."""
+    img: Image.Image,
+    prompts: Sequence[str],
+    clip,
+    explainer,
+    *,
+    resize: str = "auto",
+    max_side: int | None = DEFAULT_MAX_SIDE,
+) -> dict[str, Any]:
+    """Explain one displayed RGB image (:func:`load_image`) for K prompts without writing anything (the computing
+    half of :func:`explain_image`).
+
+    Returns ``maps`` [K, H0, W0] in [0, 1] at the image's own size, ``scores`` (K unscaled cosines from the CLIP
+    itself, at the explained input size), ``input`` the model input [1, 3, H, W], ``resize`` (auto resolved) and,
+    for explainers with a text side, ``tokens`` (per prompt, the real tokens) and ``token_weights`` (per prompt).
+    ``max_side``: in ``keep`` mode the longer side is first scaled down to at most this many pixels (None: no cap);
+    the memory the call needs is estimated first and refused when the device lacks it.
+    """
+    prompts = check_prompts(prompts)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
+    if resize == "auto":
+        resize = "keep" if getattr(explainer, "mode", None) == "official" else "model"
     W0, H0 = img.size
     if resize == "keep" and max_side and max(H0, W0) > max_side:
         log.info("image %dx%d: longer side scaled to %d px for keep-size input (max_side=)", W0, H0, max_side)
@@ -190,7 +207,12 @@ def explain_maps(
     maps = explainer(x, prompts)  # [1, K, H, W]
     maps = torch.nn.functional.interpolate(maps, size=(H0, W0), mode="bilinear", align_corners=False).clamp(0, 1)
     scores = ClipScorer(clip, prompts).cosines(x)[0].tolist()  # any explainer: scores come from the CLIP itself
-    return x, maps, scores
+    out = {"maps": maps[0], "scores": scores, "input": x, "resize": resize, "tokens": None, "token_weights": None}
+    if hasattr(explainer, "explain_text"):
+        te = explainer.explain_text(x, prompts)
+        out["tokens"] = te.tokens
+        out["token_weights"] = [te.weights[0, k][te.mask[k]].tolist() for k in range(len(prompts))]
+    return out
 
 
 def explain_image(
@@ -212,14 +234,13 @@ def explain_image(
     prompts = check_prompts(prompts)
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
-    if resize == "auto":
-        resize = "keep" if getattr(explainer, "mode", None) == "official" else "model"
     src = str(image) if not isinstance(image, Image.Image) else "<PIL image>"
     img = load_image(image) if not isinstance(image, Image.Image) else as_displayed(image)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x, maps, scores = explain_maps(img, prompts, clip, explainer, resize=resize, max_side=max_side)
-    H0, W0 = maps.shape[-2:]
+    res = explain_maps(img, prompts, clip, explainer, resize=resize, max_side=max_side)
+    maps, scores, x, resize = res["maps"][None], res["scores"], res["input"], res["resize"]
+    W0, H0 = img.size
     entries, overlays = [], []
     for k, (p, s) in enumerate(zip(prompts, scores, strict=True)):
         ov = overlay(img, maps[0, k], alpha)
@@ -230,12 +251,11 @@ def explain_image(
     _grid_figure(img, overlays, prompts, scores, out / "grid.png")
     files = {"grid": "grid.png", "overlays": [e["overlay"] for e in entries]}
 
-    if hasattr(explainer, "explain_text"):
-        te = explainer.explain_text(x, prompts)
-        weights = [te.weights[0, k][te.mask[k]].tolist() for k in range(len(prompts))]
-        _token_figure(te.tokens, weights, prompts, out / "tokens.png")
+    if res["tokens"] is not None:
+        tokens, weights = res["tokens"], res["token_weights"]
+        _token_figure(tokens, weights, prompts, out / "tokens.png")
         files["tokens"] = "tokens.png"
-        for e, toks, ws in zip(entries, te.tokens, weights, strict=True):
+        for e, toks, ws in zip(entries, tokens, weights, strict=True):
             e["token_weights"] = [[t, w] for t, w in zip(toks, ws, strict=True)]
 
     return {
