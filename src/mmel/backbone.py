@@ -62,6 +62,11 @@ def register_local_weights(name: str, tag: str, resolver: Callable[[Path], Path]
     _LOCAL_WEIGHTS[(name, tag)] = resolver
 
 
+def is_project_tag(name: str, tag: str) -> bool:
+    """Whether (architecture, tag) is one of the project's own weights (resolved, and built if needed, locally)."""
+    return (name, tag) in _LOCAL_WEIGHTS
+
+
 def default_cache_dir() -> Path:
     """Where downloaded / project-built weights live: ``$MMEL_CACHE_DIR`` or ``~/.cache/mmel``."""
     return Path(os.environ.get("MMEL_CACHE_DIR", Path.home() / ".cache" / "mmel")).expanduser()
@@ -165,7 +170,8 @@ def _unknown_model_error(name: str) -> ValueError:
     )
 
 
-def _looks_like_path(pretrained: str) -> bool:
+def looks_like_path(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a weight file (a known suffix or a path) rather than a tag."""
     p = str(pretrained)
     return p.endswith(WEIGHT_SUFFIXES) or os.sep in p or p.startswith((".", "~"))
 
@@ -285,7 +291,7 @@ def load_clip(
             module, func = resolver.split(":")
             resolver = getattr(importlib.import_module(module), func)
         weight_file = Path(resolver(cache))
-    elif tag is not None and _looks_like_path(tag):
+    elif tag is not None and looks_like_path(tag):
         weight_file = Path(tag).expanduser()
         if not weight_file.is_file():
             read_state_dict(weight_file)  # raises the documented FileNotFoundError

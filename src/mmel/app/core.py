@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mmel.backbone import is_project_tag, looks_like_path
 from mmel.data.base import as_displayed
 from mmel.explain import _slug, explain_maps, load_image, overlay
 
@@ -143,12 +144,10 @@ def missing_weights(spec: BackboneSpec, weights: str | None = None) -> str | Non
     Checked before loading because open_clip's download of a missing tag retries for about a minute offline.
     ``weights``: a local file replacing the config's ``pretrained``.
     """
-    from mmel.backbone import _LOCAL_WEIGHTS, _looks_like_path
-
     tag = weights or spec.pretrained
-    if tag is None or (spec.name, tag) in _LOCAL_WEIGHTS:
+    if tag is None or is_project_tag(spec.name, tag):
         return None  # random init, or a project tag whose resolver finds (or builds) the file
-    if weights or _looks_like_path(tag):
+    if weights or looks_like_path(tag):
         return None if Path(tag).expanduser().is_file() else f"Backbone {spec.key}: weight file not found: {tag}"
     if _tag_cached(spec.name, tag, spec.cache_dir):
         return None
