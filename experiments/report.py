@@ -31,7 +31,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px soli
 text-align:right}th[scope=row],thead th:first-child{text-align:left}thead th{background:#f3f3f3}
 figure{display:inline-block;margin:.5em;vertical-align:top}figure img{max-width:560px;border:1px solid #ddd}
 figcaption{font-size:.85em;color:#555}code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;overflow:auto}
-.note{color:#444}
+.note{color:#444}.prov td{text-align:left}
 """
 
 
@@ -105,7 +105,7 @@ def render(title: str, sections: Sequence[Section], provenance: Sequence[Provena
             f"<tr><th scope='row'>{escape(p.label)}</th><td><code>{escape(p.command)}</code></td>"
             f"<td><code>{escape(p.config_hash)}</code></td></tr>"
         )
-    parts.append("</tbody></table><h2>Environment</h2><table><tbody>")
+    parts.append("</tbody></table><h2>Environment</h2><table class='prov'><tbody>")
     parts += [f"<tr><th scope='row'>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in env.items()]
     parts.append("</tbody></table></body></html>\n")
     return "".join(parts)
