@@ -222,6 +222,6 @@ def run(cfg: DictConfig) -> tuple[dict, dict]:
     metrics = explain_image(
         image, prompts, clip, explainer, out_dir=out, resize=cfg.get("resize", "auto"), alpha=cfg.get("alpha", 0.5)
     )
-    save_metrics(metrics, out)
+    save_metrics(metrics, out, cfg=cfg)
     announce(out)
     return metrics, {"clip": clip, "explainer": explainer}
