@@ -122,7 +122,7 @@ def test_train_metrics_count_skips_by_reason(world, tmp_path):
         "callbacks=none",
         "test=false",
         "feature_cache.enabled=false",
-        "data.min_box_area=150",  # some shapes of a 64 px world are smaller: their boxes (and samples) go
+        "data.min_box_area=400",  # boxes of a 64 px world span ~200..650 px²: the smaller ones (and samples) go
     ]
     metrics, objs = run(cfg_for("train", world, tmp_path / "run", over))
     skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped"]
