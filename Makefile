@@ -4,24 +4,42 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.mmel-installed
-# torch/torchvision are pinned to the pair our machines carry on disk; elsewhere pip downloads them.
-TORCH   = torch==2.14.1 torchvision==0.29.1
+# Every dependency is installed from the hashed lock requirements/lock.txt (made by `make lock` from pyproject.toml's
+# dependencies and all its extras, with torch/torchvision pinned by requirements/pins.txt to the pair our machines
+# carry on disk). The lock is resolved for CPython 3.11 on linux x86_64 (our machines and CI); on another platform
+# install unlocked: pip install -e '.[dev,sweep,app]'.
+LOCK    = requirements/lock.txt
+PINS    = requirements/pins.txt
+PIP_VERSION = 26.3
+# pip-tools runs in a venv of its own (it is not a dependency of mmel)
+LOCK_VENV ?= .venv-lock
+PIP_TOOLS = pip-tools==7.6.2
+LOCK_ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo shapes bench clean app
+.PHONY: help install lock test test-all lint format demo shapes bench clean app
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# --require-hashes: every package must be in the lock with a matching sha256 (an incomplete lock fails here).
+# mmel itself: --no-deps (the lock has them) and --no-build-isolation (built with the locked setuptools, so the
+# build backend is not an unpinned download either).
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,sweep,app]'
+	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-install: $(STAMP) ## create the venv and install mmel with its dev, sweep and app extras
+install: $(STAMP) ## create the venv and install the locked dependencies (all extras), then mmel (editable)
+
+lock: ## re-resolve requirements/lock.txt (all extras, hashes); keeps current pins unless LOCK_ARGS=--upgrade
+	test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q $(PIP_TOOLS))
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --all-extras --generate-hashes \
+		--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		--constraint $(PINS) --output-file $(LOCK) $(LOCK_ARGS) pyproject.toml
 
 test: install ## run the test suite (fast tests; markers slow/gpu/data are skipped)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

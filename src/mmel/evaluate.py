@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "seconds": elapsed,
         }
     )
-    save_metrics(results, out)
+    save_metrics(results, out, cfg=cfg)
     announce(out)
     return results, {"clip": clip, "datamodule": datamodule, "explainer": explainer, "metrics": metrics}
 

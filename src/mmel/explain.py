@@ -301,6 +301,6 @@ def run(cfg: DictConfig) -> tuple[dict, dict]:
         alpha=cfg.get("alpha", 0.5),
         max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
     )
-    save_metrics(metrics, out)
+    save_metrics(metrics, out, cfg=cfg)
     announce(out)
     return metrics, {"clip": clip, "explainer": explainer}

@@ -10,6 +10,8 @@ Returns (metrics, objects); `main()` in the root shim returns `cfg.optimized_met
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,8 +35,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     fc = cfg.get("feature_cache")
     if fc and fc.get("enabled", False):
         datamodule = cached_features(cfg, clip, datamodule, module)
+    datamodule.order_seed = int(cfg.seed)  # the training order is a function of (seed, epoch): mmel.data.order
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("ckpt_path"):
+        _continue_checkpoint_folder(callbacks, cfg.ckpt_path)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     metrics: dict[str, Any] = {}
@@ -51,10 +56,31 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         save_hsrm(out / "hsrm.pt", module.hsrm, module.hsrm_config())
         metrics["hsrm_checkpoint"] = str(out / "hsrm.pt")
-        save_metrics(metrics, out)
+        metrics["skipped"] = skip_counts(datamodule)
+        save_metrics(metrics, out, cfg=cfg)
         announce(out)
     _finish_wandb()
     return metrics, {"clip": clip, "datamodule": datamodule, "module": module, "trainer": trainer}
+
+
+def skip_counts(datamodule: Any) -> dict[str, int]:
+    """Samples / boxes left out, by reason (as evaluate's ``skipped``): the data module's own counts, and for a
+    feature-cache module also its base module's (indexing) counts."""
+    total: Counter = Counter()
+    for dm in (getattr(datamodule, "base", None), datamodule):
+        total.update(getattr(dm, "skipped", None) or {})
+    return {k: int(v) for k, v in sorted(total.items()) if v}
+
+
+def _continue_checkpoint_folder(callbacks: list[Any], ckpt_path: str) -> None:
+    """Resuming: keep writing checkpoints into the folder ``ckpt_path`` lies in. Lightning restores
+    ModelCheckpoint's best-k bookkeeping only for the same folder; in a fresh folder the resumed run would forget
+    the best epoch before the kill and could test another checkpoint than the uninterrupted run."""
+    folder = str(Path(ckpt_path).expanduser().resolve().parent)
+    for cb in callbacks:
+        if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb.dirpath != folder:
+            log.info("resuming from %s: checkpoints continue in %s (not %s)", ckpt_path, folder, cb.dirpath)
+            cb.dirpath = folder
 
 
 def cached_features(cfg: DictConfig, clip, datamodule, module):

@@ -2,7 +2,9 @@
 
 Composes the project's config (``conf/train.yaml`` with the given overrides), builds ``cfg.data``, indexes every
 split and prints per split: images, samples, and each skip / adjustment reason with its count. ``verify=true``
-also decodes every image (finds corrupt files; slow on full COCO). Exit status 1 when a split has no sample.
+also decodes every image (finds corrupt files; slow on full COCO). Exit status 1 when a split has no sample, 2 when
+the data is not there. It only reads: a shapes world that is missing or made with other settings is reported, not
+generated.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     with open_dict(cfg):
         cfg.data.verify_images = verify
     dm = instantiate(cfg.data)
-    dm.prepare_data()
+    if hasattr(dm, "read_only"):
+        dm.read_only = True  # a checker reads: it never generates (nor deletes) a world
+    try:
+        dm.prepare_data()
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{cfg.data._target_} root={dm.root} verify_images={verify}")
     rc = 0
     seen: dict[str, object] = {}

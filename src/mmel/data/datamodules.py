@@ -13,6 +13,7 @@ A batch whose items were all bad is skipped by :class:`BoxDataLoader`; ``dm.skip
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from collections import Counter
@@ -22,11 +23,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmel.data.base import BoxDataset, Dropped
 from mmel.data.coco import DEFAULT_TEMPLATE, CocoBoxes
 from mmel.data.flickr30k import Flickr30kEntities
+from mmel.data.order import EpochOrder, process_group
 from mmel.data.transforms import CLIP_MEAN, CLIP_STD, BoxTransform, collate_boxes
 
 log = logging.getLogger(__name__)
@@ -81,19 +83,57 @@ class BoxDataLoader(DataLoader):
 
 
 class StageLoaders(pl.LightningDataModule):
-    """train/val/test loaders from one ``_loader(stage, shuffle)`` (only training data is shuffled)."""
+    """train/val/test loaders from one ``_loader(stage, shuffle)`` (only training data is shuffled).
+
+    Whatever sampler ``_loader`` chose, the loaders Lightning gets read in :class:`mmel.data.order.EpochOrder`'s
+    order: training in a permutation fixed by (``order_seed``, epoch) with global batches split over DDP
+    processes, evaluation in dataset order (every W-th sample per process under DDP).
+    """
+
+    #: the run's seed for the training order (``train.py`` sets ``cfg.seed``); None: Lightning's global seed
+    order_seed: int | None = None
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._ordered(self._loader("train", shuffle=True), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._ordered(self._loader("val", shuffle=False), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._ordered(self._loader("test", shuffle=False), shuffle=False)
+
+    def _ordered(self, loader: DataLoader, shuffle: bool) -> DataLoader:
+        rank, world = process_group()
+        if not shuffle and world == 1:
+            return loader  # one process reads evaluation data in dataset order already
+        seed = self.order_seed if self.order_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = EpochOrder(
+            len(loader.dataset), seed=seed, shuffle=shuffle, batch_size=loader.batch_size if shuffle else None
+        )
+        # Lightning makes a resumed run's first iterator before its set_epoch call (worker processes fetch
+        # indices at once): start at the trainer's epoch so that iterator reads the right order too
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+        return with_sampler(loader, sampler, sampler.per_process_batch or loader.batch_size)
+
+
+def with_sampler(loader: DataLoader, sampler: Sampler, batch_size: int | None) -> DataLoader:
+    """A loader of the same class and settings as ``loader`` that reads ``sampler``'s indices in batches of
+    ``batch_size`` (no shuffle, no drop_last: the sampler decides). Works for DataLoader subclasses whose extra
+    constructor arguments are stored under their own names (e.g. :class:`BoxDataLoader`'s ``skipped``)."""
+    names: list[str] = []
+    for cls in type(loader).__mro__:
+        sig = inspect.signature(cls.__init__).parameters.values()
+        names += [p.name for p in sig if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if cls is DataLoader:
+            break
+    skip = {"sampler", "batch_sampler", "shuffle", "drop_last", "batch_size"}
+    kwargs = {n: getattr(loader, n) for n in names if n not in skip and hasattr(loader, n)}
+    return type(loader)(**kwargs, sampler=sampler, batch_size=batch_size, shuffle=False, drop_last=False)
 
 
 class BoxDataModule(StageLoaders):
@@ -193,7 +233,9 @@ class BoxDataModule(StageLoaders):
             pin_memory=self.pin_memory,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            # the training order is EpochOrder's (see StageLoaders); a generator of our own keeps the loader from
+            # drawing its worker base seed from the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
             skipped=self.loading_skipped.setdefault(stage, Counter()),
         )
 
@@ -267,6 +309,7 @@ class ShapesDataModule(BoxDataModule):
         self.format = format
         self.dataset_cls = CocoBoxes if format == "coco" else Flickr30kEntities
         self.generate_kwargs = dict(_plain(generate_kwargs) or {})
+        self.read_only = False  # True: never write the world (prepare_data checks it instead)
         self._prepared = False
 
     def dataset_root(self) -> Path:
@@ -274,10 +317,21 @@ class ShapesDataModule(BoxDataModule):
 
     def prepare_data(self) -> None:
         """Make sure ``root`` holds the world these settings describe: the generator returns at once when its
-        MANIFEST.json matches (seed and parameters), and regenerates the world when it does not."""
-        from mmel.data.shapes import generate
+        MANIFEST.json matches (seed and parameters), and regenerates the world when it does not — only into a
+        missing or empty folder or over a shapes world of ours (anything else raises ``FileExistsError``).
+        With ``read_only`` set (the dataset checker), a missing or different world raises instead."""
+        from mmel.data.shapes import generate, world_params
+        from mmel.data.shapes.writer import manifest_matches
 
-        generate(self.root, seed=self.seed, **self.generate_kwargs)
+        if self.read_only:
+            if not manifest_matches(self.root, world_params(self.seed, **self.generate_kwargs)):
+                raise FileNotFoundError(
+                    f"{self.root} holds no complete shapes world with seed={self.seed} and generate_kwargs="
+                    f"{self.generate_kwargs}; nothing was written. Make it with `python -m mmel.data.shapes "
+                    f"--root {self.root} --seed {self.seed}` (or any program, e.g. python train.py)"
+                )
+        else:
+            generate(self.root, seed=self.seed, **self.generate_kwargs)
         self._prepared = True
 
     def make_dataset(self, split: str) -> BoxDataset:

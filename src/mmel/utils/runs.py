@@ -6,10 +6,13 @@ that directory, so that experiments/ can aggregate runs into tables without know
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +48,63 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def save_metrics(metrics: dict[str, Any], directory: str | os.PathLike, name: str = "metrics.json") -> Path:
-    """Write ``metrics`` (tensors converted to numbers) atomically as JSON; returns the file path."""
+def save_metrics(
+    metrics: dict[str, Any], directory: str | os.PathLike, name: str = "metrics.json", cfg: DictConfig | None = None
+) -> Path:
+    """Write ``metrics`` (tensors converted to numbers) atomically as JSON; returns the file path.
+
+    With ``cfg`` the file also gets a ``run`` entry (:func:`provenance`): seeds, package versions, git commit.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     tmp = path.with_suffix(path.suffix + ".tmp")
+    if cfg is not None:
+        metrics = {**metrics, "run": provenance(cfg)}
     tmp.write_text(json.dumps(_plain(metrics), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)  # a reader never sees a half-written file
     return path
+
+
+# the packages whose versions decide a run's numbers (distribution names)
+PACKAGES = ("torch", "torchvision", "open_clip_torch", "pytorch-lightning", "torchmetrics", "numpy", "mmel")
+
+
+def provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What someone needs to reproduce a run's numbers: the run's ``seed`` (every random choice of training),
+    ``data_seed`` (the world's / subset's seed), the versions of :data:`PACKAGES` and python, and the git commit
+    of the mmel checkout with a ``dirty`` flag (tracked files modified; null values outside a git checkout)."""
+    data = cfg.get("data") or {}
+    return {
+        "seed": cfg.get("seed"),
+        "data_seed": data.get("seed") if hasattr(data, "get") else None,
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "git": git_state(Path(__file__).resolve().parents[3]),
+    }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the git checkout at ``root`` (None: not one)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    if not (root / ".git").exists():  # an installed (non-editable) mmel: its site-packages is no checkout
+        return {"commit": None, "dirty": None}
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def announce(directory: str | os.PathLike) -> None:

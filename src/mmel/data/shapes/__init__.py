@@ -3,7 +3,7 @@
 ``generate(root, seed=0)`` writes the world under ``root`` as a COCO dataset and as a Flickr30k Entities dataset
 (layout in :mod:`mmel.data.shapes.writer`); ``python -m mmel.data.shapes --root data/shapes`` does the same.
 Same parameters and seed ⇒ byte-identical files; a second call with the same parameters finds the MANIFEST and
-returns at once.
+returns at once. It never deletes what is not its own: see :func:`mmel.data.shapes.writer.install_world`.
 
 The world: 1–4 non-overlapping objects per image, 6 colours × 6 shapes (36 COCO categories named
 "<colour> <shape>", supercategory = shape), on textured noisy backgrounds; 5 captions per image naming 1–3 of
@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from mmel.data.shapes.world import CATEGORIES, COLOURS, SHAPES
-from mmel.data.shapes.writer import FORMAT_VERSION, SPLITS, clear_world, manifest_matches, write_manifest, write_world
+from mmel.data.shapes.writer import FORMAT_VERSION, SPLITS, install_world, manifest_matches
 
 __all__ = ["CATEGORIES", "COLOURS", "SHAPES", "SPLITS", "generate", "world_params"]
 
@@ -67,6 +67,9 @@ def generate(root: str | Path, seed: int = 0, *, overwrite: bool = False, **kwar
         root: output folder (created).
         seed: the world's seed; each image depends only on (seed, split, index).
         overwrite: regenerate even when ``root`` already holds this exact world.
+
+    Writes only into a missing or empty folder or one holding a shapes world (then only that world's files are
+    replaced; a user's other files stay); any other folder raises ``FileExistsError`` naming it.
         **kwargs: :func:`world_params` options (n_train, n_val, n_test, image_size, max_objects, size_range).
     """
     root = Path(root).expanduser()
@@ -74,9 +77,6 @@ def generate(root: str | Path, seed: int = 0, *, overwrite: bool = False, **kwar
     if not overwrite and manifest_matches(root, params):
         log.info("shapes world: %s is up to date (seed %d)", root, seed)
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    clear_world(root)
-    files = write_world(root, params)
-    write_manifest(root, params, files)
+    files = install_world(root, params)  # refuses a folder that is neither empty nor a shapes world
     log.info("shapes world: wrote %d files under %s", len(files) + 1, root)
     return root

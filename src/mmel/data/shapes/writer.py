@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -149,28 +150,104 @@ def write_world(root: Path, params: dict) -> dict[str, str]:
     return files
 
 
-def manifest_matches(root: Path, params: dict) -> bool:
-    """True when ``root`` already holds a complete world made with exactly these parameters."""
+GENERATOR = "mmel.data.shapes"  # what a MANIFEST.json of ours says it was written by
+STAGING = ".mmel-shapes-staging"  # where a world is written before it is moved into place
+
+
+def read_manifest(root: Path) -> dict | None:
+    """``root``'s MANIFEST.json when it is one of ours (a shapes world, complete or not), else None."""
     path = root / "MANIFEST.json"
     if not path.is_file():
-        return False
+        return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if manifest.get("params") != params:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(manifest, dict) and manifest.get("generator") == GENERATOR
+    return manifest if ok and isinstance(manifest.get("files", {}), dict) else None
+
+
+def manifest_matches(root: Path, params: dict) -> bool:
+    """True when ``root`` already holds a complete world made with exactly these parameters."""
+    manifest = read_manifest(root)
+    if manifest is None or manifest.get("params") != params or not manifest.get("complete", True):
         return False
     return all((root / rel).is_file() for rel in manifest.get("files", {}))
 
 
-def write_manifest(root: Path, params: dict, files: dict[str, str]) -> None:
-    manifest = {"generator": "mmel.data.shapes", "params": params, "files": dict(sorted(files.items()))}
-    (root / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+def write_manifest(root: Path, params: dict, files: dict[str, str], complete: bool = True) -> None:
+    """Write MANIFEST.json atomically: ``files`` is every file of ours under ``root`` ({relative path: sha256})."""
+    manifest = {"generator": GENERATOR, "params": params, "complete": complete, "files": dict(sorted(files.items()))}
+    tmp = root / "MANIFEST.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(root / "MANIFEST.json")
 
 
-def clear_world(root: Path) -> None:
-    """Remove what a previous generation wrote (only the world's own folders and manifest)."""
-    for name in ("coco", "flickr30k"):
-        if (root / name).exists():
-            shutil.rmtree(root / name)
-    (root / "MANIFEST.json").unlink(missing_ok=True)
+def claim_folder(root: Path) -> dict[str, str]:
+    """The files of ours under ``root`` (those a previous world's MANIFEST lists), or refuse to write there.
+
+    A folder is ours to write into when it is missing, empty, or holds a shapes-world MANIFEST.json; anything else
+    may be a user's data (a real COCO, say) and raises ``FileExistsError`` naming the folder.
+    """
+    manifest = read_manifest(root)
+    if manifest is not None:
+        return dict(manifest.get("files", {}))
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"shapes world: {root} is a file, not a folder")
+    others = sorted(p.name for p in root.iterdir() if p.name != STAGING) if root.is_dir() else []
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise FileExistsError(
+            f"shapes world: refusing to write into {root}: it is not empty ({shown}) and has no shapes-world "
+            "MANIFEST.json, so its files may not be ours. Point data.root (or --root) at an empty or missing "
+            "folder, or at a folder the shapes generator made."
+        )
+    return {}
+
+
+def install_world(root: Path, params: dict) -> dict[str, str]:
+    """Write the world for ``params`` under ``root``, replacing only files of ours; returns {relative path: sha256}.
+
+    The world is rendered into ``root/.mmel-shapes-staging`` first and then moved into place, so a killed run
+    leaves either the old world or the new one plus a MANIFEST that lists every file of ours (never a user's file
+    deleted, never a file of ours unlisted). A user's file at a path the new world needs stops the run before
+    anything is deleted.
+    """
+    old = claim_folder(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)  # a killed run's leftovers (the name is ours)
+    staging.mkdir()
+    files = write_world(staging, params)
+    clash = sorted(rel for rel in files if rel not in old and (root / rel).exists())
+    if clash:
+        shutil.rmtree(staging)
+        raise FileExistsError(
+            f"shapes world: {root} holds {len(clash)} file(s) that are not ours where the world writes "
+            f"(e.g. {root / clash[0]}); move them away or choose another folder"
+        )
+    # from here on MANIFEST lists old and new files: whatever state a kill leaves, every file of ours is listed
+    write_manifest(root, params, {**old, **files}, complete=False)
+    for rel in old:
+        if rel not in files:
+            (root / rel).unlink(missing_ok=True)
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, root / rel)
+    write_manifest(root, params, files)
+    shutil.rmtree(staging)
+    _prune_empty_dirs(root, {str(Path(rel).parent) for rel in old})
+    return files
+
+
+def _prune_empty_dirs(root: Path, rels: set[str]) -> None:
+    """Remove the given folders (and their parents below ``root``) when a deletion left them empty."""
+    todo = set()
+    for rel in rels:
+        parts = Path(rel).parts
+        todo.update(Path(*parts[:i]) for i in range(1, len(parts) + 1))
+    for rel in sorted(todo, key=lambda p: len(p.parts), reverse=True):
+        d = root / rel
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
