@@ -7,12 +7,14 @@ each module documents its own, with sources.
 * :class:`PointingGame`        -> {"accuracy", "mean_per_category", "difficult_accuracy"}
 * :class:`EnergyPointingGame`  -> scalar tensor
 * :class:`SaliencyIoU`         -> {"miou", "maxboxacc", "maxboxacc_<d>", "sweep_miou", "sweep_threshold"}
+* :class:`PromptSpecificity`   -> {"specificity", "hard_specificity", "absent_on_object", ...} (multi-object images)
 * :class:`DeletionInsertion`   -> {"deletion_auc", "insertion_auc"} (+ ``curves()``), scored by e.g. :class:`ClipScorer`
 """
 
 from mmel.metrics.iou import SaliencyIoU, binarise, saliency_iou
 from mmel.metrics.perturbation import ClipScorer, DeletionInsertion, PerturbationOptions, deletion_insertion
 from mmel.metrics.pointing import EnergyPointingGame, PointingGame, energy_pointing_game, pointing_game
+from mmel.metrics.specificity import PromptSpecificity, prompt_specificity
 
 __all__ = [
     "ClipScorer",
@@ -20,10 +22,12 @@ __all__ = [
     "EnergyPointingGame",
     "PerturbationOptions",
     "PointingGame",
+    "PromptSpecificity",
     "SaliencyIoU",
     "binarise",
     "deletion_insertion",
     "energy_pointing_game",
     "pointing_game",
+    "prompt_specificity",
     "saliency_iou",
 ]
