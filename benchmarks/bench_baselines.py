@@ -16,7 +16,7 @@ Targets (ratios to Grad-ECLIP, layers=1, in the same setting; exit status 1 when
   * LeGrad >= 0.2 x Grad-ECLIP's maps/s: it back-propagates each prompt's score through the full patch rows of
     the blocks it reads (the last two), where Grad-ECLIP's backward touches only the CLS row of the last block.
 
-    python benchmarks/bench_baselines.py            # both settings, < 2 min on 2 cores
+    python benchmarks/bench_baselines.py            # both settings (16 ViT-B/16 calls; 8 min measured at load 13)
     python benchmarks/bench_baselines.py --quick    # tiny only
 """
 
