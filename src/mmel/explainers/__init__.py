@@ -57,4 +57,14 @@ def build_explainer(name: str, clip: Any, **cfg: Any) -> Any:
 
 
 # Importing the explainer modules registers them; they import `register` from this (already initialised) module.
-from mmel.explainers import attention, game, grad_eclip, gradcam, maskclip, rise  # noqa: E402, F401
+from mmel.explainers import (  # noqa: E402, F401
+    attention,
+    clearclip,
+    clip_surgery,
+    game,
+    grad_eclip,
+    gradcam,
+    legrad,
+    maskclip,
+    rise,
+)

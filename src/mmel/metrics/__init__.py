@@ -7,6 +7,7 @@ each module documents its own, with sources.
 * :class:`PointingGame`        -> {"accuracy", "mean_per_category", "difficult_accuracy"}
 * :class:`EnergyPointingGame`  -> scalar tensor
 * :class:`SaliencyIoU`         -> {"miou", "maxboxacc", "maxboxacc_<d>", "sweep_miou", "sweep_threshold"}
+* :class:`PromptSpecificity`   -> {"specificity", "hard_specificity", "absent_on_object", ...} (multi-object images)
 * :class:`DeletionInsertion`   -> {"deletion_auc", "insertion_auc"} (+ ``curves()``), scored by e.g. :class:`ClipScorer`
 """
 
@@ -19,6 +20,7 @@ from mmel.metrics.pointing import (
     energy_pointing_game,
     pointing_game,
 )
+from mmel.metrics.specificity import PromptSpecificity, prompt_specificity
 
 __all__ = [
     "ClipScorer",
@@ -26,11 +28,13 @@ __all__ = [
     "EnergyPointingGame",
     "PerturbationOptions",
     "PointingGame",
+    "PromptSpecificity",
     "SaliencyIoU",
     "binarise",
     "deletion_insertion",
     "difficult_flags",
     "energy_pointing_game",
     "pointing_game",
+    "prompt_specificity",
     "saliency_iou",
 ]

@@ -1,0 +1,194 @@
+"""Prompt specificity: does a prompt's map peak on the object it names, on another object, or on background?
+
+An objectness map (one that points at *some* object whatever the prompt says) scores well on the pointing game of
+single-object images. On images with several objects it does not: this metric asks, for each (image, prompt) pair,
+where the map's maximum lies —
+
+* **named**: inside the boxes of the object the prompt names,
+* **other**: inside the boxes of another object of the image (and not the named one's: a pixel in both counts as
+  named, the benefit of the doubt where objects overlap),
+* **background**: anywhere else,
+
+and reports ``specificity = named / (named + other)`` (how often a map that lands on an object lands on the right
+one; 0.5 would be an objectness map on two-object images, lower with more objects).
+
+Conventions (maps / boxes as in :mod:`mmel.metrics._common`: maps resized bilinearly to the original image size,
+boxes xyxy in original pixels, a box covers the pixels it overlaps):
+
+* **Ties**: every pixel attaining the maximum votes with an equal share, so a sample contributes fractions
+  (named, other, background) summing to 1; a 2x2 plateau from bilinear upsampling on one object changes nothing,
+  a flat map splits its vote by area. An all-zero map points nowhere: it counts as background.
+* **Which pairs count**: a pair whose image has no other object (``other_boxes`` empty) cannot separate a
+  prompt-specific map from an objectness map; it is skipped and counted in ``skipped``. The caller may pass every
+  pair; specificity is computed on the multi-object ones.
+* **Hard case**: ``hard`` [N] flags pairs where another object shares an attribute with the named one (on the
+  shapes world: the colour); ``hard_specificity`` is the same ratio on them.
+* **Absent prompts**: a pair whose ``boxes`` are empty names a category not in the image. Its map is scored
+  separately: ``absent_on_object`` is the fraction of absent-prompt maps that still peak on an object (lower is
+  better; an objectness map scores ~ the objects' area share of the peak, a prompt-following map lower). Absent
+  pairs need at least one object in ``other_boxes`` (else they are skipped too).
+* Undefined ratios (nothing counted) are NaN; the key set never changes.
+
+Under DDP every state is a sum (``dist_reduce_fx="sum"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from mmel.metrics._common import box_union_mask, check_boxes, check_maps, check_mask, check_sizes, resize_maps
+
+_NAME = "PromptSpecificity"
+STATES = (
+    "named",
+    "other",
+    "background",
+    "total",
+    "hard_named",
+    "hard_other",
+    "hard_total",
+    "absent_object",
+    "absent_total",
+    "skipped",
+)
+
+
+def _box_list(boxes: Sequence[Tensor], sizes: list[tuple[int, int]], device: torch.device, field: str) -> list[Tensor]:
+    """N tensors [M_i, 4] (M_i may be 0); non-empty ones validated like the other metrics' boxes."""
+    if isinstance(boxes, Tensor) and boxes.ndim == 3:
+        boxes = list(boxes)
+    if not isinstance(boxes, Sequence) or len(boxes) != len(sizes):
+        got = len(boxes) if isinstance(boxes, Sequence) else type(boxes).__name__
+        raise ValueError(f"{_NAME}: `{field}` must be a list of N={len(sizes)} tensors [M_i, 4] (xyxy); got {got}.")
+    out = []
+    for i, (b, size) in enumerate(zip(boxes, sizes, strict=True)):
+        b = torch.as_tensor(b, dtype=torch.float32, device=device)
+        if b.numel() == 0:
+            out.append(b.reshape(0, 4))
+            continue
+        out.append(check_boxes([b], [size], device, f"{_NAME} ({field}[{i}])")[0])
+    return out
+
+
+def _prompt_specificity_update(
+    maps: Tensor,
+    boxes: Sequence[Tensor],
+    other_boxes: Sequence[Tensor],
+    sizes: Tensor | None = None,
+    hard: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Summed states (see :data:`STATES`) of maps [N, h, w], named boxes (N of [M_i, 4], empty = absent prompt),
+    the image's other objects' boxes (N of [M'_i, 4]) and an optional hard flag [N]."""
+    maps = check_maps(maps, _NAME)
+    size_list = check_sizes(sizes, maps, _NAME)
+    named_boxes = _box_list(boxes, size_list, maps.device, "boxes")
+    others = _box_list(other_boxes, size_list, maps.device, "other_boxes")
+    n = maps.shape[0]
+    hard = check_mask(hard, n, _NAME, "hard", maps.device)
+    s = {k: maps.new_zeros((), dtype=torch.float32) for k in STATES}
+    for i, m in enumerate(resize_maps(maps, size_list)):
+        size = size_list[i]
+        if others[i].shape[0] == 0:
+            s["skipped"] += 1
+            continue
+        top = m.max()
+        peaks = (m == top) if bool((top != 0) | (m.min() != 0)) else torch.zeros_like(m, dtype=torch.bool)
+        n_peaks = peaks.sum().clamp(min=1).float()
+        on_other = box_union_mask(others[i], size)
+        if named_boxes[i].shape[0] == 0:  # absent-category prompt
+            s["absent_total"] += 1
+            s["absent_object"] += (peaks & on_other).sum() / n_peaks
+            continue
+        on_named = box_union_mask(named_boxes[i], size)
+        named = (peaks & on_named).sum() / n_peaks
+        other = (peaks & on_other & ~on_named).sum() / n_peaks
+        s["named"] += named
+        s["other"] += other
+        s["background"] += 1 - named - other
+        s["total"] += 1
+        if hard is not None and bool(hard[i]):
+            s["hard_named"] += named
+            s["hard_other"] += other
+            s["hard_total"] += 1
+    return s
+
+
+def _ratio(a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(b > 0, a / b.clamp(min=torch.finfo(torch.float32).tiny), torch.full_like(a, float("nan")))
+
+
+def _prompt_specificity_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{"specificity", "hard_specificity", "named_rate", "other_rate", "background_rate", "absent_on_object",
+    "pairs", "hard_pairs", "absent_pairs", "skipped"} from summed states."""
+    return {
+        "specificity": _ratio(s["named"], s["named"] + s["other"]),
+        "hard_specificity": _ratio(s["hard_named"], s["hard_named"] + s["hard_other"]),
+        "named_rate": _ratio(s["named"], s["total"]),
+        "other_rate": _ratio(s["other"], s["total"]),
+        "background_rate": _ratio(s["background"], s["total"]),
+        "absent_on_object": _ratio(s["absent_object"], s["absent_total"]),
+        "pairs": s["total"],
+        "hard_pairs": s["hard_total"],
+        "absent_pairs": s["absent_total"],
+        "skipped": s["skipped"],
+    }
+
+
+def prompt_specificity(
+    maps: Tensor,
+    boxes: Sequence[Tensor],
+    other_boxes: Sequence[Tensor],
+    sizes: Tensor | None = None,
+    hard: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Prompt specificity of maps [N, h, w]; see the module docstring.
+
+    boxes: N tensors [M_i, 4] of the named object (empty [0, 4] = the prompt names an absent category);
+    other_boxes: N tensors [M'_i, 4] of the image's other objects; sizes [N, 2] original (H, W); hard [N] bool.
+
+    Example:
+        >>> maps = torch.zeros(2, 10, 10)
+        >>> maps[0, 1, 1] = 1.0  # peaks on the named object
+        >>> maps[1, 8, 8] = 1.0  # peaks on the other one
+        >>> named, other = torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([[7.0, 7.0, 10.0, 10.0]])
+        >>> prompt_specificity(maps, [named, named], [other, other])["specificity"]
+        tensor(0.5000)
+    """
+    return _prompt_specificity_compute(_prompt_specificity_update(maps, boxes, other_boxes, sizes, hard))
+
+
+class PromptSpecificity(Metric):
+    """Where each prompt's map peaks (named object / another object / background); see the module docstring.
+
+    ``update(maps [N, h, w], boxes N x [M_i, 4], other_boxes N x [M'_i, 4], sizes [N, 2] = None, hard [N] = None)``;
+    ``compute()`` returns the dict of :func:`prompt_specificity`.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in STATES:
+            self.add_state(name, torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        maps: Tensor,
+        boxes: Sequence[Tensor],
+        other_boxes: Sequence[Tensor],
+        sizes: Tensor | None = None,
+        hard: Tensor | None = None,
+    ) -> None:
+        """Add N pairs; see :func:`prompt_specificity` for the arguments."""
+        for name, value in _prompt_specificity_update(maps.detach(), boxes, other_boxes, sizes, hard).items():
+            setattr(self, name, getattr(self, name) + value.to(getattr(self, name).device))
+
+    def compute(self) -> dict[str, Tensor]:
+        return _prompt_specificity_compute({name: getattr(self, name) for name in STATES})
