@@ -1,0 +1,124 @@
+"""The paper runner: runs named by a spec are made once and reused, tables carry seeds' mean ± std and item
+bootstrap intervals, MMEL vs Grad-ECLIP gets its paired tests, and everything lands in one report."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from experiments.paper import Paper, load_spec, run_program
+
+N_ITEMS = 40
+
+
+def _value(cfg, salt: str) -> float:
+    """A deterministic per-run number in [0.2, 0.8] from the explainer, checkpoint (seed) and a salt."""
+    key = f"{cfg.explainer.get('name')}|{cfg.explainer.get('checkpoint')}|{cfg.get('seed')}|{salt}"
+    return 0.2 + 0.6 * (zlib.crc32(key.encode()) % 1000) / 1000
+
+
+def fake_runner(calls):
+    def for_program(program):
+        def run(cfg):
+            from pathlib import Path
+
+            out = Path(cfg.paths.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            calls.append((program, out.name))
+            if program == "train":
+                pg = _value(cfg, "train")
+                m = {"test/pointing_game": pg, "test/energy": pg / 2, "test/grad_eclip_pointing_game": 0.5,
+                     "hsrm_checkpoint": str(out / "hsrm.pt")}  # fmt: skip
+            else:
+                rng = np.random.default_rng(zlib.crc32(str(out).encode()))
+                p = _value(cfg, "pg")
+                hits = (rng.random(N_ITEMS) < p).astype(float)
+                items = [
+                    {"sample_id": f"s{i}", "category": "red" if i % 2 else "blue",
+                     "metrics": {"pointing_game": {"hit": h, "difficult": i % 3 == 0},
+                                 "energy_pointing_game": {"energy": p / 2 + 0.01 * (i % 5)},
+                                 "saliency_iou": {"iou": p / 3},
+                                 "deletion_insertion": {"deletion_auc": 1 - p, "insertion_auc": p,
+                                                        "deletion_curve": [1.0, 1 - p, 0.0],
+                                                        "insertion_curve": [0.0, p, 1.0]}}}
+                    for i, h in enumerate(hits)
+                ]  # fmt: skip
+                (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+                m = {"test/pointing_game/accuracy": float(hits.mean()), "test/energy_pointing_game": p / 2,
+                     "test/saliency_iou/miou": p / 3, "test/deletion_insertion/deletion_auc": 1 - p,
+                     "test/deletion_insertion/insertion_auc": p}  # fmt: skip
+            (out / "metrics.json").write_text(json.dumps(m))
+            return m, {}
+
+        return run
+
+    return for_program
+
+
+SPEC = {
+    "name": "fake",
+    "overrides": ["model=micro"],
+    "seeds": [0, 1],
+    "explainers": {
+        "attention": ["explainer=attention"],
+        "Grad-ECLIP (native)": ["explainer=grad_eclip"],
+        "MMEL": ["explainer=mmel"],
+    },  # fmt: skip
+    "compare": ["MMEL", "Grad-ECLIP (native)"],
+    "faithfulness": {"limit": 8, "explainers": ["Grad-ECLIP (native)", "MMEL"], "protocol": ["metrics.scorer=top1"]},
+    "ablation_overrides": ["trainer.max_epochs=1"],
+    "ablations": {"full HSRM": [], "no alignment gate": ["hsrm.gate=false"]},
+}
+
+
+def test_paper_builds_tables_report_and_reuses_runs(tmp_path):
+    calls: list = []
+    report = Paper(SPEC, tmp_path, runner=fake_runner(calls)).build()
+    html = report.read_text()
+    assert "Table 1 — localisation" in html and "Table 4 — HSRM ablations" in html and "<img" in html
+    n_first = len(calls)
+    # 2 trainings + (attention, grad_eclip, 2 x mmel) + faithfulness (grad_eclip, 2 x mmel, protocol) + 2 ablations
+    assert n_first == 2 + 4 + 4 + 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    t1 = summary["table-1"]
+    mmel = t1["cells"][t1["rows"].index("MMEL")]
+    runs = [json.loads((tmp_path / "runs" / "localisation" / "mmel" / f"seed{s}" / "metrics.json").read_text())
+            for s in (0, 1)]  # fmt: skip
+    pgs = [r["test/pointing_game/accuracy"] for r in runs]
+    assert mmel[0]["value"] == pytest.approx(np.mean(pgs)) and mmel[0]["std"] == pytest.approx(np.std(pgs, ddof=1))
+    assert mmel[0]["low"] <= mmel[0]["value"] <= mmel[0]["high"]  # the interval brackets the seed mean
+    att = t1["cells"][t1["rows"].index("attention")]
+    assert att[0]["std"] is None and att[1]["value"] is None  # one run: no std; a metric no run made: missing
+    sig = summary["significance"]
+    assert len(sig["mcnemar_per_seed"]) == 2 and 0 < sig["max_p"] <= 1 and sig["energy"]["n"] == N_ITEMS
+    assert (tmp_path / "tables" / "table-1.tex").read_text().startswith("\\begin{tabular}")
+    assert (tmp_path / "figures" / "deletion_insertion.png").is_file()
+    # everything again: nothing is recomputed, the same tables come out
+    Paper(SPEC, tmp_path, runner=fake_runner(calls)).build()
+    assert len(calls) == n_first
+    assert json.loads((tmp_path / "summary.json").read_text())["table-1"] == t1
+
+
+def test_a_run_folder_of_other_overrides_is_never_overwritten(tmp_path):
+    calls: list = []
+    run_program("evaluate", ["model=micro", "explainer=attention"], tmp_path / "r", fake_runner(calls)("evaluate"))
+    with pytest.raises(ValueError, match="holds a run of `evaluate model=micro explainer=attention`"):
+        run_program("evaluate", ["model=micro", "explainer=game"], tmp_path / "r", fake_runner(calls)("evaluate"))
+    assert len(calls) == 1
+
+
+def test_the_shapes_spec_names_real_configs():
+    from tests.test_configs import options
+
+    spec = load_spec("shapes")
+    assert len(spec["seeds"]) >= 3
+    names = {o.split("=", 1)[1] for over in spec["explainers"].values() for o in over if o.startswith("explainer=")}
+    assert names <= set(options("explainer")), names - set(options("explainer"))
+    for key in ("faithfulness", "phrases", "grid"):
+        assert set(spec[key]["explainers"]) <= set(spec["explainers"]), key
+    assert set(spec["compare"]) <= set(spec["explainers"])
+    with pytest.raises(FileNotFoundError, match="known"):
+        load_spec("nope")
