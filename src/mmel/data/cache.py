@@ -259,6 +259,7 @@ class FeatureCache:
         world_size: int = 1,
         barrier: Callable[[], None] | None = None,
         expected_bytes: float | None = None,
+        size_fn: Callable[[list[dict[str, torch.Tensor] | None]], float] | None = None,
         progress: bool = True,
     ) -> CachedFeatures:
         """Compute and store what is missing, then :meth:`load`. ``compute_fn`` is only called for missing shards.
@@ -266,7 +267,8 @@ class FeatureCache:
         With ``world_size > 1`` every rank calls ``build`` with the same items and a ``barrier`` that waits for
         all of them (e.g. ``trainer.strategy.barrier``); rank ``r`` computes the missing shards ``k`` with
         ``k % world_size == r``. ``expected_bytes``: the caller's estimate of the finished cache's size, checked
-        against the free disk before anything is computed (default: measured on the first batch).
+        against the free disk before anything is computed; otherwise the first computed batch gives it, through
+        ``size_fn(rows) -> total bytes`` (which may log its own breakdown) or as its mean row size x the item count.
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -316,10 +318,9 @@ class FeatureCache:
                 for b in range(lo, hi, batch_size):
                     batch = [items[i] for i in range(b, min(hi, b + batch_size))]
                     got = self._as_rows(compute_fn(batch), len(batch))
-                    if not checked and any(r is not None for r in got):
-                        per_item = self._row_bytes(got)
-                        if rank == 0:
-                            self._check_size(per_item * len(ids), len(ids), self._bytes_on_disk(), measured=True)
+                    if not checked and rank == 0 and any(r is not None for r in got):
+                        total = size_fn(got) if size_fn is not None else self._row_bytes(got) * len(ids)
+                        self._check_size(total, len(ids), self._bytes_on_disk(), measured=True)
                         checked = True
                     rows += got
                     bar.update(len(batch))

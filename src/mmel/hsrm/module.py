@@ -65,8 +65,9 @@ class HSRMInputs:
     keys: Tensor | None  # [B, L, N, C]; None when ``cosines`` are given
     patch_tokens: Tensor  # [B, N, W]
     text: Tensor  # [P, D]
-    # per scale s of the HSRM: cos of pooled normalised keys [B, L, R_s, R_s] (key_cosines); replaces the keys
-    cosines: tuple[Tensor, ...] | None = None
+    # per scale s of the HSRM: cos of pooled normalised keys [B, L, R_s, R_s] (key_cosines), or packed [B, L, T]
+    # (pack_cosines); replaces the keys
+    cosines: tuple[Tensor, ...] | Tensor | None = None
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -111,7 +112,9 @@ class HSRMInputs:
 
     def to(self, device: torch.device | str) -> HSRMInputs:
         moved = {f: None if getattr(self, f) is None else getattr(self, f).to(device) for f in self.fields()}
-        cos = None if self.cosines is None else tuple(c.to(device) for c in self.cosines)
+        cos = self.cosines
+        if cos is not None:
+            cos = cos.to(device) if isinstance(cos, Tensor) else tuple(c.to(device) for c in cos)
         return HSRMInputs(**moved, cosines=cos)
 
 
@@ -232,17 +235,24 @@ class HSRM(nn.Module):
         return self.beta0 + self.d_beta
 
     def propagate(
-        self, evidence: Tensor, keys: Tensor | None, grid: tuple[int, int], cosines: Sequence[Tensor] | None = None
+        self,
+        evidence: Tensor,
+        keys: Tensor | None,
+        grid: tuple[int, int],
+        cosines: Sequence[Tensor] | Tensor | None = None,
     ) -> Tensor:
         """g^{l,s} for s in {0} + scales: evidence [P, L, h, w], keys [B, L, N, C] -> [P, L, 1+|S|, h, w].
 
-        ``cosines`` (one [B, L, R_s, R_s] per scale, :func:`key_cosines`) replace the keys: the same maps exactly.
+        ``cosines`` (one [B, L, R_s, R_s] per scale, :func:`key_cosines`, or all of them packed [B, L, T] by
+        :func:`pack_cosines`) replace the keys: the same maps exactly (float32).
         """
         p, l, h, w = evidence.shape
         if cosines is None:
             if keys is None:
                 raise ValueError("HSRM.propagate needs keys or their cosines")
             cosines = key_cosines(keys, (h, w), self.scales)
+        if isinstance(cosines, Tensor):  # packed upper triangles [B, L, T] (the feature cache's form)
+            cosines = unpack_cosines(cosines, (h, w), self.scales)
         if len(cosines) != len(self.scales):
             raise ValueError(f"got cosines for {len(cosines)} scales, the HSRM has scales {self.scales}")
         b = cosines[0].shape[0]
@@ -276,7 +286,8 @@ class HSRM(nn.Module):
         if ev.dim() != 4 or ev.shape[1] != self.num_layers:
             raise ValueError(f"evidence must be [P, L={self.num_layers}, h, w], got {tuple(ev.shape)}")
         b = inputs.num_images
-        per_image = inputs.keys if inputs.keys is not None else (inputs.cosines or [None])[0]
+        cos = inputs.cosines
+        per_image = inputs.keys if inputs.keys is not None else (cos if isinstance(cos, Tensor) or not cos else cos[0])
         if per_image is None or per_image.shape[0] != b or ev.shape[0] % b or inputs.text.shape[0] != ev.shape[0]:
             shape = None if per_image is None else tuple(per_image.shape)
             raise ValueError(
