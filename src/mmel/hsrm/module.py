@@ -157,8 +157,14 @@ def pack_cosines(cosines: Sequence[Tensor]) -> Tensor:
 
 def unpack_cosines(packed: Tensor, grid: tuple[int, int], scales: Sequence[int]) -> list[Tensor]:
     """Inverse of :func:`pack_cosines`: [..., T] -> per scale [..., R_s, R_s] float32 (symmetric)."""
+    counts = region_counts(grid, scales)
+    need = sum(r * (r + 1) // 2 for r in counts)
+    if packed.shape[-1] != need:
+        raise ValueError(
+            f"packed cosines have {packed.shape[-1]} values, grid {grid} scales {list(scales)} need {need}"
+        )
     out, start = [], 0
-    for r in region_counts(grid, scales):
+    for r in counts:
         t = r * (r + 1) // 2
         iu = torch.triu_indices(r, r, device=packed.device)
         full = packed.new_zeros((*packed.shape[:-1], r, r), dtype=torch.float32)
@@ -167,10 +173,6 @@ def unpack_cosines(packed: Tensor, grid: tuple[int, int], scales: Sequence[int])
         full[..., iu[1], iu[0]] = tri
         out.append(full)
         start += t
-    if start != packed.shape[-1]:
-        raise ValueError(
-            f"packed cosines have {packed.shape[-1]} values, grid {grid} scales {list(scales)} need {start}"
-        )
     return out
 
 
