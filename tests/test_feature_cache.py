@@ -88,6 +88,7 @@ def world_224(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("world224"), seed=1, image_size=224, n_train=4, n_val=2, n_test=2)
 
 
+@pytest.mark.slow  # ~2 min each on 2 shared cores (the ViT-B/16 load and its CLIP passes)
 @pytest.mark.parametrize("data", ["coco", "flickr30k"])
 def test_train_vitb16_on_real_format_data_end_to_end(data, vitb16_weights, world_224, tmp_path):
     """`python train.py model=vitb16 data=...` with a local weight file and COCO- / Flickr30k-format data."""
@@ -102,8 +103,9 @@ def test_train_vitb16_on_real_format_data_end_to_end(data, vitb16_weights, world
         SPLITS,
         "data.num_workers=0",
         "data.batch_size=4",
+        "data.subset=4",  # samples per split: 12 (image, prompt) pairs through ViT-B/16 in all
         "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
+        "+trainer.limit_train_batches=2",
         f"feature_cache.dir={tmp_path / 'fc'}",
         f"hydra.run.dir={run_dir}",
         f"paths.log_dir={tmp_path / 'logs'}",

@@ -28,6 +28,7 @@ min-max-normalised maps, but puts layers of very different gradient magnitude on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -155,6 +156,14 @@ def pack_cosines(cosines: Sequence[Tensor]) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+@functools.lru_cache(maxsize=16)
+def _triangle_index(r: int, device: torch.device) -> Tensor:
+    """[R, R] positions in the row-major upper triangle (diagonal included) of an R x R matrix, symmetric."""
+    a = torch.arange(r, device=device)
+    lo, hi = torch.minimum(a[:, None], a[None, :]), torch.maximum(a[:, None], a[None, :])
+    return lo * r - lo * (lo - 1) // 2 + (hi - lo)
+
+
 def unpack_cosines(packed: Tensor, grid: tuple[int, int], scales: Sequence[int]) -> list[Tensor]:
     """Inverse of :func:`pack_cosines`: [..., T] -> per scale [..., R_s, R_s] float32 (symmetric)."""
     counts = region_counts(grid, scales)
@@ -165,14 +174,9 @@ def unpack_cosines(packed: Tensor, grid: tuple[int, int], scales: Sequence[int])
         )
     out, start = [], 0
     for r in counts:
-        t = r * (r + 1) // 2
-        iu = torch.triu_indices(r, r, device=packed.device)
-        full = packed.new_zeros((*packed.shape[:-1], r, r), dtype=torch.float32)
-        tri = packed[..., start : start + t].float()
-        full[..., iu[0], iu[1]] = tri
-        full[..., iu[1], iu[0]] = tri
-        out.append(full)
-        start += t
+        # one gather: entry (a, b) of the matrix reads triangle entry (min(a, b), max(a, b))
+        out.append(packed[..., start + _triangle_index(r, packed.device)].float())
+        start += r * (r + 1) // 2
     return out
 
 
