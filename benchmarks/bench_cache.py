@@ -134,12 +134,13 @@ def measure(name: str, overrides: list[str], work: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the tiny setting on a small world only")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the issue's setting)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import logging
 
     logging.disable(logging.WARNING)  # Lightning's "self.log outside a Trainer" and friends
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("MMEL_ROOT", str(ROOT))
     n_train = 96 if args.quick else 320
     tiny_world = "++data.generate_kwargs={n_train:" + str(n_train) + ",n_val:32,n_test:32}"
