@@ -151,3 +151,85 @@ def test_refuses_foreign_folder_and_bad_arguments(tmp_path):
         FeatureCache(tmp_path / "u", KEY).build([1, 2], Compute())
     with pytest.raises(ValueError, match="per-item dicts"):
         FeatureCache(tmp_path / "v", KEY).build(make_items(3), lambda b: [], batch_size=3)
+
+
+def test_ranks_share_a_build_each_writing_its_own_shards(tmp_path):
+    """Two workers (threads standing in for DDP ranks) build one cache; rank 0 writes the manifest last."""
+    import threading
+
+    items = make_items(10)  # shard_size 3 -> shards 0..3: rank 0 gets 0 and 2, rank 1 gets 1 and 3
+    barrier = threading.Barrier(2)
+    fns = [Compute(), Compute()]
+    got: dict[int, object] = {}
+
+    def rank(r):
+        cache = FeatureCache(tmp_path, KEY, shard_size=3)
+        got[r] = cache.build(items, fns[r], batch_size=2, rank=r, world_size=2, barrier=barrier.wait, progress=False)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (fns[0].items, fns[1].items) == (3 + 3, 3 + 1)
+    manifest = json.loads((tmp_path / "cache.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == [f"shard-0000{k}.arrow" for k in range(4)]
+    assert sum(s["n"] for s in manifest["shards"]) == 10
+    ref = Compute()(items)
+    for r in (0, 1):
+        for i in range(10):
+            _assert_same({k: v for k, v in got[r][i].items() if k != "id"}, ref[i])
+    with pytest.raises(ValueError, match="barrier"):
+        FeatureCache(tmp_path / "x", KEY).build(items, Compute(), rank=1, world_size=2)
+
+
+def test_a_half_written_or_damaged_cache_is_never_read_as_valid(tmp_path):
+    items = make_items(7)
+    cache = FeatureCache(tmp_path, KEY, shard_size=3)
+    cache.build(items, Compute(), progress=False)
+    manifest = json.loads((tmp_path / "cache.json").read_text())
+    assert manifest["complete"] and len(manifest["content_sha256"]) == 64
+
+    # killed after the shards, before the manifest (the last file written): incomplete, and resumable for free
+    (tmp_path / "cache.json").unlink()
+    (tmp_path / "shard-00002.arrow.tmp-999-1").write_bytes(b"half a shard")  # a write killed half-way
+    with pytest.raises(ValueError, match="incomplete"):
+        cache.load()
+    assert not cache.is_complete()
+    fn = Compute()
+    cache.build(items, fn, progress=False)
+    assert fn.calls == 0 and not list(tmp_path.glob("*.tmp-*"))
+
+    # a shard changed behind the cache's back: caught by its size, or with verify=True by its hash
+    shard = tmp_path / "shard-00001.arrow"
+    data = bytearray(shard.read_bytes())
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ValueError, match="missing or changed"):
+        cache.load()
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cache.load()  # same size: only the hash can tell
+    with pytest.raises(ValueError, match="hash"):
+        cache.load(verify=True)
+
+
+def test_size_is_estimated_up_front_and_a_full_disk_refuses(tmp_path, monkeypatch, caplog):
+    from collections import namedtuple
+
+    import mmel.data.cache as cache_mod
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: usage(10**12, 0, 1000))  # 1 kB free
+    items = make_items(8)
+    fn = Compute()
+    with caplog.at_level("INFO", logger="mmel.data.cache"), pytest.raises(OSError, match="only 1.00 kB is free"):
+        FeatureCache(tmp_path / "a", KEY, shard_size=4).build(items, fn, batch_size=2, progress=False)
+    assert fn.calls == 1, "the estimate comes from the first batch, before the rest is computed"
+    assert "8 items" in caplog.text and "per item" in caplog.text
+    assert not list((tmp_path / "a").glob("shard-*"))
+    fn = Compute()
+    with pytest.raises(OSError, match="feature_cache.enabled=false"):
+        FeatureCache(tmp_path / "b", KEY).build(items, fn, expected_bytes=5e9, progress=False)
+    assert fn.calls == 0, "a caller's estimate is checked before anything is computed"
+    monkeypatch.undo()  # a disk with room: the interrupted build resumes
+    assert len(FeatureCache(tmp_path / "a", KEY, shard_size=4).build(items, Compute(), progress=False)) == 8

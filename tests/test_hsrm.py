@@ -182,3 +182,37 @@ def test_no_propagation_is_the_unpropagated_term_only():
     h = make_hsrm(scales=())
     assert h.beta.shape == (1,) and h.propagate(x.evidence, x.keys, x.grid).shape[2] == 1
     torch.testing.assert_close(h(x)[0], make_hsrm()(x)[0])  # at the start both are Grad-ECLIP
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (14, 14)])
+def test_precomputed_key_cosines_give_exactly_the_maps_of_the_keys(grid):
+    """What a feature cache stores instead of the keys: per-scale cosines, packed as upper triangles."""
+    from mmel.hsrm.module import key_cosines, pack_cosines, region_counts, unpack_cosines
+
+    h, w = grid
+    x = make_inputs(p=4, h=h, w=w)
+    x = HSRMInputs(x.evidence, x.keys[:2], x.patch_tokens[:2], x.text)  # 2 images x 2 prompts
+    hsrm = make_hsrm(scales=(1, 2, 4))
+    with torch.no_grad():  # off the Grad-ECLIP start, so every propagated term and the gate count
+        hsrm.d_alpha.copy_(torch.tensor([0.3, -0.2, 0.5, 0.1]))
+        hsrm.d_beta.copy_(torch.tensor([0.0, 0.4, -0.3, 0.6]))
+        hsrm.gamma.fill_(2.0)
+    ref_m, ref_e = hsrm(x)
+    cos = key_cosines(x.keys, grid, hsrm.scales)
+    r = region_counts(grid, hsrm.scales)
+    assert [tuple(c.shape) for c in cos] == [(2, 4, n, n) for n in r]
+    assert all(torch.equal(c, c.transpose(-1, -2)) for c in cos)  # exactly symmetric: the triangle suffices
+    packed = pack_cosines(cos)
+    assert packed.shape == (2, 4, sum(n * (n + 1) // 2 for n in r))
+    assert all(torch.equal(a, b) for a, b in zip(unpack_cosines(packed, grid, hsrm.scales), cos, strict=True))
+    for given in (tuple(cos), packed):
+        m, e = hsrm(HSRMInputs(x.evidence, None, x.patch_tokens, x.text, cosines=given))
+        assert torch.equal(m, ref_m) and torch.equal(e, ref_e)
+    # float16 storage: the maps move by about float16's resolution of a cosine, no more
+    m16, _ = hsrm(HSRMInputs(x.evidence, None, x.patch_tokens, x.text, cosines=packed.half()))
+    assert not torch.equal(m16, ref_m)
+    torch.testing.assert_close(m16, ref_m, atol=2e-2, rtol=0)
+    with pytest.raises(ValueError, match="need"):
+        unpack_cosines(packed[..., :-1], grid, hsrm.scales)
+    with pytest.raises(ValueError, match="keys or their cosines"):
+        hsrm.propagate(x.evidence, None, grid)

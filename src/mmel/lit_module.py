@@ -106,8 +106,14 @@ class HSRMLitModule(pl.LightningModule):
 
     def features(self, batch: Mapping[str, Any]) -> HSRMInputs:
         """HSRM inputs for the batch's (image, prompt) pairs, from the cache or from CLIP."""
-        if all(k in batch for k in HSRMInputs.fields()):
-            return HSRMInputs(**{k: torch.as_tensor(batch[k]) for k in HSRMInputs.fields()}).to(self.device)
+        if "evidence" in batch:  # cached: keys, or their pooled cosines (mmel.hsrm.features)
+            return HSRMInputs(
+                evidence=batch["evidence"],
+                keys=batch.get("keys"),
+                patch_tokens=batch["patch_tokens"],
+                text=batch["text"],
+                cosines=batch.get("cosines"),
+            ).to(self.device)
         if "valid" in batch and not bool(torch.as_tensor(batch["valid"]).all()):
             raise ValueError(
                 "HSRM training needs equal-size inputs in a batch: use data.resize=fixed (keep-size "

@@ -95,8 +95,17 @@ def cached_features(cfg: DictConfig, clip, datamodule, module):
         "evidence": "grad_eclip/native",
         "data": data,
     }
+    fc = cfg.feature_cache
     return CachedFeatureDataModule(
-        datamodule, module.evidence_fn(), module.layers, key, cfg.feature_cache.dir, cfg.feature_cache.batch_size
+        datamodule,
+        module.evidence_fn(),
+        module.layers,
+        key,
+        fc.dir,
+        fc.batch_size,
+        scales=list(module.hparams.scales),
+        dtype=fc.get("dtype", "auto"),
+        shard_size=fc.get("shard_size", 256),
     )
 
 

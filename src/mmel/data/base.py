@@ -14,6 +14,7 @@ reach the main process whatever the number of workers. :meth:`BoxDataset.verify`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -221,6 +222,28 @@ class BoxDataset(torch.utils.data.Dataset):
         if file not in self._bad_files:  # counted per file, not per sample
             self._bad_files.add(file)
             self.skipped[reason] += 1
+
+    def content_digest(self) -> str:
+        """SHA-256 of what the samples are made of: every record's id, file, size, prompt, category and boxes, and
+        each image file's byte size and modification time (``os.stat``; a missing file counts as such).
+
+        Feature caches put it in their key, so editing annotations or replacing images in place rebuilds them. File
+        stats rather than image bytes: hashing a COCO-sized image folder would take minutes on every run, while an
+        edit that keeps both a file's size and its mtime needs deliberate effort.
+        """
+        h = hashlib.sha256()
+        seen: set[str] = set()
+        for r in self.records:
+            h.update(json.dumps([r.sample_id, str(r.image_id), r.file, list(r.size), r.prompt, r.category]).encode())
+            h.update(np.ascontiguousarray(r.boxes, dtype=np.float64).tobytes())
+            if r.file not in seen:
+                seen.add(r.file)
+                try:
+                    st = os.stat(r.file)
+                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                except OSError:
+                    h.update(b"missing")
+        return h.hexdigest()
 
     def groups_by_image(self) -> list[list[int]]:
         """Sample indices grouped by image file, in first-seen order: explain K prompts of one image at once."""

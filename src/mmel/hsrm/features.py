@@ -1,12 +1,29 @@
 """Cached frozen-CLIP features for HSRM training: CLIP runs once per sample, never again in later epochs.
 
-`CachedFeatureDataModule` wraps a box data module (shapes / COCO / Flickr30k). In `prepare_data` (rank 0 only under
-DDP) it computes, for every transformed (image, prompt) sample of each stage, the HSRM inputs — per-layer
-Grad-ECLIP evidence [L, h, w], keys [L, N, C], last-block patch tokens [N, W] and the text embedding [D] — with
-one forward and one batched backward per batch of images (`layer_evidence(paired=True)`), and stores them with the
-sample's boxes (input pixels) in a :class:`mmel.data.cache.FeatureCache`. The cache key holds the backbone, its
-weights, the layers, the input resolution, the stage's split and the data config, so any change rebuilds; an
-interrupted build resumes at its first unfinished shard. Batches then carry `evidence`, `keys`, `patch_tokens`,
+`CachedFeatureDataModule` wraps a box data module (shapes / COCO / Flickr30k). Before training (in `setup`, on every
+rank of a DDP job, each computing its own shards) it computes the HSRM inputs of every transformed (image, prompt)
+sample of each stage with one forward and one batched backward per batch (`layer_evidence(paired=True)`), and
+stores them **per image** in a :class:`mmel.data.cache.FeatureCache` (one cache item = one image and all its pairs):
+
+| stored | per | shape | dtype |
+|---|---|---|---|
+| `cosines`: upper triangles of the pooled key cosines (`key_cosines`) | image | [L, T] | `feature_cache.dtype` |
+| `patch_tokens` | image | [N, W] | `feature_cache.dtype` |
+| `evidence` (signed Grad-ECLIP, per layer) | pair | [K, L, h, w] | float32 |
+| `text` | pair | [K, D] | float32 |
+| `boxes` (input pixels, the pairs' boxes concatenated), `box_counts` | pair | [M, 4], [K] | float32, int64 |
+| `pair_ok` (False: a sample the transform dropped), `input_size` | image | [K0], [2] | bool, int64 |
+
+T = sum_s R_s (R_s + 1) / 2 with R_s windows of s x s patches: what the HSRM reads from the keys, nothing more.
+Storing the key cosines instead of the keys [L, N, C] makes an image ~0.5 MB in float16 for ViT-B/16 at 224 px
+with 6 layers, against ~1.8 MB for its keys alone; the evidence and text (a few kB per pair) stay float32, so the
+Grad-ECLIP baseline read from the cache is exact. `feature_cache.dtype=auto` is float16 for real backbones and
+float32 for the project's synthetic `mmel-*` CLIPs (where tests demand cached == online to float precision).
+
+The cache key holds the backbone, its weights, the layers, the HSRM scales, the storage dtype, the input resolution,
+the stage's split, the data config and a digest of the dataset's contents (`BoxDataset.content_digest`: every
+record's file, prompt and boxes, and each image file's size and mtime), so any change rebuilds; an interrupted
+build resumes at its first unfinished shard. Batches then carry `evidence`, `cosines` (packed), `patch_tokens`,
 `text`, `boxes` and `input_size`, which :class:`mmel.lit_module.HSRMLitModule` consumes without touching CLIP.
 
 Only `resize: fixed` is cached (one input size per stage, so batches stack); keep-size training runs online.
@@ -15,6 +32,7 @@ Only `resize: fixed` is cached (one input size per stage, so batches stack); kee
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,39 +41,92 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmel.data.base import Dropped
-from mmel.data.cache import CachedFeatures, FeatureCache, cache_key
+from mmel.data.cache import CachedFeatures, FeatureCache, cache_key, human_bytes
 from mmel.data.datamodules import StageLoaders, TransformedDataset
 from mmel.data.transforms import collate_boxes
-from mmel.hsrm.module import HSRMInputs
+from mmel.hsrm.module import HSRMInputs, key_cosines, pack_cosines
 
 log = logging.getLogger(__name__)
 
+IMAGE_FIELDS = ("cosines", "patch_tokens", "pair_ok", "input_size")
+PAIR_FIELDS = ("evidence", "text", "boxes", "box_counts")
 
-class _Rows(Dataset):
-    """A cache's rows as training items (None for samples that could not be made)."""
 
-    def __init__(self, cached: CachedFeatures) -> None:
-        self.cached = cached
+def storage_dtype(dtype: str, backbone: str) -> torch.dtype:
+    """``feature_cache.dtype``: float16 | float32 | auto (float16 unless the backbone is a synthetic mmel-* CLIP)."""
+    if dtype == "auto":
+        return torch.float32 if backbone.startswith("mmel-") else torch.float16
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"feature_cache.dtype must be float16, float32 or auto, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+class _Groups:
+    """The transformed samples of one image per item (what one cache row holds); ``sample_ids``-free sequence."""
+
+    def __init__(self, samples: TransformedDataset, groups: list[list[int]]) -> None:
+        self.samples, self.groups = samples, groups
 
     def __len__(self) -> int:
-        return len(self.cached)
+        return len(self.groups)
+
+    def __getitem__(self, g: int) -> list[dict[str, Any] | Dropped]:
+        return [self.samples[i] for i in self.groups[g]]
+
+
+class _Pairs(Dataset):
+    """A cache of image rows served as one training item per sample, in the dataset's sample order (so that the
+    loader's shuffling and batching equal those of online training); ``None`` for samples that could not be made."""
+
+    def __init__(self, cached: CachedFeatures, where: list[tuple[int, int]]) -> None:
+        self.cached, self.where = cached, where  # sample -> (image row, position among the image's samples)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        return self.cached[i]
+        row, j = self.where[i]
+        img = self.cached[row]
+        if img is None or not bool(img["pair_ok"][j]):
+            return None
+        k = int(img["pair_ok"][:j].sum())  # index among the image's stored pairs
+        counts = img["box_counts"]
+        lo = int(counts[:k].sum())
+        return {
+            "id": f"{img['id']}#{j}",
+            "evidence": img["evidence"][k],
+            "text": img["text"][k],
+            "boxes": img["boxes"][lo : lo + int(counts[k])],
+            "cosines": img["cosines"],
+            "patch_tokens": img["patch_tokens"],
+            "input_size": img["input_size"],
+        }
 
 
 def collate_features(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Stack cached rows: the HSRM inputs (:meth:`HSRMInputs.fields`) [P, ...], `boxes` list of [M, 4],
-    `input_size` (H, W)."""
+    """Stack cached pairs (one image per pair, B = P): `evidence` [P, L, h, w], `cosines` packed [P, L, T] (unpacked
+    by the HSRM), `patch_tokens` [P, N, W] float32, `text` [P, D], `boxes` list of [M, 4], `input_size` (H, W)."""
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
-    inputs = HSRMInputs.stack(rows)
-    batch: dict[str, Any] = {k: getattr(inputs, k) for k in HSRMInputs.fields()}
+    batch: dict[str, Any] = {
+        "evidence": torch.stack([r["evidence"] for r in rows]),
+        "cosines": torch.stack([r["cosines"] for r in rows]),
+        "patch_tokens": torch.stack([r["patch_tokens"] for r in rows]).float(),
+        "text": torch.stack([r["text"] for r in rows]),
+    }
     batch["boxes"] = [r["boxes"] for r in rows]
     batch["input_size"] = tuple(int(s) for s in rows[0]["input_size"])
     batch["sample_id"] = [r["id"] for r in rows]
     return batch
+
+
+def image_id(file: str, root: Path) -> str:
+    """A cache row's id: the image file relative to the dataset root (absolute when outside it)."""
+    try:
+        return str(Path(file).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(Path(file).resolve())
 
 
 class CachedFeatureDataModule(StageLoaders):
@@ -65,9 +136,13 @@ class CachedFeatureDataModule(StageLoaders):
         base: the configured data module (its transform must be in ``fixed`` mode).
         evidence_fn: ``(images, prompts, layers=..., paired=True) -> LayerEvidence`` (native Grad-ECLIP).
         layers: block indices the HSRM uses.
-        key: what the features depend on besides the per-stage split (backbone, weights, resolution, data config).
+        key: what the features depend on besides the per-stage split and contents (backbone, weights, resolution,
+            data config).
         cache_dir: root folder; one sub-folder (one cache) per stage.
-        compute_batch_size: images per CLIP pass while building.
+        compute_batch_size: (image, prompt) pairs per CLIP pass while building.
+        scales: the HSRM's window sizes (the stored key cosines are per scale).
+        dtype: storage dtype of the image quantities (``float16`` | ``float32`` | ``auto``).
+        shard_size: images per shard file.
     """
 
     def __init__(
@@ -78,6 +153,9 @@ class CachedFeatureDataModule(StageLoaders):
         key: dict[str, Any],
         cache_dir: str | Path,
         compute_batch_size: int = 32,
+        scales: list[int] | tuple[int, ...] = (1, 2, 4),
+        dtype: str = "auto",
+        shard_size: int = 256,
     ) -> None:
         super().__init__()
         if base.transform.mode != "fixed":
@@ -85,55 +163,161 @@ class CachedFeatureDataModule(StageLoaders):
                 "feature caching needs data.resize=fixed (one input size); use feature_cache.enabled=false"
             )
         self.base, self.evidence_fn, self.layers = base, evidence_fn, list(layers)
+        self.scales = [int(s) for s in scales]
+        self.dtype = storage_dtype(dtype, str(key.get("backbone", "")))
         self.key, self.cache_dir = dict(key), Path(cache_dir)
-        self.compute_batch_size = int(compute_batch_size)
-        self.features: dict[str, CachedFeatures] = {}
+        self.compute_batch_size, self.shard_size = int(compute_batch_size), int(shard_size)
+        self.features: dict[str, _Pairs] = {}
         self.skipped: Counter = Counter()
 
     def _cache(self, stage: str) -> FeatureCache:
         split = self.base.splits.get(stage)
-        key = cache_key(layers=self.layers, split=split, stage=stage, **self.key)
-        return FeatureCache(self.cache_dir / f"{stage}-{split}", key)
+        ds = self.base.dataset(stage)
+        key = cache_key(
+            layers=self.layers,
+            scales=self.scales,
+            dtype=str(self.dtype).removeprefix("torch."),
+            split=split,
+            stage=stage,
+            content=ds.content_digest(),
+            **self.key,
+        )
+        return FeatureCache(self.cache_dir / f"{stage}-{split}", key, shard_size=self.shard_size)
 
-    def _compute(self, items: list[dict[str, Any] | Dropped]) -> list[dict[str, torch.Tensor] | None]:
-        good = [i for i, it in enumerate(items) if not isinstance(it, Dropped) and it is not None]
-        for it in items:
-            if isinstance(it, Dropped):
-                self.skipped[it.reason] += 1
-        out: list[dict[str, torch.Tensor] | None] = [None] * len(items)
-        if not good:
+    def _compute(self, groups: list[list[dict[str, Any] | Dropped]]) -> list[dict[str, torch.Tensor] | None]:
+        """One cache row per image: its quantities once, its pairs' stacked (pairs in chunks of the batch size)."""
+        pairs = [(g, j) for g, items in enumerate(groups) for j, it in enumerate(items) if isinstance(it, dict)]
+        for items in groups:
+            self.skipped.update(it.reason for it in items if isinstance(it, Dropped))
+        out: list[dict[str, torch.Tensor] | None] = [None] * len(groups)
+        if not pairs:
             return out
-        batch = collate_boxes([items[i] for i in good])
-        with torch.enable_grad():
-            ev = self.evidence_fn(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
-        size = torch.tensor(batch["images"].shape[-2:])
-        for j, (i, row) in enumerate(zip(good, HSRMInputs.from_evidence(ev).to("cpu").rows(), strict=True)):
-            out[i] = {**row, "boxes": torch.as_tensor(batch["boxes"][j], dtype=torch.float32), "input_size": size}
+        per_pair: dict[str, list] = {f: [] for f in ("evidence", "text", "boxes")}
+        image_rows: dict[int, dict[str, torch.Tensor]] = {}
+        for c in range(0, len(pairs), self.compute_batch_size):
+            chunk = pairs[c : c + self.compute_batch_size]
+            batch = collate_boxes([groups[g][j] for g, j in chunk])
+            with torch.enable_grad():
+                ev = self.evidence_fn(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
+            x = HSRMInputs.from_evidence(ev)
+            per_pair["evidence"].append(x.evidence.float().cpu())
+            per_pair["text"].append(x.text.float().cpu())
+            per_pair["boxes"] += [torch.as_tensor(b, dtype=torch.float32) for b in batch["boxes"]]
+            first = []
+            for n, (g, _) in enumerate(chunk):
+                if g not in image_rows and all(chunk[m][0] != g for m in first):
+                    first.append(n)
+            if first:  # image quantities of each image's first pair only
+                cos = pack_cosines(key_cosines(x.keys[first], x.grid, self.scales))
+                size = torch.tensor(batch["images"].shape[-2:])
+                for n, packed, tokens in zip(first, cos, x.patch_tokens[first], strict=True):
+                    image_rows[chunk[n][0]] = {
+                        "cosines": packed.to("cpu", self.dtype),
+                        "patch_tokens": tokens.to("cpu", self.dtype),
+                        "input_size": size,
+                    }
+        evidence, text = torch.cat(per_pair["evidence"]), torch.cat(per_pair["text"])
+        for g, items in enumerate(groups):
+            idx = [n for n, (gg, _) in enumerate(pairs) if gg == g]
+            if not idx:
+                continue
+            boxes = [per_pair["boxes"][n] for n in idx]
+            out[g] = {
+                **image_rows[g],
+                "pair_ok": torch.tensor([isinstance(it, dict) for it in items]),
+                "evidence": evidence[idx],
+                "text": text[idx],
+                "boxes": torch.cat(boxes).reshape(-1, 4),
+                "box_counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64),
+            }
         return out
+
+    def _estimate(self, stage: str, n_images: int, n_pairs: int):
+        """A size function for the cache build: measured on the first computed batch, split per image / pair."""
+
+        def size_fn(rows: list[dict[str, torch.Tensor] | None]) -> float:
+            good = [r for r in rows if r is not None]
+            img = sum(r[f].numel() * r[f].element_size() for r in good for f in IMAGE_FIELDS) / len(good)
+            pair = sum(r[f].numel() * r[f].element_size() for r in good for f in PAIR_FIELDS)
+            pair /= sum(int(r["pair_ok"].sum()) for r in good)
+            total = img * n_images + pair * n_pairs
+            log.info(
+                "feature cache %s: %d images, %d (image, prompt) pairs; %s per image (cosines + tokens, %s) + "
+                "%s per pair (evidence, text, boxes) = ~%s in all",
+                stage,
+                n_images,
+                n_pairs,
+                human_bytes(img),
+                str(self.dtype).removeprefix("torch."),
+                human_bytes(pair),
+                human_bytes(total),
+            )
+            return total
+
+        return size_fn
+
+    def _build(self, stage: str, rank: int = 0, world_size: int = 1, barrier: Any = None) -> _Pairs:
+        ds = self.base.dataset(stage)
+        groups = ds.groups_by_image()
+        root = Path(getattr(ds, "root", "."))
+        ids = [image_id(ds.records[g[0]].file, root) for g in groups]
+        cache = self._cache(stage)
+        if not cache.is_complete(ids):
+            log.info(
+                "feature cache: computing frozen-CLIP features for %s (%d images, %d samples)",
+                stage,
+                len(groups),
+                len(ds),
+            )
+        pairs_per_image = len(ds) / max(len(groups), 1)
+        cached = cache.build(
+            _Groups(TransformedDataset(ds, self.base.transform), groups),
+            self._compute,
+            max(1, math.ceil(self.compute_batch_size / pairs_per_image)),  # ~compute_batch_size pairs per call
+            ids=ids,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+            size_fn=self._estimate(stage, len(groups), len(ds)),
+        )
+        where = [(0, 0)] * len(ds)
+        for g, members in enumerate(groups):
+            row = cached.index(ids[g])
+            for j, i in enumerate(members):
+                where[i] = (row, j)
+        return _Pairs(cached, where)
+
+    def _distributed(self) -> tuple[int, int, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return 0, 1, None
+        return trainer.global_rank, trainer.world_size, trainer.strategy.barrier
 
     def prepare_data(self) -> None:
         self.base.prepare_data()
-        for stage in ("train", "val", "test"):
-            if self.base.splits.get(stage) is None:
-                continue
-            ds = self.base.dataset(stage)
-            cache = self._cache(stage)
-            if not cache.is_complete(ds.sample_ids):
-                log.info("feature cache: computing frozen-CLIP features for %s (%d samples)", stage, len(ds))
-            cache.build(
-                TransformedDataset(ds, self.base.transform), self._compute, self.compute_batch_size, ids=ds.sample_ids
-            )
 
     def setup(self, stage: str | None = None) -> None:
+        rank, world_size, barrier = self._distributed()
         for s in ("train", "val", "test"):
             if self.base.splits.get(s) is not None and s not in self.features:
-                self.features[s] = self._cache(s).load()
+                self.features[s] = self._build(s, rank, world_size, barrier)
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            _Rows(self.features[stage]),
+            self.features[stage],
             batch_size=self.base.batch_size,
             shuffle=shuffle,
             collate_fn=collate_features,
             generator=torch.Generator().manual_seed(self.base.seed) if shuffle else None,
         )
+
+
+def estimate_bytes(
+    num_layers: int, grid: tuple[int, int], width: int, embed_dim: int, scales: list[int], dtype_bytes: int = 2
+) -> tuple[int, int]:
+    """Payload bytes (per image, per pair) of the cache for a ViT of this geometry (boxes: one box per pair)."""
+    h, w = grid
+    t = sum(r * (r + 1) // 2 for r in (math.ceil(h / s) * math.ceil(w / s) for s in scales))
+    per_image = num_layers * t * dtype_bytes + h * w * width * dtype_bytes
+    per_pair = (num_layers * h * w + embed_dim) * 4 + 4 * 4 + 8
+    return per_image, per_pair

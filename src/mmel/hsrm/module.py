@@ -5,6 +5,8 @@ Inputs per (image, prompt) pair, all from the frozen CLIP (and therefore cacheab
     keys          k^l   [P, L, N, C]   patch keys of those blocks (N = h*w, heads concatenated)
     patch_tokens  x     [P, N, W]      last block's output patch tokens (before ln_post)
     text          t     [P, D]         text embedding of the prompt (encode_text output)
+The keys are only read through the cosines of their pooled, normalised windows (:func:`key_cosines`), so those
+may be given instead of the keys (``cosines``: what the feature cache stores, far smaller than the keys).
 
 1. Multi-scale relationships. For each granularity s (patch windows s x s) the keys are average-pooled to
    regions, R^{l,s} = softmax_b(cos(k_a, k_b) / tau_s), and the evidence is propagated between related regions:
@@ -26,6 +28,7 @@ min-max-normalised maps, but puts layers of very different gradient magnitude on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,14 +63,17 @@ class HSRMInputs:
     """
 
     evidence: Tensor  # [P, L, h, w]
-    keys: Tensor  # [B, L, N, C]
+    keys: Tensor | None  # [B, L, N, C]; None when ``cosines`` are given
     patch_tokens: Tensor  # [B, N, W]
     text: Tensor  # [P, D]
+    # per scale s of the HSRM: cos of pooled normalised keys [B, L, R_s, R_s] (key_cosines), or packed [B, L, T]
+    # (pack_cosines); replaces the keys
+    cosines: tuple[Tensor, ...] | Tensor | None = None
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
-        """The tensor names, in order (what a feature cache stores and a batch of cached features carries)."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """The tensor names of the keys form, in order (evidence, keys, patch_tokens, text)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "cosines")
 
     @classmethod
     def from_evidence(cls, ev: LayerEvidence) -> HSRMInputs:
@@ -100,8 +106,78 @@ class HSRMInputs:
     def grid(self) -> tuple[int, int]:
         return int(self.evidence.shape[-2]), int(self.evidence.shape[-1])
 
+    @property
+    def num_images(self) -> int:
+        """B, the number of images (keys or cosines are given once per image)."""
+        return int(self.patch_tokens.shape[0])
+
     def to(self, device: torch.device | str) -> HSRMInputs:
-        return HSRMInputs(**{f: getattr(self, f).to(device) for f in self.fields()})
+        moved = {f: None if getattr(self, f) is None else getattr(self, f).to(device) for f in self.fields()}
+        cos = self.cosines
+        if cos is not None:
+            cos = cos.to(device) if isinstance(cos, Tensor) else tuple(c.to(device) for c in cos)
+        return HSRMInputs(**moved, cosines=cos)
+
+
+def key_cosines(keys: Tensor, grid: tuple[int, int], scales: Sequence[int]) -> list[Tensor]:
+    """What the HSRM reads from the keys: per scale s, cos(k_a, k_b) of the s x s window-averaged keys.
+
+    keys [B, L, N = h*w, C] -> one [B, L, R_s, R_s] float32 matrix per scale (R_s = ceil(h/s) * ceil(w/s)), exactly
+    symmetric (the upper triangle mirrored), so that storing the upper triangle alone loses nothing.
+    """
+    b, l, n, c = keys.shape
+    h, w = grid
+    if n != h * w:
+        raise ValueError(f"keys have N={n} patches, but the grid is {h}x{w}")
+    k = keys.float().reshape(b * l, h, w, c).permute(0, 3, 1, 2)  # [BL, C, h, w]
+    out = []
+    for s in scales:
+        # ceil_mode keeps a partial last window, so any grid size works (e.g. 7x7 with s = 2)
+        kp = F.avg_pool2d(k, s, s, ceil_mode=True) if s > 1 else k
+        kr = F.normalize(kp.flatten(2).transpose(1, 2), dim=-1)  # [BL, R, C]
+        cos = kr @ kr.transpose(1, 2)
+        cos = cos.triu() + cos.triu(1).transpose(1, 2)
+        out.append(cos.reshape(b, l, *cos.shape[-2:]))
+    return out
+
+
+def region_counts(grid: tuple[int, int], scales: Sequence[int]) -> list[int]:
+    """R_s, the number of s x s windows (partial ones included) of a grid, per scale."""
+    return [math.ceil(grid[0] / s) * math.ceil(grid[1] / s) for s in scales]
+
+
+def pack_cosines(cosines: Sequence[Tensor]) -> Tensor:
+    """Upper triangles (diagonal included) of :func:`key_cosines`' matrices [..., R_s, R_s], concatenated:
+    -> [..., T] with T = sum_s R_s (R_s + 1) / 2 (the compact form a feature cache stores)."""
+    parts = []
+    for c in cosines:
+        iu = torch.triu_indices(c.shape[-1], c.shape[-1], device=c.device)
+        parts.append(c[..., iu[0], iu[1]])
+    return torch.cat(parts, dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _triangle_index(r: int, device: torch.device) -> Tensor:
+    """[R, R] positions in the row-major upper triangle (diagonal included) of an R x R matrix, symmetric."""
+    a = torch.arange(r, device=device)
+    lo, hi = torch.minimum(a[:, None], a[None, :]), torch.maximum(a[:, None], a[None, :])
+    return lo * r - lo * (lo - 1) // 2 + (hi - lo)
+
+
+def unpack_cosines(packed: Tensor, grid: tuple[int, int], scales: Sequence[int]) -> list[Tensor]:
+    """Inverse of :func:`pack_cosines`: [..., T] -> per scale [..., R_s, R_s] float32 (symmetric)."""
+    counts = region_counts(grid, scales)
+    need = sum(r * (r + 1) // 2 for r in counts)
+    if packed.shape[-1] != need:
+        raise ValueError(
+            f"packed cosines have {packed.shape[-1]} values, grid {grid} scales {list(scales)} need {need}"
+        )
+    out, start = [], 0
+    for r in counts:
+        # one gather: entry (a, b) of the matrix reads triangle entry (min(a, b), max(a, b))
+        out.append(packed[..., start + _triangle_index(r, packed.device)].float())
+        start += r * (r + 1) // 2
+    return out
 
 
 class HSRM(nn.Module):
@@ -183,22 +259,37 @@ class HSRM(nn.Module):
         """Scale weights [1 + |S|]: un-propagated term first."""
         return self.beta0 + self.d_beta
 
-    def propagate(self, evidence: Tensor, keys: Tensor, grid: tuple[int, int]) -> Tensor:
-        """g^{l,s} for s in {0} + scales: evidence [P, L, h, w], keys [B, L, N, C] -> [P, L, 1+|S|, h, w]."""
+    def propagate(
+        self,
+        evidence: Tensor,
+        keys: Tensor | None,
+        grid: tuple[int, int],
+        cosines: Sequence[Tensor] | Tensor | None = None,
+    ) -> Tensor:
+        """g^{l,s} for s in {0} + scales: evidence [P, L, h, w], keys [B, L, N, C] -> [P, L, 1+|S|, h, w].
+
+        ``cosines`` (one [B, L, R_s, R_s] per scale, :func:`key_cosines`, or all of them packed [B, L, T] by
+        :func:`pack_cosines`) replace the keys: the same maps exactly (float32).
+        """
         p, l, h, w = evidence.shape
-        b = keys.shape[0]
+        if cosines is None:
+            if keys is None:
+                raise ValueError("HSRM.propagate needs keys or their cosines")
+            cosines = key_cosines(keys, (h, w), self.scales)
+        if isinstance(cosines, Tensor):  # packed upper triangles [B, L, T] (the feature cache's form)
+            cosines = unpack_cosines(cosines, (h, w), self.scales)
+        if len(cosines) != len(self.scales):
+            raise ValueError(f"got cosines for {len(cosines)} scales, the HSRM has scales {self.scales}")
+        b = cosines[0].shape[0]
         kk = p // b  # prompts per image
-        k = keys.reshape(b * l, h, w, -1).permute(0, 3, 1, 2)  # [BL, C, h, w]
         # one relation matrix per (image, layer), applied to the K prompts' evidence at once (K as channels)
         g = evidence.reshape(b, kk, l, h, w).transpose(1, 2).reshape(b * l, kk, h, w)
         terms = [evidence]
         for i, s in enumerate(self.scales):
-            # ceil_mode keeps a partial last window, so any grid size works (e.g. 7x7 with s = 2)
-            kp = F.avg_pool2d(k, s, s, ceil_mode=True) if s > 1 else k
             gp = F.avg_pool2d(g, s, s, ceil_mode=True) if s > 1 else g
-            hs, ws = kp.shape[-2:]
-            kr = F.normalize(kp.flatten(2).transpose(1, 2), dim=-1)  # [BL, R, C]
-            rel = torch.softmax(kr @ kr.transpose(1, 2) / self.log_tau[i].exp(), dim=-1)  # [BL, R, R]
+            hs, ws = gp.shape[-2:]
+            cos = cosines[i].reshape(b * l, hs * ws, hs * ws).to(evidence.dtype)
+            rel = torch.softmax(cos / self.log_tau[i].exp(), dim=-1)  # [BL, R, R]
             prop = (rel @ gp.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b * l, kk, hs, ws)
             if s > 1:
                 prop = F.interpolate(prop, scale_factor=s, mode="nearest")[..., :h, :w]
@@ -219,15 +310,18 @@ class HSRM(nn.Module):
         ev = inputs.evidence
         if ev.dim() != 4 or ev.shape[1] != self.num_layers:
             raise ValueError(f"evidence must be [P, L={self.num_layers}, h, w], got {tuple(ev.shape)}")
-        b = inputs.keys.shape[0]
-        if inputs.patch_tokens.shape[0] != b or ev.shape[0] % b or inputs.text.shape[0] != ev.shape[0]:
+        b = inputs.num_images
+        cos = inputs.cosines
+        per_image = inputs.keys if inputs.keys is not None else (cos if isinstance(cos, Tensor) or not cos else cos[0])
+        if per_image is None or per_image.shape[0] != b or ev.shape[0] % b or inputs.text.shape[0] != ev.shape[0]:
+            shape = None if per_image is None else tuple(per_image.shape)
             raise ValueError(
                 f"HSRM inputs disagree: evidence {tuple(ev.shape)} and text {tuple(inputs.text.shape)} need P = B*K "
-                f"rows for keys {tuple(inputs.keys.shape)} / tokens {tuple(inputs.patch_tokens.shape)} of B images"
+                f"rows for keys/cosines {shape} / tokens {tuple(inputs.patch_tokens.shape)} of B images"
             )
         h, w = inputs.grid
         scale = ev.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-        terms = self.propagate(ev / scale, inputs.keys, (h, w))  # [P, L, S+1, h, w]
+        terms = self.propagate(ev / scale, inputs.keys, (h, w), inputs.cosines)  # [P, L, S+1, h, w]
         g = torch.einsum("plshw,l,s->phw", terms, self.alpha, self.beta)
         if self.use_gate:
             a = self.alignment(inputs.patch_tokens, inputs.text).reshape(-1, h, w)
