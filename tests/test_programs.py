@@ -232,3 +232,16 @@ def test_optuna_sweep_runs_trials_and_reports_the_best(world, tmp_path):
     assert len(trials) == 2
     for t in trials:
         assert 0 <= json.loads(t.read_text())["val/pointing_game"] <= 1
+
+
+def test_ablated_hsrm_trains_from_the_cache_and_its_checkpoint_loads(world, tmp_path):
+    """No propagation (scales=[]) and no gate: the cache stores no cosines, training and loading still work."""
+    from mmel.train import run
+
+    over = ["trainer.max_epochs=1", "data.batch_size=16", "logger=csv", "callbacks=none", "hsrm.scales=[]",
+            "hsrm.gate=false", f"feature_cache.dir={tmp_path / 'fc'}"]  # fmt: skip
+    metrics, objs = run(cfg_for("train", world, tmp_path / "run", over))
+    assert 0 <= float(metrics["test/pointing_game"]) <= 1
+    e = build_explainer("mmel", objs["clip"], checkpoint=str(tmp_path / "run" / "hsrm.pt"))
+    assert e.hsrm.scales == [] and not e.hsrm.use_gate
+    assert e(torch.randn(1, 3, 32, 32), ["a red circle"]).shape == (1, 1, 32, 32)

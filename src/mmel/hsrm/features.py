@@ -208,7 +208,12 @@ class CachedFeatureDataModule(StageLoaders):
                 if g not in image_rows and all(chunk[m][0] != g for m in first):
                     first.append(n)
             if first:  # image quantities of each image's first pair only
-                cos = pack_cosines(key_cosines(x.keys[first], x.grid, self.scales))
+                keys = x.keys[first]  # no scales (propagation off): nothing to store, an empty [L, 0] per image
+                cos = (
+                    pack_cosines(key_cosines(keys, x.grid, self.scales))
+                    if self.scales
+                    else keys.new_zeros(len(first), keys.shape[1], 0)
+                )
                 size = torch.tensor(batch["images"].shape[-2:])
                 for n, packed, tokens in zip(first, cos, x.patch_tokens[first], strict=True):
                     image_rows[chunk[n][0]] = {

@@ -153,6 +153,8 @@ def pack_cosines(cosines: Sequence[Tensor]) -> Tensor:
     for c in cosines:
         iu = torch.triu_indices(c.shape[-1], c.shape[-1], device=c.device)
         parts.append(c[..., iu[0], iu[1]])
+    if not parts:
+        raise ValueError("pack_cosines: no scales (an HSRM without propagation reads no cosines)")
     return torch.cat(parts, dim=-1)
 
 
@@ -272,6 +274,8 @@ class HSRM(nn.Module):
         :func:`pack_cosines`) replace the keys: the same maps exactly (float32).
         """
         p, l, h, w = evidence.shape
+        if not self.scales:  # multi-scale propagation switched off: the un-propagated term only
+            return evidence[:, :, None]
         if cosines is None:
             if keys is None:
                 raise ValueError("HSRM.propagate needs keys or their cosines")
