@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmel.data.base import Dropped
 from mmel.data.transforms import collate_boxes
 from mmel.evaluation.records import ItemWriter
-from mmel.metrics import ClipScorer, DeletionInsertion, EnergyPointingGame, PointingGame, SaliencyIoU
-from mmel.metrics import difficult_flags
+from mmel.metrics import ClipScorer, DeletionInsertion, EnergyPointingGame, PointingGame, SaliencyIoU, difficult_flags
 from mmel.metrics._common import resize_maps
 from mmel.metrics.iou import _saliency_iou_update
 from mmel.metrics.perturbation import _deletion_insertion_update, auc
@@ -103,13 +102,14 @@ def item_values(
     maps: Tensor,
     boxes: list[Tensor],
     sizes: Tensor,
-    image: Tensor,
+    images: Tensor | None,
     prompts: list[str],
     difficult: Tensor,
     scorer: ClipScorer | None,
 ) -> list[dict[str, dict[str, Any]]]:
-    """Per-item values of every metric for maps [K, h, w] of one image (boxes: K lists [M_k, 4] in the frame of
-    ``sizes`` [K, 2]; image [3, H, W] as fed to the model) -> K dicts {metric name: {field: value}}."""
+    """Per-item values of every metric for N items: maps [N, h, w], boxes N tensors [M_i, 4] in the frame of
+    ``sizes`` [N, 2], images [N, 3, H, W] as fed to the model (deletion / insertion only), prompts N strings,
+    difficult [N] -> N dicts {metric name: {field: value}}."""
     out: list[dict[str, dict[str, Any]]] = [{} for _ in prompts]
     for name, m in metrics.items():
         if isinstance(m, PointingGame):
@@ -122,8 +122,9 @@ def item_values(
             fields = {"iou": iou, "sweep": sweep}
         elif isinstance(m, DeletionInsertion):
             targets = torch.tensor([scorer.index(p) for p in prompts])
-            curves = _deletion_insertion_update(maps, image[None].expand(len(prompts), -1, -1, -1), scorer, targets,
-                                                m.options)  # fmt: skip
+            if images is None:
+                raise ValueError("evaluate: deletion / insertion needs the items' images stacked (same size)")
+            curves = _deletion_insertion_update(maps, images, scorer, targets, m.options)
             fields = {}
             for mode, c in curves.items():
                 fields[f"{mode}_curve"] = c
@@ -132,6 +133,14 @@ def item_values(
             raise TypeError(f"evaluate: metric {name!r} ({type(m).__name__}) has no per-item form in the engine")
         for k in range(len(prompts)):
             out[k][name] = {f: v[k].tolist() for f, v in fields.items()}
+    return out
+
+
+def _starts(groups: list[list[int]]) -> list[int]:
+    out, s = [], 0
+    for g in groups:
+        out.append(s)
+        s += len(g)
     return out
 
 
@@ -264,43 +273,64 @@ class EvalModule(pl.LightningModule):
                 image = image[:, : int(rows.max()) + 1, : int(cols.max()) + 1]
             images.append(image)
         maps = self._explain(images, [[batch["prompt"][i] for i in idx] for idx in groups])
+        # per item: its map, boxes and size in the scored frame, the image the model saw, the difficult flag
+        order = [i for idx in groups for i in idx]
+        item_maps = [m.float().cpu()[k] for idx, m in zip(groups, maps, strict=True) for k in range(len(idx))]
+        item_images = [im for idx, im in zip(groups, images, strict=True) for _ in idx]
+        key = "boxes_orig" if self.keep else "boxes"
+        boxes = [torch.as_tensor(batch[key][i], dtype=torch.float32).cpu() for i in order]
+        if self.keep:
+            sizes = torch.tensor([list(batch["size"][i]) for i in order])
+        else:
+            sizes = torch.tensor([list(m.shape[-2:]) for m in item_maps])
+        difficult = torch.cat(
+            [
+                difficult_flags(boxes[s : s + len(idx)], sizes[s : s + len(idx)],
+                                self.prompts_per_image[str(batch["image_id"][idx[0]])] > 1)
+                for s, idx in zip(_starts(groups), groups, strict=True)
+            ]
+        )  # fmt: skip
+        prompts = [batch["prompt"][i] for i in order]
+        values: list[dict[str, Any]] = []
+        # one call per map shape (all items of a fixed-size batch at once)
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for j, m in enumerate(item_maps):
+            by_shape[tuple(m.shape)].append(j)
+        values = [{}] * len(order)
+        pk: list[list[int]] = [[0, 0]] * len(order)
+        for js in by_shape.values():
+            ims = [item_images[j] for j in js]
+            stacked = torch.stack(ims) if len({tuple(im.shape) for im in ims}) == 1 else None
+            m = torch.stack([item_maps[j] for j in js])
+            vals = item_values(self.metrics, m, [boxes[j] for j in js], sizes[js], stacked, [prompts[j] for j in js],
+                               difficult[js], self.scorer)  # fmt: skip
+            for j, v, p in zip(js, vals, peaks(m, sizes[js]), strict=True):
+                values[j], pk[j] = v, p
         out, saved = [], {}
-        for idx, image, m in zip(groups, images, maps, strict=True):
-            m = m.float()
-            if self.keep:
-                boxes = [torch.as_tensor(batch["boxes_orig"][i], dtype=torch.float32) for i in idx]
-                sizes = torch.tensor([list(batch["size"][i]) for i in idx])
-            else:
-                boxes = [torch.as_tensor(batch["boxes"][i], dtype=torch.float32) for i in idx]
-                sizes = torch.tensor([list(m.shape[-2:])] * len(idx))
-            m, boxes = m.cpu(), [b.cpu() for b in boxes]
-            distractor = self.prompts_per_image[str(batch["image_id"][idx[0]])] > 1
-            difficult = difficult_flags(boxes, sizes, distractor)
-            prompts = [batch["prompt"][i] for i in idx]
-            values = item_values(self.metrics, m, boxes, sizes, image, prompts, difficult, self.scorer)
-            for k, i in enumerate(idx):
-                self._update_live(values[k], batch["category"][i] if "category" in batch else None)
-            for k, (i, (py, px)) in enumerate(zip(idx, peaks(m, sizes), strict=True)):
-                sid = str(batch["sample_id"][i])
-                out.append(
-                    {
-                        "sample_id": sid,
-                        "index": int(batch["index"][i]),
-                        "chunk": chunk,
-                        "image_id": batch["image_id"][i] if isinstance(batch["image_id"][i], int) else str(
-                            batch["image_id"][i]),
-                        "file": str(batch["file"][i]),
-                        "prompt": prompts[k],
-                        "category": str(batch["category"][i]) if "category" in batch else None,
-                        "n_boxes_cropped_out": int(batch.get("n_boxes_cropped_out", [0] * (i + 1))[i]),
-                        "peak": {"y": py, "x": px},
-                        "metrics": values[k],
-                    }
-                )  # fmt: skip
-                if self.save_maps:
-                    saved[sid] = self._scored_map(m[k], sizes[k])
+        for j, i in enumerate(order):
+            sid = str(batch["sample_id"][i])
+            image_id = batch["image_id"][i]
+            out.append(
+                {
+                    "sample_id": sid,
+                    "index": int(batch["index"][i]),
+                    "chunk": chunk,
+                    "image_id": image_id if isinstance(image_id, int) else str(image_id),
+                    "file": str(batch["file"][i]),
+                    "prompt": prompts[j],
+                    "category": str(batch["category"][i]) if "category" in batch else None,
+                    "n_boxes_cropped_out": int(batch["n_boxes_cropped_out"][i])
+                    if "n_boxes_cropped_out" in batch
+                    else 0,
+                    "peak": {"y": pk[j][0], "x": pk[j][1]},
+                    "metrics": values[j],
+                }
+            )
+            if self.save_maps:
+                saved[sid] = self._scored_map(item_maps[j], sizes[j])
         if saved:
             self._write_maps(chunk, saved)
+        replay(self.metrics, out)  # the live, per-process torchmetrics (synced at the end)
         return out
 
     def _explain(self, images: list[Tensor], prompts: list[list[str]]) -> list[Tensor]:
@@ -327,19 +357,6 @@ class EvalModule(pl.LightningModule):
         tmp = folder / f"chunk_{chunk:06d}.tmp.npz"
         np.savez_compressed(tmp, **saved)
         tmp.replace(folder / f"chunk_{chunk:06d}.npz")  # before the records: a recorded chunk has its maps
-
-    def _update_live(self, values: dict[str, dict[str, Any]], category: str | None) -> None:
-        for name, m in self.metrics.items():
-            v = values[name]
-            if isinstance(m, PointingGame):
-                m.update_values(torch.tensor([v["hit"]]), [category] if category is not None else None,
-                                torch.tensor([v["difficult"]]))  # fmt: skip
-            elif isinstance(m, EnergyPointingGame):
-                m.update_values(torch.tensor([v["energy"]]))
-            elif isinstance(m, SaliencyIoU):
-                m.update_values(torch.tensor([v["iou"]]), torch.tensor([v["sweep"]]))
-            elif isinstance(m, DeletionInsertion):
-                m.update_values({mode: torch.tensor([v[f"{mode}_curve"]]) for mode in m.options.modes})
 
     def on_test_epoch_end(self) -> None:
         # every process takes part in the sync; the result is the new items of this session over all processes
