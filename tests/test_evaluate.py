@@ -159,28 +159,49 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(world, tmp_path):
         assert (part / "figures" / f"{name}.png").is_file(), name
 
 
-@pytest.mark.slow
-def test_resume_refuses_other_settings_and_bad_dirs(world, tmp_path):
-    first = tmp_path / "first"
-    run_cli(cli(world, first, "limit=4"), tmp_path)
-    before = (first / "metrics.json").read_text()
-    for over, keys in [
-        (["explainer=rollout"], "explainer._target_"),
-        (["split=val"], "split"),
-        (["metrics.pointing_game.tolerance=9"], "metrics.pointing_game.tolerance"),
-    ]:
-        proc = run_cli(cli(world, tmp_path / "x", *over, f"resume={first}"), tmp_path, ok=False)
-        assert proc.returncode != 0 and "differing keys" in proc.stderr and keys in proc.stderr, proc.stderr[-1500:]
-    assert (first / "metrics.json").read_text() == before
+def compose_cfg(world: Path, out: Path, *over: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
 
-    proc = run_cli(cli(world, tmp_path / "y", f"resume={tmp_path / 'nope'}"), tmp_path, ok=False)
-    assert "no such run dir" in proc.stderr
+    from tests.conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        data = [f"data.root={world}", "data.seed=5", f"++data.generate_kwargs={WORLD_KW}"]
+        cfg = compose("evaluate", overrides=["model=micro", "logger=csv", *data, *over])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def test_resume_refuses_other_settings_and_bad_dirs(world, tmp_path):
+    from mmel.evaluate import run
+
+    first = tmp_path / "first"
+    run(compose_cfg(world, first, "limit=4", "figure_samples=0"))
+    before = (first / "metrics.json").read_text()
+    for over, key in [
+        ("explainer=rollout", "explainer.name"),
+        ("split=val", "split"),
+        ("metrics.pointing_game.tolerance=9", "metrics.pointing_game.tolerance"),
+        ("data.subset=5", "data.subset"),
+    ]:
+        with pytest.raises(ValueError, match=rf"differing keys: .*{key}"):
+            run(compose_cfg(world, tmp_path / "x", over, f"resume={first}"))
+    assert (first / "metrics.json").read_text() == before
+    assert not (tmp_path / "x").exists()
+
+    with pytest.raises(FileNotFoundError, match="no such run dir"):
+        run(compose_cfg(world, tmp_path / "y", f"resume={tmp_path / 'nope'}"))
     train_dir = tmp_path / "train_run"
     (train_dir / ".hydra").mkdir(parents=True)
     (train_dir / ".hydra" / "config.yaml").write_text("task_name: train\n")
     (train_dir / "metrics.json").write_text('{"test/pointing_game": 0.5}\n')
-    proc = run_cli(cli(world, tmp_path / "z", f"resume={train_dir}"), tmp_path, ok=False)
-    assert "a 'train' run" in proc.stderr and (train_dir / "metrics.json").read_text() == '{"test/pointing_game": 0.5}\n'
+    with pytest.raises(ValueError, match="a 'train' run"):
+        run(compose_cfg(world, tmp_path / "z", f"resume={train_dir}"))
+    assert (train_dir / "metrics.json").read_text() == '{"test/pointing_game": 0.5}\n'
+    assert sorted(p.name for p in train_dir.iterdir()) == [".hydra", "metrics.json"]
 
 
 # ------------------------------------------------------------------------------------------ DDP
