@@ -82,7 +82,9 @@ def setup(model: str, size: int | None):
     explainer = build_explainer("grad_eclip", clip)
     metrics = {"pointing_game": PointingGame(tolerance=15), "energy_pointing_game": EnergyPointingGame(),
                "saliency_iou": SaliencyIoU()}  # fmt: skip
-    records = [types.SimpleNamespace(image_id=i, prompt=p) for i, p in zip(batch["image_id"], batch["prompt"])]
+    records = [
+        types.SimpleNamespace(image_id=i, prompt=p) for i, p in zip(batch["image_id"], batch["prompt"], strict=True)
+    ]
     module = EvalModule(explainer, metrics, None, records, [], keep=False, pad_multiple=1, out=Path(tempfile.mkdtemp()))
     return clip, explainer, module, images, prompts, batch
 
@@ -175,8 +177,9 @@ def bench(model: str, size: int | None, rounds: int) -> bool:
           f"{rounds} rounds, {torch.get_num_threads()} threads")  # fmt: skip
     for k in fns:
         m = mem[k]
+        grow = m["peak_mb"] - m["base_mb"]
         print(f"  {k:7s} {rate[k]:8.1f} items/s   median {statistics.median(times[k]):6.2f} s   "
-              f"peak RSS {m['peak_mb']:7.0f} MB (+{m['peak_mb'] - m['base_mb']:.0f} MB over the loaded model)")  # fmt: skip
+              f"peak RSS {m['peak_mb']:7.0f} MB (+{grow:.0f} MB over the loaded model)")  # fmt: skip
     r_floor, r_loop = rate["engine"] / rate["floor"], rate["engine"] / rate["loop"]
     ok_floor, ok_loop = r_floor >= 0.5, r_loop >= 3.0
     print(f"  engine / floor = {r_floor:.2f} (target >= 0.5: {'ok' if ok_floor else 'MISSED'})")

@@ -90,7 +90,9 @@ def test_batched_gradient_explainer_uses_one_forward_and_one_vjp(micro_clip, mon
 
     calls = {"trace": 0, "vjp": 0}
     trace, vjp = ge.trace_image, ge.batched_vjp
-    monkeypatch.setattr(ge, "trace_image", lambda *a, **k: calls.__setitem__("trace", calls["trace"] + 1) or trace(*a, **k))
+    monkeypatch.setattr(
+        ge, "trace_image", lambda *a, **k: calls.__setitem__("trace", calls["trace"] + 1) or trace(*a, **k)
+    )
     monkeypatch.setattr(ge, "batched_vjp", lambda *a, **k: calls.__setitem__("vjp", calls["vjp"] + 1) or vjp(*a, **k))
     e = build_explainer("grad_eclip", micro_clip)
     e.explain_batch(torch.randn(4, 3, 32, 32), [["a"], ["b", "c"], ["d", "e", "f"], ["a", "f"]])
@@ -109,7 +111,9 @@ def test_padding_prompts_do_not_leak(micro_clip):
 def test_default_per_image_loop_serves_any_subclass(micro_clip):
     class Brightness(Explainer):  # a new explainer that only implements raw_maps
         def raw_maps(self, images, prompts):
-            return images.mean(1, keepdim=True).expand(-1, len(prompts), -1, -1) * torch.arange(1.0, len(prompts) + 1).view(1, -1, 1, 1)
+            return images.mean(1, keepdim=True).expand(-1, len(prompts), -1, -1) * torch.arange(
+                1.0, len(prompts) + 1
+            ).view(1, -1, 1, 1)
 
     e = Brightness(micro_clip)
     images = torch.randn(2, 3, 32, 32)
@@ -129,7 +133,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(world, tmp_path):
     run_cli(cli(world, full, *over), tmp_path)
     n_lines = len((full / "items.jsonl").read_text().splitlines())
 
-    proc = subprocess.Popen(cli(world, part, *over), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli(world, part, *over), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     rank_file = part / "items_rank0.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -246,3 +252,22 @@ def test_corrupt_image_is_skipped_counted_and_recorded(world, tmp_path):
     skips = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines() if '"skip"' in x]
     assert len(skips) == n_victim and {r["skip"] for r in skips} == {"corrupt_image"}
     assert (out / "evaluate.log").read_text().count(f"skipping {target}") <= 1
+
+
+def test_wandb_offline_logs_scalars_table_and_figures_and_finishes(world, tmp_path, monkeypatch):
+    import wandb
+
+    from mmel.evaluate import run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    res, _ = run(compose_cfg(world, out, "logger=wandb", "limit=4", "figure_samples=2"))
+    assert wandb.run is None  # finished: the next job of a sweep starts its own run
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    summary = json.loads(next(runs[0].rglob("wandb-summary.json")).read_text())
+    assert summary["test/pointing_game/accuracy"] == pytest.approx(res["test/pointing_game/accuracy"])
+    assert "per_category" in summary and "figures/qualitative" in summary
+    csv = next((out / "csv").rglob("metrics.csv")).read_text()
+    assert "test/pointing_game/accuracy" in csv

@@ -50,14 +50,17 @@ from mmel.utils.runs import announce, build_datamodule, instantiate_group, outpu
 log = logging.getLogger(__name__)
 
 
-def build_metrics(cfg: DictConfig, clip=None) -> dict[str, Metric]:
+def build_metrics(cfg: DictConfig, clip=None, sync: bool = True) -> dict[str, Metric]:
     """One Metric per entry of the `metrics` config group that has a `_target_` and is not disabled.
 
-    With a CLIP bundle, deletion/insertion learns its pixel normalisation (to build fills in pixel space)."""
+    With a CLIP bundle, deletion/insertion learns its pixel normalisation (to build fills in pixel space).
+    ``sync=False``: compute() never gathers across processes (for numbers rebuilt from every process's records)."""
     out = {}
     for name, node in cfg.items():
         if isinstance(node, DictConfig) and "_target_" in node and node.get("enabled", True) is not False:
             kwargs = {k: v for k, v in node.items() if k != "enabled"}
+            if not sync:
+                kwargs["sync_on_compute"] = False
             if clip is not None and str(node._target_).endswith("DeletionInsertion"):
                 kwargs.update(pixel_mean=list(clip.mean), pixel_std=list(clip.std))
             out[name] = instantiate(OmegaConf.create(kwargs))
@@ -149,7 +152,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("nothing left to do: every sample of %s has a record", out)
     results: dict[str, Any] = {}
     if trainer.is_global_zero:
-        results = _finish(cfg, out, split, dataset, metrics, module, clip, explainer, datamodule, loggers, fp)
+        results, metrics = _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, loggers, fp)
         results["seconds"] = _seconds(out, time.perf_counter() - t0)
         save_metrics(results, out)
         announce(out)
@@ -166,15 +169,14 @@ def _seconds(out: Path, this_session: float) -> float:
     return before + this_session
 
 
-def _finish(cfg, out, split, dataset, metrics, module, clip, explainer, datamodule, loggers, fp) -> dict[str, Any]:
-    """Rank 0: merge the item files, rebuild the metrics from the records, write figures, log."""
+def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, loggers, fp) -> tuple[dict[str, Any], dict]:
+    """Rank 0: merge the item files, rebuild the metrics from the records, write figures, log.
+    Returns (results, the rebuilt metric objects)."""
     records = merge_items(out)
     limit = cfg.get("limit")
     if limit is not None:
         records = [r for r in records if r["index"] < int(limit)]
-    for m in metrics.values():
-        m.reset()
-        m.sync_on_compute = False  # the records already hold every process's items
+    metrics = build_metrics(cfg.metrics, clip, sync=False)  # fresh: the records already hold every process's items
     replay(metrics, records)
     results: dict[str, Any] = {}
     for name, m in metrics.items():
@@ -203,7 +205,7 @@ def _finish(cfg, out, split, dataset, metrics, module, clip, explainer, datamodu
     paths = figures.write_all(out, records, metrics, dataset, datamodule.transform, explainer, keep=module.keep,
                               seed=int(cfg.seed), n=int(cfg.get("figure_samples", 8)))  # fmt: skip
     _log(loggers, results, per_category, paths)
-    return results
+    return results, metrics
 
 
 def _cross_check(live: dict[str, Any], metrics, split: str, results: dict[str, Any]) -> None:

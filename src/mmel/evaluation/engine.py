@@ -359,8 +359,10 @@ class EvalModule(pl.LightningModule):
         tmp.replace(folder / f"chunk_{chunk:06d}.npz")  # before the records: a recorded chunk has its maps
 
     def on_test_epoch_end(self) -> None:
-        # every process takes part in the sync; the result is the new items of this session over all processes
-        self.live = {name: m.compute() for name, m in self.metrics.items()}
+        # every process takes part in the sync; the result is the new items of this session over all processes.
+        # Only when every process had work: a process without batches may not reach this hook (no deadlock).
+        if len(self.todo) >= self.trainer.world_size:
+            self.live = {name: m.compute() for name, m in self.metrics.items()}
 
     def on_test_end(self) -> None:
         if self.writer is not None:
