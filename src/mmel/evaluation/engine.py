@@ -179,12 +179,11 @@ def replay(metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
 class ItemsProgressBar(SparseProgressBar):
     """The sparse bar with items/s (scored (image, prompt) pairs per second) in its postfix; tqdm adds the ETA."""
 
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        out = dict(super().get_metrics(trainer, pl_module))
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         rate = getattr(pl_module, "items_per_second", None)
-        if rate:
-            out["items/s"] = f"{rate:.2f}"
-        return out
+        if rate and self.test_progress_bar is not None:  # set before the base class decides to redraw
+            self.test_progress_bar.set_postfix({"items": pl_module.items_done, "items/s": f"{rate:.2f}"}, refresh=False)
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
 
 class EvalModule(pl.LightningModule):
