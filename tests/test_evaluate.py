@@ -269,6 +269,7 @@ def test_wandb_offline_logs_scalars_table_and_figures_and_finishes(world, tmp_pa
     log = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))  # offline: the run's records, keys readable
     for key in (b"test/pointing_game/accuracy", b"per_category", b"figures/qualitative", b"figures/per_category"):
         assert key in log, (key, sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*")))
-    assert list(runs[0].rglob("media/images/figures/qualitative_*.png")), sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*"))
+    files = sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*"))
+    assert list(runs[0].rglob("media/images/figures/qualitative_*.png")), files
     csv = next((out / "csv").rglob("metrics.csv")).read_text()
     assert "test/pointing_game/accuracy" in csv
