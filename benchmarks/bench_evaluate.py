@@ -14,7 +14,7 @@ for the tiny shapes CLIP (its 64 px input, random pixels: timing does not depend
 during the call, fresh subprocess per path, kernel peak mark reset before it) is reported. Exit status 1 when a
 target is missed.
 
-    python benchmarks/bench_evaluate.py            # both models (~2-3 min on 2 cores)
+    python benchmarks/bench_evaluate.py            # both models (one round: ~15 min on 2 busy shared cores)
     python benchmarks/bench_evaluate.py --quick    # smoke run on the 32 px micro model
 """
 
