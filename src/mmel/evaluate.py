@@ -1,16 +1,19 @@
 """The `evaluate` program: score one explainer on a dataset split with the localisation metrics.
 
     python evaluate.py model=tiny data=shapes explainer=grad_eclip split=test
+    python evaluate.py ... trainer=ddp logger=wandb save_maps=true
     python evaluate.py ... resume=logs/evaluate/runs/<dir>      # continue an interrupted run in its own dir
 
-Images are explained once for all their prompts (docs/grad_eclip.md, Batching): consecutive samples of a batch
-that share an image are one explainer call with K prompts. Metrics are computed in the frame the model saw: in
-`keep` resize mode the maps are resized back to the original image and scored against the original boxes (tolerances in
-original pixels); in `fixed` mode (centre crop) against the boxes transformed into the crop.
+Runs as the test loop of :class:`mmel.evaluation.engine.EvalModule` (so ``trainer=cpu|gpu|ddp`` and precision
+apply). Images are explained in batches: each batch of ``data.batch_size`` samples is one ``explain_batch`` call
+over its images, each with its own prompts (docs/grad_eclip.md, Batching). Metrics are computed in the frame the
+model saw: in `keep` resize mode the maps are resized back to the original image and scored against the original
+boxes (tolerances in original pixels); in `fixed` mode (centre crop) against the boxes transformed into the crop.
 
-Long runs lose nothing: after every `checkpoint_every` images the metric states and the ids of the finished
-samples are written atomically to `eval_state.pt`; `resume=<run dir>` reloads them and skips finished samples.
-Unreadable images and degenerate boxes are skipped and counted (`skipped` in metrics.json).
+The run dir holds (docs/contracts.md): ``run.json`` (the fingerprint a resume must match), ``items.jsonl`` (one
+record per (image, prompt), written as scored), ``metrics.json`` (rebuilt from the records), ``figures/`` and,
+with ``save_maps=true``, ``maps/``. ``resume=<run dir>`` skips the finished samples and ends with the numbers an
+uninterrupted run gives; unreadable images and degenerate boxes are skipped and counted (``skipped``).
 """
 
 from __future__ import annotations
@@ -19,41 +22,45 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics import Metric
 
-from mmel.metrics import ClipScorer, difficult_flags
-from mmel.utils.runs import announce, build_datamodule, output_dir, save_metrics
+from mmel.data.datamodules import TransformedDataset
+from mmel.evaluation import figures
+from mmel.evaluation.engine import EvalModule, ItemsProgressBar, replay
+from mmel.evaluation.records import (
+    ITEMS,
+    RUN,
+    check_fingerprint,
+    check_resume_dir,
+    chunks,
+    fingerprint,
+    merge_items,
+    read_items,
+    write_fingerprint,
+)
+from mmel.utils.runs import announce, build_datamodule, instantiate_group, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
-STATE_FILE = "eval_state.pt"
 
 
-def image_groups(batch: dict[str, Any]) -> Iterator[list[int]]:
-    """Indices of consecutive batch entries that share an image (one explainer call each)."""
-    ids = batch["image_id"]
-    start = 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or ids[i] != ids[start]:
-            yield list(range(start, i))
-            start = i
-
-
-def build_metrics(cfg: DictConfig, clip=None) -> dict[str, Metric]:
+def build_metrics(cfg: DictConfig, clip=None, sync: bool = True) -> dict[str, Metric]:
     """One Metric per entry of the `metrics` config group that has a `_target_` and is not disabled.
 
-    With a CLIP bundle, deletion/insertion learns its pixel normalisation (to build fills in pixel space)."""
+    With a CLIP bundle, deletion/insertion learns its pixel normalisation (to build fills in pixel space).
+    ``sync=False``: compute() never gathers across processes (for numbers rebuilt from every process's records)."""
     out = {}
     for name, node in cfg.items():
         if isinstance(node, DictConfig) and "_target_" in node and node.get("enabled", True) is not False:
             kwargs = {k: v for k, v in node.items() if k != "enabled"}
+            if not sync:
+                kwargs["sync_on_compute"] = False
             if clip is not None and str(node._target_).endswith("DeletionInsertion"):
                 kwargs.update(pixel_mean=list(clip.mean), pixel_std=list(clip.std))
             out[name] = instantiate(OmegaConf.create(kwargs))
@@ -62,122 +69,173 @@ def build_metrics(cfg: DictConfig, clip=None) -> dict[str, Metric]:
     return out
 
 
-def _save_state(path: Path, done: set[str], metrics: dict[str, Metric], elapsed: float) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"done": sorted(done), "metrics": {k: m.state_dict() for k, m in metrics.items()}, "elapsed": elapsed}, tmp
-    )
-    os.replace(tmp, path)  # never a half-written state
-
-
-def _load_state(path: Path, metrics: dict[str, Metric]) -> tuple[set[str], float]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if set(state["metrics"]) != set(metrics):
-        raise ValueError(f"{path}: saved metrics {sorted(state['metrics'])} differ from configured {sorted(metrics)}")
-    for k, m in metrics.items():
-        m.load_state_dict(state["metrics"][k])
-    return set(state["done"]), float(state.get("elapsed", 0.0))
-
-
 def _scalars(name: str, value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         return {f"{name}/{k}": v for k, v in value.items()}
     return {name: value}
 
 
+def _is_global_zero() -> bool:
+    """Rank 0 of the whole job, from the launcher's environment (before any process group exists)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    return int(env.get("LOCAL_RANK", 0)) == 0 and int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) == 0
+
+
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
     resume = cfg.get("resume")
     out = Path(resume) if resume else output_dir(cfg)
-    if resume and not out.is_dir():
-        raise FileNotFoundError(f"resume={resume}: no such run dir (give the dir of the interrupted run)")
+    if resume:
+        check_resume_dir(out)  # before anything is built or written
+        with open_dict(cfg):  # loggers and the trainer write into the resumed run's dir too
+            cfg.paths.output_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     clip = instantiate(cfg.model)
+    fp = fingerprint(cfg, clip)
+    if (out / RUN).is_file():
+        check_fingerprint(out, fp)
+    elif _is_global_zero():
+        write_fingerprint(out, fp)
+
     datamodule = build_datamodule(cfg, clip)
     datamodule.prepare_data()
     split = cfg.get("split", "test")
-    loader = getattr(datamodule, f"{split}_dataloader")()
     dataset = datamodule.dataset(split)
     explainer = instantiate(cfg.explainer)(clip=clip)
     metrics = build_metrics(cfg.metrics, clip)
-    for m in metrics.values():
-        m.persistent(True)  # their states go into eval_state.pt
-    scorer = _scorer(cfg, clip, dataset) if "deletion_insertion" in metrics else None
 
-    state_path = out / STATE_FILE
-    done, elapsed = _load_state(state_path, metrics) if resume and state_path.is_file() else (set(), 0.0)
-    if resume:
-        log.info("resuming %s: %d samples already scored", out, len(done))
-    keep = datamodule.transform.mode == "keep"
-    prompts_per_image = Counter(str(r.image_id) for r in dataset.records)
+    # the work: fixed chunks of the split (records.py), cut at `limit`, minus the finished ones
+    size = int(cfg.data.get("batch_size", 32))
+    all_chunks = list(enumerate(chunks(range(len(dataset)), size)))
+    chunk_sizes = {c: len(idx) for c, idx in all_chunks}
     limit = cfg.get("limit")
-    every = int(cfg.get("checkpoint_every", 50))
-    n_images = 0
-    t0 = time.perf_counter()
-    for batch in loader:
-        if batch is None:
-            continue
-        for idx in image_groups(batch):
-            idx = [i for i in idx if str(batch["sample_id"][i]) not in done]
-            if not idx or (limit is not None and len(done) >= limit):
-                continue
-            if limit is not None:
-                idx = idx[: limit - len(done)]
-            _score_image(batch, idx, explainer, metrics, scorer, keep, prompts_per_image)
-            done.update(str(batch["sample_id"][i]) for i in idx)
-            n_images += 1
-            if n_images % every == 0:
-                _save_state(state_path, done, metrics, elapsed + time.perf_counter() - t0)
-        if limit is not None and len(done) >= limit:
-            break
-    elapsed += time.perf_counter() - t0
-    _save_state(state_path, done, metrics, elapsed)
+    if limit is not None:
+        all_chunks = [(c, [i for i in idx if i < int(limit)]) for c, idx in all_chunks]
+        all_chunks = [(c, idx) for c, idx in all_chunks if idx]
+    done: set[int] = set()
+    if resume and _is_global_zero():
+        done = {int(r["index"]) for r in merge_items(out, chunk_sizes)}  # unfinished chunks are redone whole
+    elif resume:
+        done = {int(r["index"]) for r in read_items(out / ITEMS)}
+    todo = [(c, idx) for c, idx in all_chunks if not set(idx) <= done]
+    if resume:
+        log.info("resuming %s: %d samples already scored, %d chunks to do", out, len(done), len(todo))
 
+    keep = datamodule.transform.mode == "keep"
+    module = EvalModule(
+        explainer,
+        metrics,
+        TransformedDataset(dataset, datamodule.transform),
+        dataset.records,
+        todo,
+        keep=keep,
+        pad_multiple=datamodule.transform.patch_size if keep else 1,
+        out=out,
+        scorer_kind=cfg.metrics.get("scorer", "cosine"),
+        save_maps=bool(cfg.get("save_maps", False)),
+        num_workers=int(cfg.data.get("num_workers", 0)),
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[ItemsProgressBar(interval=float(cfg.get("progress_interval", 30.0)))],
+        use_distributed_sampler=False,  # the engine shards whole chunks itself (nothing padded)
+        enable_checkpointing=False,
+    )
+    t0 = time.perf_counter()
+    if todo:
+        trainer.test(module, verbose=False)
+    else:
+        log.info("nothing left to do: every sample of %s has a record", out)
+    results: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        results, metrics = _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, loggers, fp)
+        results["seconds"] = _seconds(out, time.perf_counter() - t0)
+        save_metrics(results, out, cfg=cfg)
+        announce(out)
+    _finish_wandb()
+    return results, {"clip": clip, "datamodule": datamodule, "explainer": explainer, "metrics": metrics,
+                     "trainer": trainer, "module": module}  # fmt: skip
+
+
+def _seconds(out: Path, this_session: float) -> float:
+    """Wall time over every session of the run (kept in run_time.txt beside run.json)."""
+    path = out / "run_time.txt"
+    before = float(path.read_text()) if path.is_file() else 0.0
+    path.write_text(f"{before + this_session}\n")
+    return before + this_session
+
+
+def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, loggers, fp) -> tuple[dict[str, Any], dict]:
+    """Rank 0: merge the item files, rebuild the metrics from the records, write figures, log.
+    Returns (results, the rebuilt metric objects)."""
+    records = merge_items(out)
+    limit = cfg.get("limit")
+    if limit is not None:
+        records = [r for r in records if r["index"] < int(limit)]
+    metrics = build_metrics(cfg.metrics, clip, sync=False)  # fresh: the records already hold every process's items
+    replay(metrics, records)
     results: dict[str, Any] = {}
     for name, m in metrics.items():
         results.update(_scalars(f"{split}/{name}", m.compute()))
+    scored = [r for r in records if "skip" not in r]
+    skipped = Counter(dict(dataset.skipped))  # found when indexing (per file / box)
+    for r in records:
+        if "skip" in r:
+            skipped[f"loading/{r['skip']}"] += 1
+        elif r.get("n_boxes_cropped_out"):
+            skipped["loading/box_cropped_out"] += r["n_boxes_cropped_out"]
+    per_category = figures.per_category(records, metrics)
     results.update(
         {
-            f"{split}/samples": len(done),
+            f"{split}/samples": len(scored),
+            f"{split}/skipped_samples": len(records) - len(scored),
             "explainer": OmegaConf.to_container(cfg.explainer, resolve=True),
-            "skipped": dict(datamodule.skipped),
-            "seconds": elapsed,
+            "skipped": dict(skipped),
+            "per_category": per_category,
+            "items": str(out / ITEMS),
+            "code": fp["code"],
         }
     )
-    save_metrics(results, out, cfg=cfg)
-    announce(out)
-    return results, {"clip": clip, "datamodule": datamodule, "explainer": explainer, "metrics": metrics}
+    if module.live and not cfg.get("resume") and limit is None:
+        _cross_check(module.live, metrics, split, results)
+    paths = figures.write_all(out, records, metrics, dataset, datamodule.transform, explainer, keep=module.keep,
+                              seed=int(cfg.seed), n=int(cfg.get("figure_samples", 8)))  # fmt: skip
+    _log(loggers, results, per_category, paths)
+    return results, metrics
 
 
-def _score_image(batch, idx, explainer, metrics, scorer, keep: bool, prompts_per_image: Counter) -> None:
-    """Explain one image for the prompts of the samples ``idx`` and update every metric with those pairs."""
-    i0 = idx[0]
-    image = batch["images"][i0]
-    if "valid" in batch:  # crop the padding of keep-size batches away
-        rows, cols = batch["valid"][i0].any(1).nonzero(), batch["valid"][i0].any(0).nonzero()
-        image = image[:, : int(rows.max()) + 1, : int(cols.max()) + 1]
-    prompts = [batch["prompt"][i] for i in idx]
-    with torch.enable_grad():
-        maps = explainer(image[None], prompts)[0].detach()  # [K, h, w]
-    if keep:
-        boxes = [torch.as_tensor(batch["boxes_orig"][i], dtype=torch.float32) for i in idx]
-        sizes = torch.tensor([list(batch["size"][i]) for i in idx])
-    else:
-        boxes = [torch.as_tensor(batch["boxes"][i], dtype=torch.float32) for i in idx]
-        sizes = torch.tensor([list(maps.shape[-2:])] * len(idx))
-    categories = [str(batch["category"][i]) for i in idx] if "category" in batch else None
-    for name, m in metrics.items():
-        if name == "deletion_insertion":
-            targets = torch.tensor([scorer.index(p) for p in prompts])
-            m.update(maps, image[None].expand(len(idx), -1, -1, -1), targets, scorer=scorer)
-        elif name == "pointing_game":
-            distractor = prompts_per_image[str(batch["image_id"][i0])] > 1
-            m.update(maps, boxes, sizes, categories=categories, difficult=difficult_flags(boxes, sizes, distractor))
-        else:
-            m.update(maps, boxes, sizes)
+def _cross_check(live: dict[str, Any], metrics, split: str, results: dict[str, Any]) -> None:
+    """The torchmetrics values synced across processes during the loop must match the rebuilt ones."""
+    for name, value in live.items():
+        for k, v in _scalars(f"{split}/{name}", value).items():
+            a, b = torch.as_tensor(v, dtype=torch.float64), torch.as_tensor(results[k], dtype=torch.float64)
+            if not (torch.isnan(a) & torch.isnan(b)).all() and not torch.allclose(a, b, atol=1e-5, equal_nan=True):
+                log.warning("%s: synced value %.6f differs from the records' %.6f", k, float(a), float(b))
 
 
-def _scorer(cfg: DictConfig, clip, dataset) -> ClipScorer:
-    """One scorer over the dataset's distinct prompts (deletion/insertion targets are their positions)."""
-    prompts = sorted({r.prompt for r in dataset.records})
-    return ClipScorer(clip, prompts, kind=cfg.metrics.get("scorer", "cosine"))
+def _log(loggers: list, results: dict[str, Any], per_category: dict[str, float], paths: dict[str, Path]) -> None:
+    """Scalars, the per-category table, sample overlays and curves to every configured logger."""
+    scalars = {k: float(v) for k, v in results.items() if isinstance(v, int | float | torch.Tensor)}
+    scalars.update({f"per_category/{k}": v for k, v in per_category.items()})
+    for lg in loggers:
+        lg.log_metrics(scalars)
+        if type(lg).__name__ == "WandbLogger":
+            lg.log_table(key="per_category", columns=["category", "pointing_game"],
+                         data=[[k, v] for k, v in per_category.items()])  # fmt: skip
+            for key, path in paths.items():
+                lg.log_image(key=f"figures/{key}", images=[str(path)])
+        lg.save()
+
+
+def _finish_wandb() -> None:
+    """Close a wandb run so the next job of a sweep starts its own (no-op without wandb)."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover - wandb is a dependency
+        return
+    if wandb.run is not None:
+        wandb.finish()

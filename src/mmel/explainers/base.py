@@ -1,12 +1,17 @@
 """The explainer contract and the pieces every explainer shares.
 
 ``Explainer.__call__(images [B, 3, H, W], prompts list[str] of K) -> maps [B, K, H, W]`` in [0, 1]
-(docs/contracts.md). A subclass overrides one method, :meth:`Explainer.raw_maps`, returning unnormalised maps on the
+(docs/contracts.md); ``Explainer.explain_batch(images [B, 3, H, W], prompts: B lists of K_b strings) -> B maps
+[K_b, H, W]`` explains every image for its own prompts (an evaluation batch of COCO images naming different
+categories). A subclass overrides one method, :meth:`Explainer.raw_maps`, returning unnormalised maps on the
 patch grid (or any grid); the base validates inputs, min-max normalises each map (a constant map becomes zeros,
 never NaN) and resizes bilinearly to the image size. Everything stays in torch.
 
 Scores are the unscaled cosine S = cos(f_image, f_text) (docs/grad_eclip.md). The gradients of the K scores of a batch
 are one batched vector-Jacobian product (:func:`batched_vjp`, docs/grad_eclip.md, Batching), never K backward passes.
+An explainer whose maps come from per-image text scores implements :meth:`Explainer.raw_maps_text`; then
+``explain_batch`` costs one forward of B images and one VJP with K_max = max_b K_b cotangent rows (row k selects
+image b's k-th prompt; padding rows select a zero score). Any other explainer gets a per-image loop.
 """
 
 from __future__ import annotations
@@ -34,8 +39,14 @@ def to_image_maps(raw: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def cosine_scores(image_features: Tensor, text_features: Tensor) -> Tensor:
-    """S[b, k] = cos(image_features[b], text_features[k]): [B, E] x [K, E] -> [B, K]."""
-    return F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    """S[b, k] = cos(image_features[b], text_features[k]): [B, E] x [K, E] -> [B, K].
+
+    Per-image prompts: text_features [B, K, E] gives S[b, k] = cos(image_features[b], text_features[b, k]); an
+    all-zero text row (padding) scores exactly 0, so its gradient is zero."""
+    f = F.normalize(image_features, dim=-1)
+    if text_features.dim() == 3:
+        return (f[:, None, :] * F.normalize(text_features, dim=-1)).sum(-1)
+    return f @ F.normalize(text_features, dim=-1).T
 
 
 def batched_vjp(scores: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -68,6 +79,26 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
         # an empty prompt is tokenised to start+end only: a map of "nothing" that looks like a real explanation
         raise ValueError(f"prompts: prompt(s) at position {empty} are empty; every prompt needs some text")
     return prompts
+
+
+def check_prompt_lists(prompts: Sequence[Sequence[str]], n_images: int) -> list[list[str]]:
+    """One non-empty prompt list per image (each checked like :func:`check_prompts`), else a clear error."""
+    if isinstance(prompts, str) or prompts is None:
+        raise ValueError(f"prompts: expected one list of strings per image, got {prompts!r}")
+    lists = list(prompts)
+    if len(lists) != n_images:
+        raise ValueError(f"prompts: expected one prompt list per image ({n_images}), got {len(lists)} lists")
+    out = []
+    for b, ps in enumerate(lists):
+        try:
+            out.append(check_prompts(ps))
+        except ValueError as e:
+            raise ValueError(f"prompts[{b}] (image {b}): {e}") from None
+    return out
+
+
+def _defining_class(cls: type, attr: str) -> type | None:
+    return next((c for c in cls.__mro__ if attr in c.__dict__), None)
 
 
 def tokenize(clip, prompts: Sequence[str]) -> Tensor:
@@ -111,6 +142,47 @@ class Explainer:
         with torch.enable_grad() if self.needs_grad else torch.no_grad():
             raw = self.raw_maps(images, prompts)
         return to_image_maps(raw.detach(), images.shape[-2:])
+
+    def explain_batch(self, images: Tensor, prompts: Sequence[Sequence[str]]) -> list[Tensor]:
+        """images [B, 3, H, W] normalised, prompts[b] a list of K_b strings -> B maps [K_b, H, W] in [0, 1].
+
+        Map b equals ``self(images[b:b + 1], prompts[b])[0]`` (up to float rounding). Explainers with
+        :meth:`raw_maps_text` do it in one forward of the B images and one batched VJP of K_max rows; others loop.
+        """
+        prompts = check_prompt_lists(prompts, len(images))
+        if not self.batches_images():
+            return [self(images[b : b + 1], ps)[0] for b, ps in enumerate(prompts)]
+        images, _ = self._prepare(images, [p for ps in prompts for p in ps], grad=self.needs_grad)
+        with torch.enable_grad() if self.needs_grad else torch.no_grad():
+            text = self.ragged_text_features(prompts)  # [B, K_max, E], zero rows for padding
+            raw = self.raw_maps_text(images, text)
+        maps = to_image_maps(raw.detach(), images.shape[-2:])
+        return [maps[b, : len(ps)] for b, ps in enumerate(prompts)]
+
+    def batches_images(self) -> bool:
+        """Whether :meth:`explain_batch` has the batched path: :meth:`raw_maps_text` is implemented by the same class
+        that defines :meth:`raw_maps` (a subclass that overrides only ``raw_maps`` gets the per-image loop)."""
+        text_cls = _defining_class(type(self), "raw_maps_text")
+        return text_cls is not Explainer and text_cls is _defining_class(type(self), "raw_maps")
+
+    def ragged_text_features(self, prompts: Sequence[Sequence[str]]) -> Tensor:
+        """Per-image text embeddings [B, K_max, E] (each distinct prompt encoded once; padding rows are 0)."""
+        distinct = list(dict.fromkeys(p for ps in prompts for p in ps))
+        feats = self.text_features(distinct)  # [U, E]
+        where = {p: i for i, p in enumerate(distinct)}
+        k_max = max(len(ps) for ps in prompts)
+        idx = torch.zeros(len(prompts), k_max, dtype=torch.long, device=feats.device)
+        mask = torch.zeros(len(prompts), k_max, dtype=torch.bool, device=feats.device)
+        for b, ps in enumerate(prompts):
+            idx[b, : len(ps)] = torch.tensor([where[p] for p in ps], device=feats.device)
+            mask[b, : len(ps)] = True
+        return feats[idx] * mask[..., None]
+
+    def raw_maps_text(self, images: Tensor, text_features: Tensor) -> Tensor:
+        """Unnormalised maps [B, K, h, w] from text embeddings [K, E] (shared) or [B, K, E] (per image, zero rows =
+        padding). Optional: implementing it (with ``raw_maps`` defined in the same class) batches
+        :meth:`explain_batch`."""
+        raise NotImplementedError
 
     def _prepare(self, images: Tensor, prompts: Sequence[str], grad: bool = True) -> tuple[Tensor, list[str]]:
         """The checks every entry point makes: prompts, image shape/patch multiple, gradients possible (``grad``).

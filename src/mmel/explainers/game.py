@@ -28,13 +28,15 @@ class GAME(Explainer):
         (self.start,) = resolve_layers([start_layer], self.depth, "game.start_layer")
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
-        text = self.text_features(prompts)
+        return self.raw_maps_text(images, self.text_features(prompts))
+
+    def raw_maps_text(self, images: Tensor, text: Tensor) -> Tensor:
         layers = list(range(self.start, self.depth))
         trace = trace_image(self.model, images, layers)
         attns = [trace.records[i].attn for i in layers]
         grads = batched_vjp(cosine_scores(trace.features, text), attns)  # each [K, B, H, T, T]
         B, _, T, _ = attns[0].shape
-        R = torch.eye(T, dtype=attns[0].dtype, device=attns[0].device).expand(B, len(prompts), T, T)
+        R = torch.eye(T, dtype=attns[0].dtype, device=attns[0].device).expand(B, grads[0].shape[0], T, T)
         for a, g in zip(attns, grads, strict=True):
             cam = (g * a.detach()).clamp(min=0).mean(dim=2).transpose(0, 1)  # [B, K, T, T]
             R = R + cam @ R

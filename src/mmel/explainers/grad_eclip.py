@@ -120,7 +120,10 @@ class GradECLIP(Explainer):
 
     # -------------------------------------------------------------------------------------------- image side
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
-        evidence, _ = self._image_evidence(images, self.text_features(prompts), self.layers)
+        return self.raw_maps_text(images, self.text_features(prompts))
+
+    def raw_maps_text(self, images: Tensor, text_features: Tensor) -> Tensor:
+        evidence, _ = self._image_evidence(images, text_features, self.layers)
         return evidence.relu().sum(dim=2)  # ReLU per layer, summed: [B, K, h, w]
 
     def _channel_weights(self, rec: BlockRecord, grad: Tensor, block) -> Tensor:
@@ -139,7 +142,8 @@ class GradECLIP(Explainer):
     def _image_evidence(
         self, images: Tensor, text_features: Tensor, layers: Sequence[int], paired: bool = False, tokens=False
     ):
-        """Signed evidence [B, K, L, h, w] (K = 1 when paired) and the trace it came from."""
+        """Signed evidence [B, K, L, h, w] (K = 1 when paired) and the trace it came from. text_features [K, E]
+        (shared prompts), [B, E] (paired) or [B, K, E] (per-image prompts, zero rows = padding)."""
         blocks = self.visual.transformer.resblocks
         trace = trace_image(self.model, images, layers, heads=self.heads, need_tokens=tokens)
         f = trace.features

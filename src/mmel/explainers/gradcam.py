@@ -28,7 +28,9 @@ class GradCAM(Explainer):
         (self.layer,) = resolve_layers([layer], self.depth, "gradcam.layer")
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
-        text = self.text_features(prompts)
+        return self.raw_maps_text(images, self.text_features(prompts))
+
+    def raw_maps_text(self, images: Tensor, text: Tensor) -> Tensor:
         trace = trace_image(self.model, images, [self.layer])
         x = trace.records[self.layer].x_in  # [B, T, C], the leaf of the graph
         (g,) = batched_vjp(cosine_scores(trace.features, text), [x])  # [K, B, T, C]

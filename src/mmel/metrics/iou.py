@@ -217,6 +217,12 @@ class SaliencyIoU(Metric):
         iou, sweep = _saliency_iou_update(
             maps.detach(), boxes, sizes, self.rule, self.fraction, self.top_k, self.sweep_steps
         )
+        self.update_values(iou, sweep)
+
+    def update_values(self, iou: Tensor, sweep: Tensor) -> None:
+        """Add per-sample IoU [N] and sweep IoU [N, T] (from ``_saliency_iou_update``)."""
+        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
+        self._computed = None
         for name, value in _accumulate(iou, sweep, self.iou_thresholds).items():
             setattr(self, name, getattr(self, name) + value)
 

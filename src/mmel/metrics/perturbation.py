@@ -304,11 +304,18 @@ class DeletionInsertion(Metric):
         scorer = self.__dict__["scorer"] if scorer is None else scorer
         if scorer is None:
             raise ValueError(f"{_NAME}: no scorer: pass `scorer=` to the constructor or to update().")
-        curves = _deletion_insertion_update(maps, images, scorer, targets, self.options)
+        self.update_values(_deletion_insertion_update(maps, images, scorer, targets, self.options))
+
+    def update_values(self, curves: dict[str, Tensor]) -> None:
+        """Add per-sample curves {mode: [N, S + 1]} (from ``_deletion_insertion_update``)."""
+        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
+        self._computed = None
+        n = 0
         for m, c in curves.items():
+            n = c.shape[0]
             setattr(self, f"{m}_auc", getattr(self, f"{m}_auc") + auc(c, self.fractions).sum())
             getattr(self, f"{m}_curves").append(c)
-        self.total += maps.shape[0]
+        self.total += n
 
     def compute(self) -> dict[str, Tensor]:
         modes = self.options.modes

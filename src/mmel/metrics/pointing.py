@@ -229,6 +229,14 @@ class PointingGame(Metric):
     ) -> None:
         """Add N (map, boxes) pairs; see :func:`pointing_game` for the arguments."""
         hits = _pointing_game_update(maps.detach(), boxes, sizes, self.tolerance, self.ties)
+        self.update_values(hits, categories, difficult)
+
+    def update_values(
+        self, hits: Tensor, categories: Sequence[str] | Tensor | None = None, difficult: Tensor | None = None
+    ) -> None:
+        """Add per-sample hits [N] (from ``_pointing_game_update``, e.g. replayed from stored per-item records)."""
+        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
+        self._computed = None
         ids, names = category_ids(categories, hits.numel(), hits.device)
         self._category_names.update(names)
         difficult = check_mask(difficult, hits.numel(), _NAME, "difficult", hits.device)
@@ -325,7 +333,12 @@ class EnergyPointingGame(Metric):
         self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, maps: Tensor, boxes: Sequence[Tensor], sizes: Tensor | None = None) -> None:
-        e = _energy_pointing_game_update(maps.detach(), boxes, sizes)
+        self.update_values(_energy_pointing_game_update(maps.detach(), boxes, sizes))
+
+    def update_values(self, e: Tensor) -> None:
+        """Add per-sample energies [N] (from ``_energy_pointing_game_update``)."""
+        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
+        self._computed = None
         self.energy += e.sum()
         self.total += e.numel()
 

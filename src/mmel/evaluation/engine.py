@@ -1,0 +1,368 @@
+"""The evaluation engine: a LightningModule whose test loop explains chunks of samples and scores every item.
+
+Each batch is one chunk (records.py): its images are explained together with :meth:`Explainer.explain_batch`
+(one forward of the images and, for gradient explainers, one batched VJP over every image's prompts). Each
+(image, prompt) item is scored with the metrics' functional forms, which give per-item values (hit, difficult flag,
+energy, IoU and its threshold sweep, deletion / insertion curves and AUCs, the map's peak); the values go to this
+process's item file (fsync'ed per batch) and into the process's torchmetrics objects (synced across processes at the
+end, a cross-check). The final numbers are the metrics rebuilt from the merged records (:func:`replay`), so an
+interrupted-and-resumed run and a DDP run report exactly what one uninterrupted process reports.
+
+Chunks are assigned to processes round-robin (no DistributedSampler: nothing is padded or duplicated; a duplicated
+record would still be dropped by the merge, which keeps one per sample id).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mmel.data.base import Dropped
+from mmel.data.transforms import collate_boxes
+from mmel.evaluation.records import ItemWriter
+from mmel.metrics import ClipScorer, DeletionInsertion, EnergyPointingGame, PointingGame, SaliencyIoU, difficult_flags
+from mmel.metrics._common import resize_maps
+from mmel.metrics.iou import _saliency_iou_update
+from mmel.metrics.perturbation import _deletion_insertion_update, auc
+from mmel.metrics.pointing import _energy_pointing_game_update, _pointing_game_update
+from mmel.utils.progress import SparseProgressBar
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- data
+class IndexedItems(Dataset):
+    """Transformed samples by dataset index; bad ones become :class:`Dropped` (carrying their index)."""
+
+    def __init__(self, transformed: Dataset) -> None:
+        self.transformed = transformed
+
+    def __len__(self) -> int:
+        return len(self.transformed)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | tuple[int, Dropped]:
+        item = self.transformed[index]
+        if isinstance(item, Dropped):
+            return (index, item)
+        return {**item, "index": index}
+
+
+class Chunks(torch.utils.data.Sampler):
+    """Yields this process's chunks (lists of dataset indices), round-robin over ``world`` processes."""
+
+    def __init__(self, chunk_list: Sequence[tuple[int, list[int]]], rank: int = 0, world: int = 1) -> None:
+        self.mine = list(chunk_list)[rank::world]
+
+    def __iter__(self):
+        return iter([idx for _, idx in self.mine])
+
+    def __len__(self) -> int:
+        return len(self.mine)
+
+
+def make_collate(pad_multiple: int, chunk_of: dict[int, int]):
+    """collate_boxes that also keeps the dropped samples (index, reason, file) and the chunk id."""
+
+    def collate(items: list) -> dict[str, Any]:
+        dropped = [d for d in items if isinstance(d, tuple)]
+        kept = [it for it in items if isinstance(it, dict)]
+        batch = collate_boxes([d for _, d in dropped] + kept, pad=True, pad_multiple=pad_multiple, keep_empty=True)
+        batch["dropped"] = [(i, d.reason, d.sample_id, d.file) for i, d in dropped]
+        first = (kept[0]["index"] if kept else dropped[0][0]) if items else -1
+        batch["chunk"] = chunk_of.get(first, -1)
+        return batch
+
+    return collate
+
+
+def image_groups(batch: dict[str, Any]) -> list[list[int]]:
+    """Indices of consecutive batch entries that share an image (one entry of an explainer batch each)."""
+    ids = batch["image_id"]
+    groups, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            groups.append(list(range(start, i)))
+            start = i
+    return groups
+
+
+# ------------------------------------------------------------------------------------------ per-item values
+def item_values(
+    metrics: dict[str, Any],
+    maps: Tensor,
+    boxes: list[Tensor],
+    sizes: Tensor,
+    images: Tensor | None,
+    prompts: list[str],
+    difficult: Tensor,
+    scorer: ClipScorer | None,
+) -> list[dict[str, dict[str, Any]]]:
+    """Per-item values of every metric for N items: maps [N, h, w], boxes N tensors [M_i, 4] in the frame of
+    ``sizes`` [N, 2], images [N, 3, H, W] as fed to the model (deletion / insertion only), prompts N strings,
+    difficult [N] -> N dicts {metric name: {field: value}}."""
+    out: list[dict[str, dict[str, Any]]] = [{} for _ in prompts]
+    for name, m in metrics.items():
+        if isinstance(m, PointingGame):
+            hits = _pointing_game_update(maps, boxes, sizes, m.tolerance, m.ties)
+            fields = {"hit": hits, "difficult": difficult}
+        elif isinstance(m, EnergyPointingGame):
+            fields = {"energy": _energy_pointing_game_update(maps, boxes, sizes)}
+        elif isinstance(m, SaliencyIoU):
+            iou, sweep = _saliency_iou_update(maps, boxes, sizes, m.rule, m.fraction, m.top_k, m.sweep_steps)
+            fields = {"iou": iou, "sweep": sweep}
+        elif isinstance(m, DeletionInsertion):
+            targets = torch.tensor([scorer.index(p) for p in prompts])
+            if images is None:
+                raise ValueError("evaluate: deletion / insertion needs the items' images stacked (same size)")
+            curves = _deletion_insertion_update(maps, images, scorer, targets, m.options)
+            fields = {}
+            for mode, c in curves.items():
+                fields[f"{mode}_curve"] = c
+                fields[f"{mode}_auc"] = auc(c, m.fractions)
+        else:
+            raise TypeError(f"evaluate: metric {name!r} ({type(m).__name__}) has no per-item form in the engine")
+        for k in range(len(prompts)):
+            out[k][name] = {f: v[k].tolist() for f, v in fields.items()}
+    return out
+
+
+def _starts(groups: list[list[int]]) -> list[int]:
+    out, s = [], 0
+    for g in groups:
+        out.append(s)
+        s += len(g)
+    return out
+
+
+def peaks(maps: Tensor, sizes: Tensor) -> list[list[int]]:
+    """(y, x) of each map's maximum (first in raster order) in the scored frame: maps [K, h, w], sizes [K, 2]."""
+    resized = resize_maps(maps, [tuple(int(v) for v in s) for s in sizes.tolist()])
+    out = []
+    for m in resized:
+        flat = int(m.flatten().argmax())
+        out.append([flat // m.shape[-1], flat % m.shape[-1]])
+    return out
+
+
+def replay(metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+    """Update fresh ``metrics`` with the per-item values of scored ``records`` (in the given order)."""
+    scored = [r for r in records if "skip" not in r]
+    for name, m in metrics.items():
+        vals = [r["metrics"][name] for r in scored]
+
+        def col(field: str, dtype=torch.float32, vals=vals) -> Tensor:
+            return torch.tensor([v[field] for v in vals], dtype=dtype)
+
+        if isinstance(m, PointingGame):
+            m.update_values(col("hit"), [r["category"] for r in scored], col("difficult", torch.bool))
+        elif isinstance(m, EnergyPointingGame):
+            m.update_values(col("energy"))
+        elif isinstance(m, SaliencyIoU):
+            sweep = col("sweep") if vals else torch.zeros(0, m.sweep_steps)
+            m.update_values(col("iou"), sweep)
+        elif isinstance(m, DeletionInsertion):
+            n = len(m.fractions)
+            m.update_values({mode: col(f"{mode}_curve") if vals else torch.zeros(0, n) for mode in m.options.modes})
+
+
+# ------------------------------------------------------------------------------------------------ module
+class ItemsProgressBar(SparseProgressBar):
+    """The sparse bar with items/s (scored (image, prompt) pairs per second) in its postfix; tqdm adds the ETA."""
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        rate = getattr(pl_module, "items_per_second", None)
+        if rate and self.test_progress_bar is not None:  # set before the base class decides to redraw
+            self.test_progress_bar.set_postfix({"items": pl_module.items_done, "items/s": f"{rate:.2f}"}, refresh=False)
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+
+class EvalModule(pl.LightningModule):
+    """Test loop of the evaluate program (see the module docstring).
+
+    Args:
+        explainer: any :class:`mmel.explainers.base.Explainer`.
+        metrics: name -> torchmetrics Metric (from the metrics config).
+        transformed: the split's dataset, transformed for the model (``TransformedDataset``).
+        records: the split's :class:`mmel.data.base.Record` s (all, for prompt counts and the scorer's prompts).
+        todo: (chunk id, dataset indices) still to do, in order.
+        keep: keep-size mode (score maps resized to the original image against the original boxes).
+        pad_multiple: keep mode pads a batch to a multiple of the patch.
+        out: the run dir (per-rank item files, maps).
+        scorer_kind: deletion / insertion scorer (cosine | softmax | top1).
+        save_maps: write each map (float16, in the scored frame) to ``maps/chunk_<id>.npz`` keyed by sample id.
+    """
+
+    def __init__(
+        self,
+        explainer,
+        metrics: dict[str, Any],
+        transformed: Dataset,
+        records: Sequence[Any],
+        todo: Sequence[tuple[int, list[int]]],
+        keep: bool,
+        pad_multiple: int,
+        out: Path,
+        scorer_kind: str = "cosine",
+        save_maps: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.explainer = explainer
+        # registered so that Lightning moves the frozen model (and e.g. the HSRM) to the device
+        self.frozen = nn.ModuleDict(
+            {k: v for k, v in vars(explainer).items() if isinstance(v, nn.Module) and k != "visual"}
+        )
+        self.metrics = nn.ModuleDict(metrics)
+        self.transformed, self.records, self.todo = transformed, records, list(todo)
+        self.keep, self.pad_multiple, self.out = keep, pad_multiple, Path(out)
+        self.scorer_kind, self.save_maps, self.num_workers = scorer_kind, save_maps, num_workers
+        self.prompts_per_image = Counter(str(r.image_id) for r in records)
+        self.scorer: ClipScorer | None = None
+        self.writer: ItemWriter | None = None
+        self.items_done = 0
+        self.items_per_second: float | None = None
+        self.live: dict[str, Any] = {}
+
+    def test_dataloader(self) -> DataLoader:
+        chunk_of = {i: c for c, idx in self.todo for i in idx}
+        sampler = Chunks(self.todo, self.global_rank, self.trainer.world_size if self._trainer else 1)
+        return DataLoader(
+            IndexedItems(self.transformed),
+            batch_sampler=sampler,
+            collate_fn=make_collate(self.pad_multiple, chunk_of),
+            num_workers=self.num_workers,
+        )
+
+    def on_test_start(self) -> None:
+        if "deletion_insertion" in self.metrics:  # built here: the model is on its device now
+            prompts = sorted({r.prompt for r in self.records})
+            self.scorer = ClipScorer(self.explainer.clip, prompts, kind=self.scorer_kind)
+        self.writer = ItemWriter(self.out / f"items_rank{self.global_rank}.jsonl")
+        self._t0 = time.perf_counter()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        chunk = batch["chunk"]
+        records = [
+            {"sample_id": str(sid), "index": int(i), "chunk": chunk, "file": str(f), "skip": reason}
+            for i, reason, sid, f in batch["dropped"]
+        ]
+        if "images" in batch:
+            records += self._score(batch, chunk)
+        self.writer.write(records)  # on disk before the next batch starts
+        self.items_done += sum("skip" not in r for r in records)
+        self.items_per_second = self.items_done / max(time.perf_counter() - self._t0, 1e-9)
+
+    def _score(self, batch: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
+        groups = image_groups(batch)
+        images = []
+        for idx in groups:
+            image = batch["images"][idx[0]]
+            if "valid" in batch and self.keep:  # crop the padding of keep-size batches away
+                rows, cols = batch["valid"][idx[0]].any(1).nonzero(), batch["valid"][idx[0]].any(0).nonzero()
+                image = image[:, : int(rows.max()) + 1, : int(cols.max()) + 1]
+            images.append(image)
+        maps = self._explain(images, [[batch["prompt"][i] for i in idx] for idx in groups])
+        # per item: its map, boxes and size in the scored frame, the image the model saw, the difficult flag
+        order = [i for idx in groups for i in idx]
+        item_maps = [m.float().cpu()[k] for idx, m in zip(groups, maps, strict=True) for k in range(len(idx))]
+        item_images = [im for idx, im in zip(groups, images, strict=True) for _ in idx]
+        key = "boxes_orig" if self.keep else "boxes"
+        boxes = [torch.as_tensor(batch[key][i], dtype=torch.float32).cpu() for i in order]
+        if self.keep:
+            sizes = torch.tensor([list(batch["size"][i]) for i in order])
+        else:
+            sizes = torch.tensor([list(m.shape[-2:]) for m in item_maps])
+        difficult = torch.cat(
+            [
+                difficult_flags(boxes[s : s + len(idx)], sizes[s : s + len(idx)],
+                                self.prompts_per_image[str(batch["image_id"][idx[0]])] > 1)
+                for s, idx in zip(_starts(groups), groups, strict=True)
+            ]
+        )  # fmt: skip
+        prompts = [batch["prompt"][i] for i in order]
+        values: list[dict[str, Any]] = []
+        # one call per map shape (all items of a fixed-size batch at once)
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for j, m in enumerate(item_maps):
+            by_shape[tuple(m.shape)].append(j)
+        values = [{}] * len(order)
+        pk: list[list[int]] = [[0, 0]] * len(order)
+        for js in by_shape.values():
+            ims = [item_images[j] for j in js]
+            stacked = torch.stack(ims) if len({tuple(im.shape) for im in ims}) == 1 else None
+            m = torch.stack([item_maps[j] for j in js])
+            vals = item_values(self.metrics, m, [boxes[j] for j in js], sizes[js], stacked, [prompts[j] for j in js],
+                               difficult[js], self.scorer)  # fmt: skip
+            for j, v, p in zip(js, vals, peaks(m, sizes[js]), strict=True):
+                values[j], pk[j] = v, p
+        out, saved = [], {}
+        for j, i in enumerate(order):
+            sid = str(batch["sample_id"][i])
+            image_id = batch["image_id"][i]
+            out.append(
+                {
+                    "sample_id": sid,
+                    "index": int(batch["index"][i]),
+                    "chunk": chunk,
+                    "image_id": image_id if isinstance(image_id, int) else str(image_id),
+                    "file": str(batch["file"][i]),
+                    "prompt": prompts[j],
+                    "category": str(batch["category"][i]) if "category" in batch else None,
+                    "n_boxes_cropped_out": int(batch["n_boxes_cropped_out"][i])
+                    if "n_boxes_cropped_out" in batch
+                    else 0,
+                    "peak": {"y": pk[j][0], "x": pk[j][1]},
+                    "metrics": values[j],
+                }
+            )
+            if self.save_maps:
+                saved[sid] = self._scored_map(item_maps[j], sizes[j])
+        if saved:
+            self._write_maps(chunk, saved)
+        replay(self.metrics, out)  # the live, per-process torchmetrics (synced at the end)
+        return out
+
+    def _explain(self, images: list[Tensor], prompts: list[list[str]]) -> list[Tensor]:
+        """Explain images (possibly of different sizes: one explain_batch per size) -> maps [K_b, h_b, w_b]."""
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for b, im in enumerate(images):
+            by_size[tuple(im.shape[-2:])].append(b)
+        maps: list[Tensor | None] = [None] * len(images)
+        for members in by_size.values():
+            stacked = torch.stack([images[b] for b in members])
+            with torch.enable_grad() if self.explainer.needs_grad else torch.no_grad():
+                result = self.explainer.explain_batch(stacked, [prompts[b] for b in members])
+            for b, m in zip(members, result, strict=True):
+                maps[b] = m.detach()
+        return maps  # type: ignore[return-value]
+
+    @staticmethod
+    def _scored_map(m: Tensor, size: Tensor) -> np.ndarray:
+        return resize_maps(m[None], [tuple(int(v) for v in size.tolist())])[0].numpy().astype(np.float16)
+
+    def _write_maps(self, chunk: int, saved: dict[str, np.ndarray]) -> None:
+        folder = self.out / "maps"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f"chunk_{chunk:06d}.tmp.npz"
+        np.savez_compressed(tmp, **saved)
+        tmp.replace(folder / f"chunk_{chunk:06d}.npz")  # before the records: a recorded chunk has its maps
+
+    def on_test_epoch_end(self) -> None:
+        # every process takes part in the sync; the result is the new items of this session over all processes.
+        # Only when every process had work: a process without batches may not reach this hook (no deadlock).
+        if len(self.todo) >= self.trainer.world_size:
+            self.live = {name: m.compute() for name, m in self.metrics.items()}
+
+    def on_test_end(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,146 @@
+"""Figures of an evaluation run, drawn from its per-item records into ``<run dir>/figures/``.
+
+* ``qualitative.png``: a fixed, seeded sample of scored items: the image as scored, its ground-truth boxes, the map,
+  the map's peak (the point the pointing game checks) and hit / miss;
+* ``curves.png``: mean deletion and insertion curves with their mean AUCs in the legend (when enabled);
+* ``per_category.png``: pointing-game accuracy per category.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmel.metrics import DeletionInsertion, PointingGame
+from mmel.metrics._common import resize_maps
+
+log = logging.getLogger(__name__)
+
+
+def _pointing_name(metrics: dict[str, Any]) -> str | None:
+    return next((k for k, m in metrics.items() if isinstance(m, PointingGame)), None)
+
+
+def per_category(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, float]:
+    """Pointing-game accuracy per category of the scored records (empty without a pointing game)."""
+    name = _pointing_name(metrics)
+    if name is None:
+        return {}
+    hits: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if "skip" not in r and r.get("category") is not None:
+            hits[r["category"]].append(r["metrics"][name]["hit"])
+    return {c: float(np.mean(v)) for c, v in sorted(hits.items())}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_all(
+    out: Path, records, metrics, dataset, transform, explainer, keep: bool, seed: int = 0, n: int = 8
+) -> dict[str, Path]:
+    """Write the run's figures; returns {name: path}. A figure that cannot be drawn is logged, not fatal."""
+    folder = out / "figures"
+    folder.mkdir(exist_ok=True)
+    paths: dict[str, Path] = {}
+    cats = per_category(records, metrics)
+    if cats:
+        paths["per_category"] = category_bars(cats, folder / "per_category.png")
+    di = next((m for m in metrics.values() if isinstance(m, DeletionInsertion)), None)
+    di_name = next((k for k, m in metrics.items() if m is di), None)
+    scored = [r for r in records if "skip" not in r]
+    if di is not None and scored:
+        paths["curves"] = curves(scored, di_name, di, folder / "curves.png")
+    if scored and n > 0:
+        paths["qualitative"] = qualitative(
+            scored, metrics, dataset, transform, explainer, keep, folder / "qualitative.png", seed, n
+        )
+    return paths
+
+
+def category_bars(acc: dict[str, float], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(acc) + 1.2))
+    names = list(acc)
+    ax.barh(names, [acc[k] for k in names], color="tab:blue")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("pointing-game accuracy")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def curves(scored, name: str, metric: DeletionInsertion, path: Path) -> Path:
+    plt = _plt()
+    x = (metric.fractions / metric.fractions[-1]).numpy()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode in metric.options.modes:
+        c = np.array([r["metrics"][name][f"{mode}_curve"] for r in scored])
+        a = np.mean([r["metrics"][name][f"{mode}_auc"] for r in scored])
+        ax.plot(x, c.mean(0), marker=".", label=f"{mode} (AUC {a:.3f})")
+    ax.set_xlabel("fraction of pixels perturbed")
+    ax.set_ylabel("score")
+    ax.set_title(f"mean over {len(scored)} items")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def qualitative(scored, metrics, dataset, transform, explainer, keep, path: Path, seed: int, n: int) -> Path:
+    """Seeded sample of n items: image, boxes, map overlay, peak marker, hit / miss."""
+    plt = _plt()
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(scored), size=min(n, len(scored)), replace=False).tolist())
+    pg = _pointing_name(metrics)
+    cols = min(4, len(pick))
+    rows = (len(pick) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    mean = torch.tensor(transform.mean).view(3, 1, 1)
+    std = torch.tensor(transform.std).view(3, 1, 1)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, j in zip(axes.flat, pick, strict=False):
+        r = scored[j]
+        item = transform(dataset[r["index"]])
+        if item is None:
+            continue
+        image = item["image"]
+        with torch.enable_grad() if explainer.needs_grad else torch.no_grad():
+            m = explainer(image[None], [r["prompt"]])[0].detach().cpu()  # [1, h, w]
+        if keep:
+            shown = np.asarray(dataset[r["index"]]["image"], dtype=np.float32) / 255.0
+            boxes = item["boxes_orig"]
+        else:
+            shown = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            boxes = item["boxes"]
+        h, w = shown.shape[:2]
+        m = resize_maps(m.float(), [(h, w)])[0].numpy()
+        ax.imshow(shown)
+        ax.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        for x0, y0, x1, y1 in torch.as_tensor(boxes).tolist():
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
+        hit = r["metrics"][pg]["hit"] if pg else None
+        colour = "white" if hit is None else ("lime" if hit else "red")
+        ax.plot([r["peak"]["x"]], [r["peak"]["y"]], marker="x", ms=10, mew=2.5, color=colour)
+        verdict = "" if hit is None else (" HIT" if hit else " MISS")
+        ax.set_title(f"{r['prompt'][:28]}{verdict}", fontsize=8, color="green" if hit else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
