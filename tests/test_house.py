@@ -119,3 +119,12 @@ def test_hsrm_checkpoint_keeps_the_ablation_switches(micro_clip, tmp_path):
     cfg = hsrm_config(micro_clip, [0, 1], [2], 0.1, layer_weights="uniform", gate=False)
     loaded, _ = load_hsrm(save_hsrm(tmp_path / "a.pt", hsrm, cfg), micro_clip)
     assert loaded.layer_weights == "uniform" and not loaded.use_gate and loaded.scales == [2]
+
+
+def test_the_tiny_clip_loads_with_one_honest_log_line(caplog):
+    with caplog.at_level(logging.INFO):
+        clip = load_clip("mmel-tiny", "shapes")
+    assert "initialized randomly" not in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1 and lines[0].startswith("CLIP mmel-tiny: loaded weights from file ")
+    assert lines[0].endswith(f"mmel-tiny-shapes.safetensors (fingerprint {clip.fingerprint})")

@@ -146,7 +146,9 @@ class _QuietOpenClip(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_open_clip(weights_loaded: bool) -> Iterator[None]:
+def quiet_open_clip(weights_loaded: bool) -> Iterator[None]:
+    """Within: open_clip's INFO lines dropped, and its "initialized randomly" warning too when ``weights_loaded``
+    (a model built only to be filled with weights, or to read its shapes)."""
     root, f = logging.getLogger(), _QuietOpenClip(weights_loaded)
     root.addFilter(f)
     try:
@@ -312,7 +314,7 @@ def load_clip(
 
     if weight_file is None and tag is not None:
         try:
-            with _quiet_open_clip(weights_loaded=False):
+            with quiet_open_clip(weights_loaded=False):
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=tag, cache_dir=str(cache), device=device, precision=precision
                 )
@@ -326,12 +328,12 @@ def load_clip(
             ) from e
     else:
         # weights from a file: the "initialized randomly" line open_clip prints first would be untrue
-        with _quiet_open_clip(weights_loaded=weight_file is not None):
+        with quiet_open_clip(weights_loaded=weight_file is not None):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, precision=precision)
         if weight_file is not None:
             _load_file_into(model, weight_file, name)
         model.to(device)
-    with _quiet_open_clip(weights_loaded=False):
+    with quiet_open_clip(weights_loaded=False):
         tokenizer = open_clip.get_tokenizer(name)
     model.requires_grad_(False)
     model.eval()

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from mmel.backbone import MODEL_CONFIG_DIR, register_model_configs
+from mmel.backbone import MODEL_CONFIG_DIR, quiet_open_clip, register_model_configs
 from mmel.pretrain.data import ShapesCaptionStream
 from mmel.pretrain.module import TinyClipPretrainer
 
@@ -188,7 +188,8 @@ def check_weights(path: Path) -> str | None:
     if json.loads(meta.get("arch", "null")) != arch_config():
         return f"trained for another {ARCH}.json than the current one"
     register_model_configs()
-    expected = {k: tuple(v.shape) for k, v in open_clip.create_model(ARCH).state_dict().items()}
+    with quiet_open_clip(weights_loaded=True):  # built only to read its shapes: no "initialized randomly" line
+        expected = {k: tuple(v.shape) for k, v in open_clip.create_model(ARCH).state_dict().items()}
     if keys != expected:
         return "tensor names/shapes do not fit the architecture"
     return None
