@@ -19,7 +19,8 @@ Details taken from the authors' code (github.com/WalBouss/LeGrad, ``LeWrapper.co
     tokens are kept;
   * ``start_layer=-2`` is the wrapper's default ``layer_index`` (the last two blocks).
 
-Batching (docs/grad_eclip.md, Batching): one forward over the traced blocks for all prompts, one batched VJP of Σ_l s^l [B, K].
+Batching (docs/grad_eclip.md, Batching): one forward over the traced blocks for all prompts, one batched VJP
+of Σ_l s^l [B, K].
 To make the gradient w.r.t. A^l carry s^l alone (and not the later layers' scores, which also depend on A^l),
 each traced block's input is a fresh leaf detached from the previous block's output: then ∂(Σ_m s^m)/∂A^l =
 ∂s^l/∂A^l exactly, and one VJP serves every layer.
