@@ -44,26 +44,38 @@ def check_sizes(sizes: Tensor | Sequence | None, maps: Tensor, name: str) -> lis
     return [(int(h), int(w)) for h, w in sizes.tolist()]
 
 
-def check_boxes(boxes: Sequence[Tensor], sizes: list[tuple[int, int]], device: torch.device, name: str) -> list[Tensor]:
-    """Validate ``boxes`` (list of N float tensors [M_i, 4] xyxy) and return them on ``device`` as float32."""
+def check_boxes(
+    boxes: Sequence[Tensor],
+    sizes: list[tuple[int, int]],
+    device: torch.device,
+    name: str,
+    field: str = "boxes",
+    allow_empty: bool = False,
+) -> list[Tensor]:
+    """Validate ``boxes`` (list of N float tensors [M_i, 4] xyxy) and return them on ``device`` as float32.
+
+    ``allow_empty``: an entry may hold no box (returned as [0, 4]), e.g. the other objects of a one-object image."""
     if isinstance(boxes, Tensor) and boxes.ndim == 3:
         boxes = list(boxes)
     if not isinstance(boxes, Sequence) or len(boxes) != len(sizes):
         got = len(boxes) if isinstance(boxes, Sequence) else type(boxes).__name__
-        raise ValueError(f"{name}: `boxes` must be a list of N={len(sizes)} tensors [M_i, 4] (xyxy); got {got}.")
+        raise ValueError(f"{name}: `{field}` must be a list of N={len(sizes)} tensors [M_i, 4] (xyxy); got {got}.")
     out = []
     for i, (b, (h, w)) in enumerate(zip(boxes, sizes, strict=True)):
         b = torch.as_tensor(b, dtype=torch.float32, device=device)
+        if allow_empty and b.numel() == 0:
+            out.append(b.reshape(0, 4))
+            continue
         if b.ndim == 1 and b.numel() == 4:
             b = b[None]
         if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] == 0:
-            raise ValueError(f"{name}: boxes[{i}] must be [M>=1, 4] xyxy; got shape {tuple(b.shape)}.")
+            raise ValueError(f"{name}: {field}[{i}] must be [M>=1, 4] xyxy; got shape {tuple(b.shape)}.")
         if not torch.isfinite(b).all() or bool((b[:, 2] < b[:, 0]).any() | (b[:, 3] < b[:, 1]).any()):
-            raise ValueError(f"{name}: boxes[{i}] must be finite xyxy with x2 >= x1 and y2 >= y1; got {b.tolist()}.")
+            raise ValueError(f"{name}: {field}[{i}] must be finite xyxy with x2 >= x1 and y2 >= y1; got {b.tolist()}.")
         outside = (b[:, 0] > w) | (b[:, 2] < 0) | (b[:, 1] > h) | (b[:, 3] < 0)
         if bool(outside.any()):
             raise ValueError(
-                f"{name}: boxes[{i}] {b[outside].tolist()} lie outside the image of size (H, W)=({h}, {w}). "
+                f"{name}: {field}[{i}] {b[outside].tolist()} lie outside the image of size (H, W)=({h}, {w}). "
                 "Boxes must be in pixels of the ORIGINAL image (pass `sizes`)."
             )
         out.append(b)

@@ -60,19 +60,7 @@ STATES = (
 
 def _box_list(boxes: Sequence[Tensor], sizes: list[tuple[int, int]], device: torch.device, field: str) -> list[Tensor]:
     """N tensors [M_i, 4] (M_i may be 0); non-empty ones validated like the other metrics' boxes."""
-    if isinstance(boxes, Tensor) and boxes.ndim == 3:
-        boxes = list(boxes)
-    if not isinstance(boxes, Sequence) or len(boxes) != len(sizes):
-        got = len(boxes) if isinstance(boxes, Sequence) else type(boxes).__name__
-        raise ValueError(f"{_NAME}: `{field}` must be a list of N={len(sizes)} tensors [M_i, 4] (xyxy); got {got}.")
-    out = []
-    for i, (b, size) in enumerate(zip(boxes, sizes, strict=True)):
-        b = torch.as_tensor(b, dtype=torch.float32, device=device)
-        if b.numel() == 0:
-            out.append(b.reshape(0, 4))
-            continue
-        out.append(check_boxes([b], [size], device, f"{_NAME} ({field}[{i}])")[0])
-    return out
+    return check_boxes(boxes, sizes, device, _NAME, field=field, allow_empty=True)
 
 
 def _prompt_specificity_update(
