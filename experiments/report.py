@@ -13,7 +13,6 @@ import base64
 import datetime as _dt
 import os
 import platform
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
@@ -21,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from experiments.tables import Table
+from mmel.utils.runs import git_state
 
 PACKAGES = ("mmel", "torch", "torchvision", "open_clip_torch", "pytorch-lightning", "torchmetrics", "numpy", "scipy")
 
@@ -66,13 +66,11 @@ def environment() -> dict[str, str]:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """``<sha>`` (+ ``-dirty`` when the work tree has changes), or ``unknown`` outside a git checkout."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
+    """``<sha>`` (+ ``-dirty`` when tracked files changed), or ``unknown`` outside a git checkout."""
+    state = git_state(Path(cwd) if cwd else Path(__file__).resolve().parents[1])
+    if state["commit"] is None:
         return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return state["commit"] + ("-dirty" if state["dirty"] else "")
 
 
 def _img(path: Path) -> str:

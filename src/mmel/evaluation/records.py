@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,9 +29,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import mmel
+from mmel.utils.runs import git_state
 
 log = logging.getLogger(__name__)
 
+MMEL_CHECKOUT = Path(mmel.__file__).resolve().parents[2]  # the checkout mmel is imported from (for its commit)
 ITEMS = "items.jsonl"
 RUN = "run.json"
 RANK_GLOB = "items_rank*.jsonl"
@@ -109,18 +110,6 @@ def merge_items(out: Path, chunk_sizes: dict[int, int] | None = None) -> list[di
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint
-def git_commit() -> str | None:
-    """The commit of the checkout mmel is imported from, or None (not a git checkout, no git)."""
-    root = Path(mmel.__file__).resolve().parents[2]
-    try:
-        proc = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
-
-
 def _file_digest(path: str | None) -> str | None:
     if not path or not Path(path).is_file():
         return None
@@ -158,7 +147,7 @@ def fingerprint(cfg: DictConfig, clip: Any) -> dict[str, Any]:
         "split": cfg.get("split", "test"),
         "metrics": _plain(cfg.metrics),
         "seed": cfg.get("seed"),
-        "code": {"mmel": mmel.__version__, "git_commit": git_commit()},
+        "code": {"mmel": mmel.__version__, "git_commit": git_state(MMEL_CHECKOUT)["commit"]},
     }
 
 
