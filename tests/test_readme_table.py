@@ -27,3 +27,4 @@ def test_render_shows_missing_values_and_the_command():
     }
     text = render(results)
     assert "| A | 0.500 | — |" in text and "`0123456789ab`" in text and "10 held-out" in text
+    assert "`0123456789ab-dirty`" in render({**results, "commit": "0123456789abcdef-dirty"})
