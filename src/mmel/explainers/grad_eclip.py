@@ -22,7 +22,6 @@ All K prompts share one image forward and one batched vector-Jacobian product (d
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,7 +42,6 @@ from mmel.explainers.vit import (
     trace_text,
 )
 
-log = logging.getLogger(__name__)
 MODES = ("native", "official")
 
 
@@ -109,10 +107,6 @@ class GradECLIP(Explainer):
         if mode not in MODES:
             raise ValueError(f"grad_eclip: mode={mode!r}; expected one of {MODES}")
         self.mode = mode
-        if isinstance(layers, int) and layers > self.depth:
-            # the multi-layer config names 6 blocks (ViT-B); a shallower model sums all of its blocks, and says so
-            log.info("grad_eclip: layers=%d > the model's %d blocks: using all %d", layers, self.depth, self.depth)
-            layers = self.depth
         self.layers = last_layers(layers, self.depth)
         self.text_layers = text_layers if text_layers is not None else layers
 
