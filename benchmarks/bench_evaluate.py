@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _memory import status_mb
 
 COLOURS = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -124,20 +125,12 @@ def loop_fn(module, explainer, batch):
     return fn
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def memory_child(model: str, size: int | None, path: str) -> None:
     torch.set_num_threads(2)
     clip, explainer, module, images, prompts, batch = setup(model, size)
     fn = {"floor": floor_fn(clip, images, batch), "engine": engine_fn(module, batch),
           "loop": loop_fn(module, explainer, batch)}[path]  # fmt: skip
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -145,7 +138,7 @@ def memory_child(model: str, size: int | None, path: str) -> None:
     except OSError:
         reset = False
     fn()
-    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_mb": peak, "base_mb": base, "peak_reset": reset}))
 
 

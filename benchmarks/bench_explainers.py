@@ -38,6 +38,7 @@ import time
 import warnings
 
 import torch
+from _memory import status_mb
 
 COLOURS = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
 COLOURS += ["grey", "pink", "brown", "orange", "purple", "gold", "silver", "teal"]
@@ -92,14 +93,6 @@ def bound(clip, image, tokens, n_blocks: int) -> None:
             torch.autograd.grad(scores[k], x, retain_graph=k < scores.shape[0] - 1)
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) so that it measures what follows (Linux >= 4.0)."""
     try:
@@ -118,10 +111,10 @@ def memory_child(model_name: str, size: int, k: int, layers: int) -> None:
     clip, image = setup(model_name, size)
     e = build_explainer("grad_eclip", clip, layers=layers)
     e(image[..., : clip.patch_size, : clip.patch_size], ["warm up"])  # allocator / thread pools warm, tiny input
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     reset = reset_peak_rss()
     e(image, prompts(k))
-    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"k": k, "layers": layers, "peak_mb": peak, "base_mb": base, "peak_reset": reset}))
 
 
