@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,7 +116,11 @@ def test_the_shapes_spec_names_real_configs():
 
     spec = load_spec("shapes")
     assert len(spec["seeds"]) >= 3
-    names = {o.split("=", 1)[1] for over in spec["explainers"].values() for o in over if o.startswith("explainer=")}
+    paper = Paper(spec, Path("unused"))
+    overrides = [paper.explainer(label) for label in spec["explainers"]]
+    names = {o.split("=", 1)[1] for over, _ in overrides for o in over if o.startswith("explainer=")}
+    assert len(names) == len(spec["explainers"])  # one explainer config per row
+    assert any(limit for _, limit in overrides)  # RISE's own cap (a dict entry) is read
     assert names <= set(options("explainer")), names - set(options("explainer"))
     for key in ("faithfulness", "phrases", "grid"):
         assert set(spec[key]["explainers"]) <= set(spec["explainers"]), key

@@ -11,6 +11,7 @@ import torch
 from scipy.stats import spearmanr
 
 from mmel.explainers import build_explainer
+from mmel.metrics.similarity import hog
 from mmel.trust import (
     explain_items,
     hog_similarity,
@@ -20,7 +21,6 @@ from mmel.trust import (
     spearman,
     ssim,
 )
-from mmel.trust.similarity import hog
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
 

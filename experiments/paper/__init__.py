@@ -239,6 +239,16 @@ class Paper:
     def _common(self, extra: Sequence[str] = ()) -> list[str]:
         return [*self.spec.get("overrides", []), *extra]
 
+    def explainer(self, label: str) -> tuple[list[str], int | None]:
+        """A spec explainer's evaluate overrides and its own sample cap: the spec gives either a list of overrides
+        or {overrides: [...], limit: N} (an expensive method scored on the first N samples; its label says so)."""
+        if label not in self.spec["explainers"]:
+            raise ValueError(f"spec {self.spec['name']}: {label!r} is not among its explainers")
+        entry = self.spec["explainers"][label]
+        if isinstance(entry, dict):
+            return [str(o) for o in entry.get("overrides", [])], entry.get("limit")
+        return [str(o) for o in entry], None
+
     def trainings(self) -> dict[int, Run]:
         """The HSRM trained with each seed (Tables 1-3 MMEL rows)."""
         return {
@@ -250,13 +260,12 @@ class Paper:
         self, labels: Sequence[str], tag: str, extra: Sequence[str] = (), limit: int | None = None
     ) -> dict[str, list[Run]]:
         """label -> its evaluate runs (one per seed for MMEL rows, else one)."""
-        limit = self.spec.get("limit") if limit is None else limit
-        lim = [] if limit is None else [f"limit={limit}"]
         out: dict[str, list[Run]] = {}
         for label in labels:
-            if label not in self.spec["explainers"]:
-                raise ValueError(f"spec {self.spec['name']}: {label!r} is not among its explainers")
-            over = self._common([*self.spec["explainers"][label], *extra, *lim])
+            own, own_limit = self.explainer(label)
+            caps = [c for c in (self.spec.get("limit") if limit is None else limit, own_limit) if c is not None]
+            lim = [f"limit={min(caps)}"] if caps else []
+            over = self._common([*own, *extra, *lim])
             if "explainer=mmel" in over:
                 out[label] = [
                     self._run(
@@ -296,7 +305,7 @@ class Paper:
         if protocol:  # Grad-ECLIP's own deletion/insertion protocol, as a labelled extra row
             ge = "Grad-ECLIP (native)"
             lim = [] if f.get("limit") is None else [f"limit={f['limit']}"]
-            over = self._common([*self.spec["explainers"][ge], *protocol, *lim])
+            over = self._common([*self.explainer(ge)[0], *protocol, *lim])
             rows[f"{ge}, Grad-ECLIP paper's protocol"] = [
                 self._run("evaluate", over, self.runs_dir / "faithfulness" / "grad-eclip-protocol")
             ]
@@ -439,7 +448,7 @@ class Paper:
         ckpt = self.trained[self.spec["seeds"][0]].metrics["hsrm_checkpoint"]
         maps = {}
         for label in g["explainers"]:
-            over = self._common(self.spec["explainers"][label])
+            over = self._common(self.explainer(label)[0])
             if "explainer=mmel" in over:
                 over.append(f"explainer.checkpoint={ckpt}")
             e = instantiate(compose_run("evaluate", over, self.runs_dir / "grid").explainer)(clip=clip)

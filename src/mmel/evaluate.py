@@ -103,7 +103,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule.prepare_data()
     split = cfg.get("split", "test")
     dataset = datamodule.dataset(split)
-    explainer = instantiate(cfg.explainer)(clip=clip)
+    factory = instantiate(cfg.explainer)
+    explainer = factory(clip=clip)
     metrics = build_metrics(cfg.metrics, clip)
 
     # the work: fixed chunks of the split (records.py), cut at `limit`, minus the finished ones
@@ -136,6 +137,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         scorer_kind=cfg.metrics.get("scorer", "cosine"),
         save_maps=bool(cfg.get("save_maps", False)),
         num_workers=int(cfg.data.get("num_workers", 0)),
+        explainer_factory=factory,
+        transform=datamodule.transform,
     )
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(

@@ -118,16 +118,16 @@ class BoxTransform:
         top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
         return (rh, rw), (rh / h, rw / w), (top, left, s, s)
 
-    def boxes(self, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def boxes(self, boxes: torch.Tensor, size: tuple[int, int], count: bool = True) -> torch.Tensor:
         """Map [M, 4] original-pixel boxes into the output frame; clipped, empty ones dropped (counted in
-        ``self.skipped``)."""
+        ``self.skipped`` unless ``count=False``)."""
         _, (sy, sx), (top, left, ch, cw) = self.geometry(size)
         b = boxes.reshape(-1, 4).to(torch.float32) * torch.tensor([sx, sy, sx, sy])
         b = b - torch.tensor([left, top, left, top], dtype=torch.float32)
         b[:, 0::2] = b[:, 0::2].clamp(0, cw)
         b[:, 1::2] = b[:, 1::2].clamp(0, ch)
         keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-        if not keep.all():
+        if count and not keep.all():
             self.skipped["box_cropped_out"] += int((~keep).sum())
         return b[keep]
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmel.data.base import Dropped
 from mmel.data.transforms import collate_boxes
 from mmel.evaluation.records import ItemWriter
+from mmel.evaluation.trust import TRUST_METRICS, TrustScoring, replay_trust
 from mmel.metrics import ClipScorer, DeletionInsertion, EnergyPointingGame, PointingGame, SaliencyIoU, difficult_flags
 from mmel.metrics._common import resize_maps
 from mmel.metrics.iou import _saliency_iou_update
@@ -112,6 +113,8 @@ def item_values(
     difficult [N] -> N dicts {metric name: {field: value}}."""
     out: list[dict[str, dict[str, Any]]] = [{} for _ in prompts]
     for name, m in metrics.items():
+        if isinstance(m, TRUST_METRICS):
+            continue  # need the image's other objects / other models: TrustScoring
         if isinstance(m, PointingGame):
             hits = _pointing_game_update(maps, boxes, sizes, m.tolerance, m.ties)
             fields = {"hit": hits, "difficult": difficult}
@@ -173,6 +176,8 @@ def replay(metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
         elif isinstance(m, DeletionInsertion):
             n = len(m.fractions)
             m.update_values({mode: col(f"{mode}_curve") if vals else torch.zeros(0, n) for mode in m.options.modes})
+        elif isinstance(m, TRUST_METRICS):
+            replay_trust(m, vals)
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -200,6 +205,8 @@ class EvalModule(pl.LightningModule):
         out: the run dir (per-rank item files, maps).
         scorer_kind: deletion / insertion scorer (cosine | softmax | top1).
         save_maps: write each map (float16, in the scored frame) to ``maps/chunk_<id>.npz`` keyed by sample id.
+        explainer_factory: ``factory(clip=...) -> explainer`` (model randomisation rebuilds the explainer).
+        transform: the data module's BoxTransform (trust metrics map other objects' boxes into the scored frame).
     """
 
     def __init__(
@@ -215,6 +222,8 @@ class EvalModule(pl.LightningModule):
         scorer_kind: str = "cosine",
         save_maps: bool = False,
         num_workers: int = 0,
+        explainer_factory=None,
+        transform=None,
     ) -> None:
         super().__init__()
         self.explainer = explainer
@@ -232,6 +241,8 @@ class EvalModule(pl.LightningModule):
         self.items_done = 0
         self.items_per_second: float | None = None
         self.live: dict[str, Any] = {}
+        clip = getattr(explainer, "clip", None)
+        self.trust = TrustScoring(metrics, records, transform, keep, explainer_factory, clip)
 
     def test_dataloader(self) -> DataLoader:
         chunk_of = {i: c for c, idx in self.todo for i in idx}
@@ -305,6 +316,10 @@ class EvalModule(pl.LightningModule):
                                difficult[js], self.scorer)  # fmt: skip
             for j, v, p in zip(js, vals, peaks(m, sizes[js]), strict=True):
                 values[j], pk[j] = v, p
+        if self.trust:
+            explain = lambda e, ims, ps: self._explain(ims, ps, e)  # noqa: E731
+            extra = self.trust.item_values(batch, groups, images, maps, boxes, sizes, self.explainer, explain)
+            values = [{**v, **x} for v, x in zip(values, extra, strict=True)]
         out, saved = [], {}
         for j, i in enumerate(order):
             sid = str(batch["sample_id"][i])
@@ -332,16 +347,18 @@ class EvalModule(pl.LightningModule):
         replay(self.metrics, out)  # the live, per-process torchmetrics (synced at the end)
         return out
 
-    def _explain(self, images: list[Tensor], prompts: list[list[str]]) -> list[Tensor]:
-        """Explain images (possibly of different sizes: one explain_batch per size) -> maps [K_b, h_b, w_b]."""
+    def _explain(self, images: list[Tensor], prompts: list[list[str]], explainer=None) -> list[Tensor]:
+        """Explain images (possibly of different sizes: one explain_batch per size) -> maps [K_b, h_b, w_b]
+        (with ``explainer``, or the run's)."""
+        explainer = self.explainer if explainer is None else explainer
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for b, im in enumerate(images):
             by_size[tuple(im.shape[-2:])].append(b)
         maps: list[Tensor | None] = [None] * len(images)
         for members in by_size.values():
             stacked = torch.stack([images[b] for b in members])
-            with torch.enable_grad() if self.explainer.needs_grad else torch.no_grad():
-                result = self.explainer.explain_batch(stacked, [prompts[b] for b in members])
+            with torch.enable_grad() if explainer.needs_grad else torch.no_grad():
+                result = explainer.explain_batch(stacked, [prompts[b] for b in members])
             for b, m in zip(members, result, strict=True):
                 maps[b] = m.detach()
         return maps  # type: ignore[return-value]

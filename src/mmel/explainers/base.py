@@ -121,10 +121,13 @@ class Explainer:
     """Base explainer: ``explainer(images [B, 3, H, W], prompts) -> maps [B, K, H, W]`` in [0, 1].
 
     Subclasses set ``needs_grad`` and implement :meth:`raw_maps`; :func:`mmel.explainers.register` sets ``name``.
+    ``set_dependent``: a prompt's map depends on the other prompts explained with it (e.g. CLIP Surgery's feature
+    surgery); callers that need one prompt's map then explain it among the same set.
     """
 
     name = "base"
     needs_grad = False
+    set_dependent = False
 
     def __init__(self, clip) -> None:
         self.clip = clip

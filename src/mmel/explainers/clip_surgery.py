@@ -75,6 +75,7 @@ class CLIPSurgery(Explainer):
             raise ValueError(f"clip_surgery: surgery={surgery!r}; expected one of {SURGERY}")
         self.layers = last_layers(min(6, self.depth) if layers is None else layers, self.depth)
         self.surgery = surgery
+        self.set_dependent = surgery == "prompts"
 
     def __repr__(self) -> str:
         return f"CLIPSurgery(layers={len(self.layers)}, surgery={self.surgery!r})"

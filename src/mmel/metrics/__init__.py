@@ -9,6 +9,9 @@ each module documents its own, with sources.
 * :class:`SaliencyIoU`         -> {"miou", "maxboxacc", "maxboxacc_<d>", "sweep_miou", "sweep_threshold"}
 * :class:`PromptSpecificity`   -> {"specificity", "hard_specificity", "absent_on_object", ...} (multi-object images)
 * :class:`DeletionInsertion`   -> {"deletion_auc", "insertion_auc"} (+ ``curves()``), scored by e.g. :class:`ClipScorer`
+* :class:`PromptRandomisation` -> {"spearman", "ssim", "hog", "prompt_insensitive"}: map vs an absent prompt's map
+* :class:`ModelRandomisation`  -> {"<mode>/<measure>", "<mode>/<measure>@<step>"}: map vs randomised models' maps
+  (:mod:`mmel.metrics.sanity`, Adebayo et al. 2018; similarity measures in :mod:`mmel.metrics.similarity`)
 """
 
 from mmel.metrics.iou import SaliencyIoU, binarise, saliency_iou
@@ -20,6 +23,7 @@ from mmel.metrics.pointing import (
     energy_pointing_game,
     pointing_game,
 )
+from mmel.metrics.sanity import ModelRandomisation, PromptRandomisation
 from mmel.metrics.specificity import PromptSpecificity, prompt_specificity
 
 __all__ = [
@@ -27,7 +31,9 @@ __all__ = [
     "DeletionInsertion",
     "EnergyPointingGame",
     "PerturbationOptions",
+    "ModelRandomisation",
     "PointingGame",
+    "PromptRandomisation",
     "PromptSpecificity",
     "SaliencyIoU",
     "binarise",

@@ -63,6 +63,64 @@ def _box_list(boxes: Sequence[Tensor], sizes: list[tuple[int, int]], device: tor
     return check_boxes(boxes, sizes, device, _NAME, field=field, allow_empty=True)
 
 
+def _prompt_specificity_items(
+    maps: Tensor,
+    boxes: Sequence[Tensor],
+    other_boxes: Sequence[Tensor],
+    sizes: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per-pair values of maps [N, h, w], named boxes (N of [M_i, 4], empty = absent prompt) and the image's other
+    objects' boxes (N of [M'_i, 4]): {"named", "other" [N] float (shares of the peak), "kind" [N] long}, with kind
+    0 = skipped (no other object), 1 = a named pair, 2 = an absent-prompt pair (its share on any object in
+    "other", "named" 0)."""
+    maps = check_maps(maps, _NAME)
+    size_list = check_sizes(sizes, maps, _NAME)
+    named_boxes = _box_list(boxes, size_list, maps.device, "boxes")
+    others = _box_list(other_boxes, size_list, maps.device, "other_boxes")
+    n = maps.shape[0]
+    out = {"named": maps.new_zeros(n, dtype=torch.float32), "other": maps.new_zeros(n, dtype=torch.float32),
+           "kind": torch.zeros(n, dtype=torch.long, device=maps.device)}  # fmt: skip
+    for i, m in enumerate(resize_maps(maps, size_list)):
+        size = size_list[i]
+        if others[i].shape[0] == 0:
+            continue
+        top = m.max()
+        peaks = (m == top) if bool((top != 0) | (m.min() != 0)) else torch.zeros_like(m, dtype=torch.bool)
+        n_peaks = peaks.sum().clamp(min=1).float()
+        on_other = box_union_mask(others[i], size)
+        if named_boxes[i].shape[0] == 0:  # absent-category prompt
+            out["kind"][i] = 2
+            out["other"][i] = (peaks & on_other).sum() / n_peaks
+            continue
+        on_named = box_union_mask(named_boxes[i], size)
+        out["kind"][i] = 1
+        out["named"][i] = (peaks & on_named).sum() / n_peaks
+        out["other"][i] = (peaks & on_other & ~on_named).sum() / n_peaks
+    return out
+
+
+def _prompt_specificity_accumulate(
+    named: Tensor, other: Tensor, kind: Tensor, hard: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Summed states (see :data:`STATES`) of per-pair values (:func:`_prompt_specificity_items`) and hard [N]."""
+    named, other = named.float(), other.float()
+    pair, absent = kind == 1, kind == 2
+    hard = pair if hard is None else pair & hard.to(device=pair.device, dtype=torch.bool)
+    z = named.new_zeros(())
+    return {
+        "named": z + named[pair].sum(),
+        "other": z + other[pair].sum(),
+        "background": z + (1 - named[pair] - other[pair]).sum(),
+        "total": z + pair.sum(),
+        "hard_named": z + named[hard].sum(),
+        "hard_other": z + other[hard].sum(),
+        "hard_total": z + hard.sum(),
+        "absent_object": z + other[absent].sum(),
+        "absent_total": z + absent.sum(),
+        "skipped": z + (kind == 0).sum(),
+    }
+
+
 def _prompt_specificity_update(
     maps: Tensor,
     boxes: Sequence[Tensor],
@@ -72,38 +130,9 @@ def _prompt_specificity_update(
 ) -> dict[str, Tensor]:
     """Summed states (see :data:`STATES`) of maps [N, h, w], named boxes (N of [M_i, 4], empty = absent prompt),
     the image's other objects' boxes (N of [M'_i, 4]) and an optional hard flag [N]."""
-    maps = check_maps(maps, _NAME)
-    size_list = check_sizes(sizes, maps, _NAME)
-    named_boxes = _box_list(boxes, size_list, maps.device, "boxes")
-    others = _box_list(other_boxes, size_list, maps.device, "other_boxes")
-    n = maps.shape[0]
-    hard = check_mask(hard, n, _NAME, "hard", maps.device)
-    s = {k: maps.new_zeros((), dtype=torch.float32) for k in STATES}
-    for i, m in enumerate(resize_maps(maps, size_list)):
-        size = size_list[i]
-        if others[i].shape[0] == 0:
-            s["skipped"] += 1
-            continue
-        top = m.max()
-        peaks = (m == top) if bool((top != 0) | (m.min() != 0)) else torch.zeros_like(m, dtype=torch.bool)
-        n_peaks = peaks.sum().clamp(min=1).float()
-        on_other = box_union_mask(others[i], size)
-        if named_boxes[i].shape[0] == 0:  # absent-category prompt
-            s["absent_total"] += 1
-            s["absent_object"] += (peaks & on_other).sum() / n_peaks
-            continue
-        on_named = box_union_mask(named_boxes[i], size)
-        named = (peaks & on_named).sum() / n_peaks
-        other = (peaks & on_other & ~on_named).sum() / n_peaks
-        s["named"] += named
-        s["other"] += other
-        s["background"] += 1 - named - other
-        s["total"] += 1
-        if hard is not None and bool(hard[i]):
-            s["hard_named"] += named
-            s["hard_other"] += other
-            s["hard_total"] += 1
-    return s
+    v = _prompt_specificity_items(maps, boxes, other_boxes, sizes)
+    hard = check_mask(hard, v["kind"].numel(), _NAME, "hard", v["kind"].device)
+    return _prompt_specificity_accumulate(v["named"], v["other"], v["kind"], hard)
 
 
 def _ratio(a: Tensor, b: Tensor) -> Tensor:
@@ -150,19 +179,40 @@ def prompt_specificity(
     return _prompt_specificity_compute(_prompt_specificity_update(maps, boxes, other_boxes, sizes, hard))
 
 
+HARD_RULES = (None, "first_word")
+
+
+def shares_attribute(category: str, others: Sequence[str], rule: str | None) -> bool:
+    """The hard-case flag of a pair: does another object's category share an attribute with the named one?
+    ``rule="first_word"``: the category names' first words are equal (the shapes world's colour, "red circle" vs
+    "red star"); None: never (no attribute is known)."""
+    if rule not in HARD_RULES:
+        raise ValueError(f"{_NAME}: hard={rule!r}; expected one of {list(HARD_RULES)}")
+    if rule is None:
+        return False
+    first = category.split()[0] if category.split() else ""
+    return any(o != category and o.split() and o.split()[0] == first for o in others)
+
+
 class PromptSpecificity(Metric):
     """Where each prompt's map peaks (named object / another object / background); see the module docstring.
 
     ``update(maps [N, h, w], boxes N x [M_i, 4], other_boxes N x [M'_i, 4], sizes [N, 2] = None, hard [N] = None)``;
     ``compute()`` returns the dict of :func:`prompt_specificity`.
+
+    Options the evaluate engine reads (``metrics.prompt_specificity``; the metric itself only sums): ``hard`` is the
+    hard-case rule of :func:`shares_attribute` (``first_word`` on the shapes world); ``absent=True`` also explains,
+    per image, one seeded category absent from it (``seed``) and scores where that map peaks.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, hard: str | None = None, absent: bool = True, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        shares_attribute("", [], hard)  # validates the rule
+        self.hard, self.absent, self.seed = hard, bool(absent), int(seed)
         for name in STATES:
             self.add_state(name, torch.tensor(0.0), dist_reduce_fx="sum")
 
@@ -175,7 +225,17 @@ class PromptSpecificity(Metric):
         hard: Tensor | None = None,
     ) -> None:
         """Add N pairs; see :func:`prompt_specificity` for the arguments."""
-        for name, value in _prompt_specificity_update(maps.detach(), boxes, other_boxes, sizes, hard).items():
+        self._add(_prompt_specificity_update(maps.detach(), boxes, other_boxes, sizes, hard))
+
+    def update_values(self, named: Tensor, other: Tensor, kind: Tensor, hard: Tensor | None = None) -> None:
+        """Add per-pair values (from :func:`_prompt_specificity_items`, e.g. replayed from per-item records)."""
+        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
+        self._computed = None
+        hard = check_mask(hard, kind.numel(), _NAME, "hard", kind.device)
+        self._add(_prompt_specificity_accumulate(named, other, kind, hard))
+
+    def _add(self, sums: dict[str, Tensor]) -> None:
+        for name, value in sums.items():
             setattr(self, name, getattr(self, name) + value.to(getattr(self, name).device))
 
     def compute(self) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 from mmel.backbone import load_clip
 from mmel.explainers import build_explainer
-from mmel.trust.sanity import explain_items, model_randomisation, prompt_randomisation
+from mmel.metrics.sanity import explain_items, model_randomisation, prompt_randomisation
 from mmel.trust.shapes import load_shapes_items, specificity_on_items
 
 DEFAULT = "grad_eclip,mmel,legrad,clip_surgery,clearclip,game,gradcam,maskclip,attention,rollout"

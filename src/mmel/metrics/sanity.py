@@ -10,7 +10,7 @@ destroyed. The vision tower's layers, from the top down, are
 * ``independent``: step s re-initialises layer s alone (every other layer as trained).
 
 Each step explains the SAME items again and compares with the original maps by Spearman rank correlation, SSIM
-and HOG similarity (:mod:`mmel.trust.similarity`). The text tower is left as trained (the check is about the
+and HOG similarity (:mod:`mmel.metrics.similarity`). The text tower is left as trained (the check is about the
 image side the maps live on). Every step works on a deep copy of the model: the user's loaded model is never
 modified (a test pins it). The explainer is rebuilt for each copy by the caller's factory, so for MMEL the trained
 HSRM (``build_explainer("mmel", clip, checkpoint=...)``) is applied to the randomised CLIP's evidence exactly as
@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from mmel.backbone import ClipBundle
-from mmel.trust.similarity import MEASURES, nanmean, similarities
+from mmel.metrics.similarity import MEASURES, nanmean, similarities
 
 MODES = ("cascading", "independent")
 Builder = Callable[[ClipBundle], Callable[[Tensor, list[str]], Tensor]]
@@ -192,3 +194,102 @@ def prompt_randomisation(
     values = similarities(original, other)
     mean = {m: nanmean(v) for m, v in values.items()}
     return {"mean": mean, "values": values, "prompt_insensitive": bool(mean["spearman"] > flag_above)}
+
+
+# ------------------------------------------------------------------------------------ as evaluate metrics
+def _mean_rows(values: list[Tensor] | Tensor, width: int) -> Tensor:
+    """Concatenated per-item rows [N, ...] (a cat state, before or after a DDP sync) -> NaN-aware mean [...]."""
+    v = dim_zero_cat(values) if isinstance(values, list) and values else values
+    if isinstance(v, list) or v.numel() == 0:
+        return torch.full((width,), float("nan"), dtype=torch.float64)
+    return torch.nanmean(v.double(), dim=0)
+
+
+class PromptRandomisation(Metric):
+    """Prompt randomisation as an evaluate metric: each item's map against its image's map for the prompt of a
+    category absent from the image (chosen per image, seeded by ``seed``), by every measure of :data:`MEASURES`.
+
+    ``update(maps [N, H, W], other_maps [N, H, W])`` or ``update_values(values [N, len(MEASURES)])``;
+    ``compute()`` -> {measure: mean over items, "prompt_insensitive": 1.0 when the mean Spearman exceeds
+    ``flag_above`` else 0.0, "pairs"}. Lower similarity: the map follows the prompt.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, flag_above: float = 0.9, seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.flag_above, self.seed = float(flag_above), int(seed)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, maps: Tensor, other_maps: Tensor) -> None:
+        self.values.append(torch.stack(list(similarities(maps, other_maps).values()), dim=-1).float())
+
+    def update_values(self, values: Tensor) -> None:
+        """Add per-item similarities [N, len(MEASURES)] (columns in :data:`MEASURES` order)."""
+        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
+        self._computed = None
+        self.values.append(values.reshape(-1, len(MEASURES)).float())
+
+    def compute(self) -> dict[str, Tensor]:
+        mean = _mean_rows(self.values, len(MEASURES))
+        out = {m: mean[j].float() for j, m in enumerate(MEASURES)}
+        v = self.values
+        n = (dim_zero_cat(v).shape[0] if v else 0) if isinstance(v, list) else v.shape[0]
+        out["prompt_insensitive"] = torch.tensor(float(bool(out["spearman"] > self.flag_above)))
+        out["pairs"] = torch.tensor(float(n))
+        return out
+
+
+class ModelRandomisation(Metric):
+    """Model-parameter randomisation (Adebayo et al.) as an evaluate metric: per item and mode, the similarity of
+    the map after each randomisation step (:func:`randomised_copies`, seeded by ``seed``) to the original map.
+
+    ``update_values(mode, values [N, S, len(MEASURES)], steps)`` (S steps, top layer first);
+    ``compute()`` -> {"<mode>/<measure>": mean over items after the last step (full randomisation when
+    cascading), "<mode>/<measure>@<step>": the curve}. Lower: the map depends on the model's weights.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, modes: Sequence[str] = ("cascading",), seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.modes = [str(m) for m in ([modes] if isinstance(modes, str) else modes)]
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"ModelRandomisation: modes={self.modes}; expected a non-empty subset of {MODES}")
+        self.seed = int(seed)
+        self.steps: list[str] = []
+        for mode in self.modes:
+            self.add_state(f"values_{mode}", default=[], dist_reduce_fx="cat")
+
+    def update(self, maps: Tensor, randomised: dict[str, Sequence[Tensor]], steps: Sequence[str]) -> None:
+        """Original maps [N, H, W] and, per mode, the S maps [N, H, W] after each randomisation step."""
+        for mode, step_maps in randomised.items():
+            per_step = [torch.stack(list(similarities(maps, m).values()), dim=-1) for m in step_maps]  # S x [N, M]
+            self.update_values(mode, torch.stack(per_step, dim=1), steps)
+
+    def update_values(self, mode: str, values: Tensor, steps: Sequence[str]) -> None:
+        """Add per-item curves [N, S, len(MEASURES)] of ``mode``; ``steps`` names the S steps."""
+        if mode not in self.modes:
+            raise ValueError(f"ModelRandomisation: mode {mode!r} is not among {self.modes}")
+        if self.steps and list(steps) != self.steps:
+            raise ValueError(f"ModelRandomisation: steps {list(steps)} differ from earlier ones {self.steps}")
+        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
+        self._computed = None
+        self.steps = list(steps)
+        getattr(self, f"values_{mode}").append(values.reshape(-1, len(self.steps), len(MEASURES)).float())
+
+    def compute(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for mode in self.modes:
+            curve = _mean_rows(getattr(self, f"values_{mode}"), len(self.steps) * len(MEASURES))
+            curve = curve.reshape(len(self.steps), len(MEASURES)) if self.steps else curve.reshape(0, len(MEASURES))
+            for j, m in enumerate(MEASURES):
+                out[f"{mode}/{m}"] = curve[-1, j].float() if self.steps else torch.tensor(float("nan"))
+                for s, step in enumerate(self.steps):
+                    out[f"{mode}/{m}@{step.replace(' ', '')}"] = curve[s, j].float()
+        return out
