@@ -56,8 +56,8 @@ format: install ## ruff format + autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-demo: install ## the main job on the embedded default (shapes world + tiny CLIP); prints the run dir
-	$(BIN)/python train.py
+demo: install ## every paper table on the embedded default (shapes world + tiny CLIP) -> results/shapes/report.html
+	$(BIN)/python -m experiments.paper shapes
 
 app: install ## the explorer: compare explanations in the browser at http://127.0.0.1:7860 (ARGS="--port 8000 ...")
 	$(BIN)/python -m mmel.app $(ARGS)

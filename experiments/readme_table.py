@@ -1,91 +1,76 @@
-"""The README's results table, generated — never typed — from run outputs.
+"""The README's results table and figure, generated — never typed — from the demo's output.
 
-    python -m experiments.readme_table --run            # make the runs (train + one evaluate per explainer), then
-                                                        # write results/readme_table.json and the README block
-    python -m experiments.readme_table                  # only re-render README.md from results/readme_table.json
+    make demo                                   # = python -m experiments.paper shapes: every paper table
+    python -m experiments.readme_table          # results/shapes/summary.json -> results/readme_table.json,
+                                                # the README block and docs/results_qualitative.png
+    python -m experiments.readme_table --render # only re-render README.md from results/readme_table.json
 
-The runs are the embedded default: the shapes world, the committed tiny CLIP, the HSRM trained by `python train.py`
-and every explainer scored by `python evaluate.py` on the held-out test split. `results/readme_table.json` holds the
-numbers with the commands and commit that made them; the block between the README's markers is rendered from it,
-and `tests/test_readme_table.py` fails when the two disagree.
+The table is the paper's Table 1 (localisation on the shapes world's held-out split; MMEL = mean ± std over the
+training seeds, every value with its 95 % bootstrap interval over items) plus the MMEL vs Grad-ECLIP significance
+line; the figure is the paper's qualitative grid. ``results/readme_table.json`` (committed) holds what the README
+shows, with the commit and command that made it; ``tests/test_readme_table.py`` fails when the two disagree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 from experiments.report import git_commit
+from experiments.tables import Cell, Column, Table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "readme_table.json"
+SUMMARY = ROOT / "results" / "shapes" / "summary.json"
+FIGURE = ("results/shapes/figures/qualitative.png", "docs/results_qualitative.png")
 START, END = "<!-- readme-table:start -->", "<!-- readme-table:end -->"
-# (label, evaluate.py overrides); the MMEL row gets the trained checkpoint
-ROWS = (
-    ("MMEL (ours, reconstructed), trained HSRM", ["explainer=mmel"]),
-    ("Grad-ECLIP (native)", ["explainer=grad_eclip"]),
-    ("GAME (Chefer et al. 2021)", ["explainer=game"]),
-    ("MaskCLIP", ["explainer=maskclip"]),
-    ("Grad-CAM", ["explainer=gradcam"]),
-    ("attention rollout", ["explainer=rollout"]),
-    ("last-layer attention", ["explainer=attention"]),
-    ("LeGrad (Bousselham et al. 2024)", ["explainer=legrad"]),
-    ("CLIP Surgery (Li et al. 2023)", ["explainer=clip_surgery"]),
-    ("ClearCLIP (Lan et al. 2024)", ["explainer=clearclip"]),
-)
-COLUMNS = (
-    ("pointing game", "test/pointing_game/accuracy"),
-    ("difficult subset", "test/pointing_game/difficult_accuracy"),
-    ("energy PG", "test/energy_pointing_game"),
-    ("mIoU", "test/saliency_iou/miou"),
-)
+TABLE = "table-1"  # summary.json key of the localisation table
+COMMAND = "make demo"
 
 
-def _program(script: str, overrides: list[str], out: Path) -> dict:
-    """Run ``python <script> overrides`` with its run dir at ``out``; returns its metrics.json."""
-    cmd = [sys.executable, str(ROOT / script), *overrides, f"paths.output_dir={out}"]
-    print("+", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return json.loads((out / "metrics.json").read_text())
-
-
-def make_runs(work: Path) -> dict:
-    """Train the HSRM, evaluate every row's explainer; returns the results record."""
-    commit = git_commit(ROOT)
-    train = _program("train.py", [], work / "train")
-    ckpt = train["hsrm_checkpoint"]
-    rows = []
-    for label, over in ROWS:
-        over = [*over, f"explainer.checkpoint={ckpt}"] if over == ["explainer=mmel"] else list(over)
-        m = _program("evaluate.py", over, work / over[0].split("=", 1)[1])
-        rows.append(
-            {
-                "label": label,
-                "command": "python evaluate.py "
-                + " ".join(o for o in over if not o.startswith("explainer.checkpoint")),
-                "samples": m.get("test/samples"),
-                "values": {name: m.get(key) for name, key in COLUMNS},
-            }
-        )
-    return {"commit": commit, "train_command": "python train.py", "rows": rows}
+def from_summary(summary: dict, commit: str) -> dict:
+    """What the README shows, taken from the paper's summary.json."""
+    t = summary[TABLE]
+    return {
+        "commit": commit,
+        "command": COMMAND,
+        "spec": summary.get("spec"),
+        "title": t["title"],
+        "rows": t["rows"],
+        "columns": t["columns"],
+        "cells": t["cells"],
+        "significance": summary.get("significance", {}),
+        "samples": summary.get("samples"),
+    }
 
 
 def render(results: dict) -> str:
     """The Markdown block for the README (between the markers)."""
-    head = "| explainer (`python evaluate.py explainer=...`) | " + " | ".join(n for n, _ in COLUMNS) + " |"
-    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
-    for r in results["rows"]:
-        cells = ["—" if r["values"].get(n) is None else f"{r['values'][n]:.3f}" for n, _ in COLUMNS]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    n = {r["samples"] for r in results["rows"]}
-    lines.append("")
+    cols = [Column(c) for c in results["columns"]]
+    cells = [[Cell(**c) for c in row] for row in results["cells"]]
+    table = Table(results["title"], results["rows"], cols, cells, label_header="explainer")
+    md = table.markdown().strip("\n")
+    md = "\n".join(line for line in md.splitlines() if not line.startswith("#")).strip("\n")
+    lines = [md, ""]
+    sig = results.get("significance") or {}
+    tests = sig.get("mcnemar_per_seed") or []
+    if tests:
+        e = sig.get("energy") or {}
+        per_seed = ", ".join(f"{t['b']} vs {t['c']} (p = {t['p']:.2g})" for t in tests)
+        energy = (f"; energy PG difference {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}], paired bootstrap "
+                  f"p = {e['p']:.2g}" if e else "")  # fmt: skip
+        lines += [
+            f"{sig['a']} vs {sig['b']} on the same {tests[0]['n']} items — items only one of them hits, per "
+            f"training seed: {per_seed} (exact McNemar){energy}.",
+            "",
+        ]
     lines.append(
-        f"Generated by `python -m experiments.readme_table --run` at commit `{_short(results['commit'])}` "
-        f"({'/'.join(str(x) for x in sorted(n, key=str))} held-out (image, prompt) pairs; the MMEL row uses the "
-        f"HSRM trained by `{results['train_command']}`)."
+        f"Generated from the output of `{results['command']}` (`python -m experiments.paper {results['spec']}`) by "
+        f"`python -m experiments.readme_table` at commit `{_short(results['commit'])}`. Values: mean ± std over "
+        f"training seeds where there are several, [95 % bootstrap interval over items]; bold: best per column."
     )
     return "\n".join(lines)
 
@@ -112,14 +97,23 @@ def write_readme(results: dict, readme_path: Path = ROOT / "README.md") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="store_true", help="make the runs first (minutes), then render")
-    ap.add_argument("--work", default=str(ROOT / "logs" / "readme"), help="where the runs write")
+    ap.add_argument("--render", action="store_true", help="only re-render README.md from results/readme_table.json")
+    ap.add_argument("--summary", default=str(SUMMARY), help="the paper run's summary.json")
     args = ap.parse_args(argv)
-    if args.run:
+    if not args.render:
+        summary = Path(args.summary)
+        if not summary.is_file():
+            print(f"{summary} not found: run `make demo` (python -m experiments.paper shapes) first", file=sys.stderr)
+            return 1
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(make_runs(Path(args.work)), indent=2) + "\n")
+        provenance = json.loads(summary.read_text()).get("commit") or git_commit(ROOT)
+        RESULTS.write_text(json.dumps(from_summary(json.loads(summary.read_text()), provenance), indent=2) + "\n")
+        src, dst = (summary.parent / "figures" / Path(FIGURE[0]).name), ROOT / FIGURE[1]
+        if src.is_file():
+            shutil.copyfile(src, dst)
+            print(f"copied {src} -> {dst}")
     if not RESULTS.is_file():
-        print(f"{RESULTS} not found: run with --run first", file=sys.stderr)
+        print(f"{RESULTS} not found: run without --render first", file=sys.stderr)
         return 1
     write_readme(json.loads(RESULTS.read_text()))
     print(f"README.md table rendered from {RESULTS}")

@@ -127,3 +127,23 @@ def test_the_shapes_spec_names_real_configs():
     assert set(spec["compare"]) <= set(spec["explainers"])
     with pytest.raises(FileNotFoundError, match="known"):
         load_spec("nope")
+
+
+def test_the_coco_spec_plans_every_run_per_backbone_without_running_or_writing(tmp_path):
+    from experiments.paper import per_backbone
+
+    spec = load_spec("coco")
+    subs = per_backbone(spec, tmp_path / "coco")
+    assert [out.name for _, out in subs] == ["vit-b-32", "vit-b-16", "vit-l-14"]
+    sub, out = subs[1]
+    runs = Paper(sub, out).plan()  # composes every config: an unknown key or value would raise here
+    assert not tmp_path.exists() or not any(tmp_path.rglob("*"))
+    trains = [r for r in runs if r.program == "train"]
+    assert [r.overrides for r in trains[:3]] == [["data=coco", "trainer=gpu", "model=vitb16", f"seed={s}"]
+                                                 for s in (0, 1, 2)]  # fmt: skip
+    assert len(trains) == 3 + len(spec["ablations"])
+    mmel = [r for r in runs if "explainer=mmel" in r.overrides]
+    assert mmel and all(any(o.startswith("explainer.checkpoint=") and o.endswith("hsrm.pt") for o in r.overrides)
+                        for r in mmel)  # fmt: skip
+    assert any("data=flickr30k" in r.overrides for r in runs)  # Table 3 on Flickr30k Entities
+    assert len({r.out for r in runs}) == len(runs)  # one folder per run

@@ -131,6 +131,20 @@ def run_program(program: str, overrides: Sequence[str], out: Path, runner: Calla
     return Run(program, overrides, out, saved, chash)
 
 
+def per_backbone(spec: dict[str, Any], results: Path) -> list[tuple[dict[str, Any], Path]]:
+    """A spec with ``backbones: {label: [overrides]}`` is one spec per backbone (its overrides appended, results
+    in ``results/<backbone>/``); a spec without is itself."""
+    if not spec.get("backbones"):
+        return [(spec, results)]
+    out = []
+    for label, over in spec["backbones"].items():
+        sub = {k: v for k, v in spec.items() if k != "backbones"}
+        sub["overrides"] = [*spec.get("overrides", []), *over]
+        sub["title"] = f"{spec.get('title', spec['name'])} — {label}"
+        out.append((sub, results / slug(label)))
+    return out
+
+
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
 
@@ -160,6 +174,32 @@ LOCALISATION = {
 FAITHFULNESS = {
     "deletion AUC": ("test/deletion_insertion/deletion_auc", _field("deletion_insertion", "deletion_auc"), False),
     "insertion AUC": ("test/deletion_insertion/insertion_auc", _field("deletion_insertion", "insertion_auc"), True),
+}
+
+
+def _curve_end(mode: str) -> Callable[[dict], float | None]:
+    def get(r: dict) -> float | None:
+        v = r.get("metrics", {}).get("model_randomisation", {}).get(mode, {}).get("spearman")
+        return None if not v else float(v[-1])
+
+    return get
+
+
+def _prompt_spearman(r: dict) -> float | None:
+    v = r.get("metrics", {}).get("prompt_randomisation")
+    return None if not v else float(v["spearman"])
+
+
+MR, PS = "test/model_randomisation", "test/prompt_specificity"
+TRUST = {
+    "cascading: Spearman": (f"{MR}/cascading/spearman", _curve_end("cascading"), False),
+    "cascading: SSIM": (f"{MR}/cascading/ssim", None, False),
+    "cascading: HOG": (f"{MR}/cascading/hog", None, False),
+    "independent: Spearman": (f"{MR}/independent/spearman", _curve_end("independent"), False),
+    "prompt randomisation: Spearman": ("test/prompt_randomisation/spearman", _prompt_spearman, False),
+    "specificity": (f"{PS}/specificity", None, True),
+    "hard-case specificity": (f"{PS}/hard_specificity", None, True),
+    "absent prompt on an object": (f"{PS}/absent_on_object", None, False),
 }
 
 
@@ -230,11 +270,31 @@ class Paper:
         self.runs_dir = self.results / "runs"
         self._runner = runner  # program -> run(cfg) (tests); None: mmel.<program>.run
         self.provenance: list[Run] = []
+        self._planning = False
 
     def _run(self, program: str, overrides: Sequence[str], out: Path) -> Run:
-        run = run_program(program, overrides, out, self._runner(program) if self._runner else None)
+        if self._planning:  # compose only (unknown keys / values fail here), nothing runs or is written
+            cfg = compose_run(program, [str(o) for o in overrides], out)
+            run = Run(program, [str(o) for o in overrides], out, {"hsrm_checkpoint": str(out / "hsrm.pt")},
+                      config_hash(cfg))  # fmt: skip
+        else:
+            run = run_program(program, overrides, out, self._runner(program) if self._runner else None)
         self.provenance.append(run)
         return run
+
+    def plan(self) -> list[Run]:
+        """Every run the spec makes (train and evaluate commands, in order), each config composed, none run."""
+        self._planning, self.provenance = True, []
+        try:
+            self.trained  # noqa: B018 - makes the training runs
+            self.localisation()
+            for part, make in (("faithfulness", self.faithfulness), ("phrases", self.phrases),
+                               ("ablations", self.ablation_table), ("trust", self.trust)):  # fmt: skip
+                if part in self.spec:
+                    make()
+        finally:
+            self._planning = False
+        return self.provenance
 
     def _common(self, extra: Sequence[str] = ()) -> list[str]:
         return [*self.spec.get("overrides", []), *extra]
@@ -343,42 +403,14 @@ class Paper:
         return Table(f"Table 4 — HSRM ablations (seed {seed}, {extra})", list(runs), cols, cells)
 
     def trust(self) -> tuple[Table, Path | None]:
+        """Table 5 from evaluate runs with the trust metrics on (docs/metrics.md, Trust), and the sanity curves."""
         t = self.spec["trust"]
-        out = self.runs_dir / "trust"
-        path = out / "trust.json"
-        ckpt = self.trained[self.spec["seeds"][0]].metrics["hsrm_checkpoint"]
-        if not path.is_file():
-            from mmel.trust.__main__ import _parse
-            from mmel.trust.__main__ import run as trust_run
-
-            trust_run(_parse(["--n", str(t["n"]), "--explainers", ",".join(t["explainers"]), "--checkpoint", ckpt,
-                              "--out", str(out), "--data-root", str(ROOT / "data" / "shapes")]))  # fmt: skip
-        res = json.loads(path.read_text())["results"]
-        spec_cols = [
-            ("cascading: Spearman", False, lambda r: r["sanity"]["cascading"]["end_point"]["spearman"]),
-            ("cascading: SSIM", False, lambda r: r["sanity"]["cascading"]["end_point"]["ssim"]),
-            ("cascading: HOG", False, lambda r: r["sanity"]["cascading"]["end_point"]["hog"]),
-            ("independent: Spearman", False, lambda r: r["sanity"]["independent"]["end_point"]["spearman"]),
-            ("prompt randomisation: Spearman", False, lambda r: r["prompt_randomisation"]["mean"]["spearman"]),
-            ("specificity", True, lambda r: r["specificity"]["specificity"]),
-            ("hard-case specificity", True, lambda r: r["specificity"]["hard_specificity"]),
-            ("absent prompt on an object", False, lambda r: r["specificity"]["absent_on_object"]),
-        ]
-
-        def safe(get, r):
-            try:
-                v = get(r)
-            except (KeyError, TypeError):
-                return Cell(None)
-            return Cell(None if v is None else float(v))
-
-        cells = [[safe(g, r) for _, _, g in spec_cols] for r in res.values()]
-        labels = [r.get("label", n) for n, r in res.items()]
-        table = Table("Table 5 — trust: similarity to the original map after full randomisation (lower: the map "
-                      "depends on the model / prompt), prompt specificity", labels,
-                      [Column(n, hib) for n, hib, _ in spec_cols], cells)  # fmt: skip
-        fig = out / "sanity_curves.png"
-        return table, (fig if fig.is_file() else None)
+        rows = self.evaluations(t["explainers"], "trust", t.get("overrides", []), t.get("limit"))
+        table = metric_table("Table 5 — trust: similarity to the original map after full randomisation (lower: "
+                             "the map depends on the model / prompt), prompt specificity", rows, TRUST)  # fmt: skip
+        if self._planning:
+            return table, None
+        return table, self.sanity_figure(rows, self.results / "figures" / "sanity_curves.png")
 
     # ------------------------------------------------------------------------------------------- figures
     def curves_figure(self, rows: dict[str, list[Run]], path: Path) -> Path | None:
@@ -401,6 +433,35 @@ class Paper:
             ax.set_xlabel("fraction of pixels " + ("removed" if mode == "deletion" else "inserted"))
             ax.legend(fontsize=7)
         return _save(fig, path) if drawn else None
+
+    def sanity_figure(self, rows: dict[str, list[Run]], path: Path) -> Path | None:
+        """Mean similarity to the original maps after each randomisation step, per mode and measure."""
+        curves: dict[str, dict[str, list[float]]] = {}
+        steps: list[str] = []
+        for label, runs in rows.items():
+            items = runs[0].items()
+            rec = items[0]["metrics"].get("model_randomisation") if items else None
+            if not rec:
+                continue
+            steps = rec["steps"]
+            for key in [k for k in runs[0].metrics if k.startswith(f"{MR}/") and "@" not in k]:
+                mode_measure = key[len(MR) + 1 :]
+                curves.setdefault(mode_measure, {})[label] = [
+                    float(np.mean([r.metrics[f"{key}@{s.replace(' ', '')}"] for r in runs])) for s in steps
+                ]
+        if not curves:
+            return None
+        plt = _plt()
+        keys = sorted(curves)
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
+            for label, ys in curves[key].items():
+                ax.plot(range(len(ys) + 1), [1.0, *ys], marker="o", ms=3, label=label)
+            ax.set_xticks(range(len(steps) + 1), ["original", *steps], rotation=60, fontsize=6)
+            ax.axhline(0.0, color="grey", lw=0.5)
+            ax.set_title(key.replace("/", ": "), fontsize=8)
+        axes[0][-1].legend(fontsize=6)
+        return _save(fig, path)
 
     def category_figure(self, rows: dict[str, list[Run]], labels: Sequence[str], path: Path) -> Path | None:
         """Pointing accuracy per category for the chosen methods (grouped bars)."""
@@ -479,13 +540,13 @@ class Paper:
     # ---------------------------------------------------------------------------------------- everything
     def build(self) -> Path:
         """Make every missing run, then write tables, figures, summary.json and report.html; returns the report."""
-        from experiments.report import Provenance, Section, write_report
+        from experiments.report import Provenance, Section, git_commit, write_report
 
         tables_dir, fig_dir = self.results / "tables", self.results / "figures"
         tables_dir.mkdir(parents=True, exist_ok=True)
         fig_dir.mkdir(parents=True, exist_ok=True)
         sections: list[Section] = []
-        summary: dict[str, Any] = {"spec": self.spec["name"]}
+        summary: dict[str, Any] = {"spec": self.spec["name"], "commit": git_commit(ROOT)}
 
         t1, loc_rows = self.localisation()
         a, b = self.spec.get("compare", [None, None])
