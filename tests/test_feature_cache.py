@@ -67,6 +67,29 @@ def test_editing_boxes_in_place_rebuilds_the_cache_and_matches_uncached(small_wo
     assert after["test/pointing_game"] < before["test/pointing_game"], "the edit must change the numbers"
 
 
+def test_a_scale_subset_is_sliced_from_the_full_cache_without_clip(small_world, tmp_path, monkeypatch):
+    """An ablation that drops a scale reads the full HSRM's cache (its cosines are a slice of it): no CLIP pass,
+    the same numbers as online features, and both caches stay (ablations alternate between scale sets)."""
+    from mmel.explainers.grad_eclip import GradECLIP
+
+    fc = [f"feature_cache.dir={tmp_path / 'fc'}"]
+    _run_test_only(small_world, tmp_path / "full", fc)  # scales [1, 2, 4]: computed through CLIP
+    calls: list[int] = []
+    original = GradECLIP.layer_evidence
+    monkeypatch.setattr(GradECLIP, "layer_evidence", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    for scales in ("[2,4]", "[]"):
+        sliced = _run_test_only(small_world, tmp_path / f"s{scales}", [*fc, f"hsrm.scales={scales}"])
+        assert not calls, f"hsrm.scales={scales} ran CLIP instead of slicing the full cache"
+        online = _run_test_only(small_world, tmp_path / f"o{scales}", ["feature_cache.enabled=false",
+                                                                        f"hsrm.scales={scales}"])  # fmt: skip
+        for k in ("test/pointing_game", "test/energy", "test/grad_eclip_pointing_game"):
+            assert sliced[k] == pytest.approx(online[k], abs=1e-6), (scales, k)
+        calls.clear()
+    folders = sorted(p.name for p in (tmp_path / "fc").iterdir())
+    assert [f for f in folders if f.startswith("test-")] == ["test-test-scales1-2-4", "test-test-scales2-4",
+                                                              "test-test-scalesnone"], folders  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def vitb16_weights(tmp_path_factory) -> Path:
     """A ViT-B/16-architecture weight file (random weights), as a user would pass with model.pretrained=PATH."""

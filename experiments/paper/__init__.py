@@ -273,6 +273,8 @@ class Paper:
         self._planning = False
 
     def _run(self, program: str, overrides: Sequence[str], out: Path) -> Run:
+        if program == "evaluate":  # e.g. figure_samples=0: the report draws its own grid
+            overrides = [*overrides, *self.spec.get("evaluate_overrides", [])]
         if self._planning:  # compose only (unknown keys / values fail here), nothing runs or is written
             cfg = compose_run(program, [str(o) for o in overrides], out)
             run = Run(program, [str(o) for o in overrides], out, {"hsrm_checkpoint": str(out / "hsrm.pt")},

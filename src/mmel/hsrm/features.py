@@ -23,7 +23,9 @@ float32 for the project's synthetic `mmel-*` CLIPs (where tests demand cached ==
 The cache key holds the backbone, its weights, the layers, the HSRM scales, the storage dtype, the input resolution,
 the stage's split, the data config and a digest of the dataset's contents (`BoxDataset.content_digest`: every
 record's file, prompt and boxes, and each image file's size and mtime), so any change rebuilds; an interrupted
-build resumes at its first unfinished shard. Batches then carry `evidence`, `cosines` (packed), `patch_tokens`,
+build resumes at its first unfinished shard. Each set of scales has its own folder (``<stage>-<split>-scales1-2-4``),
+and a set that is a strict subset of a finished cache's (an ablation dropping a scale) is sliced out of that cache
+without a CLIP pass. Batches then carry `evidence`, `cosines` (packed), `patch_tokens`,
 `text`, `boxes` and `input_size`, which :class:`mmel.lit_module.HSRMLitModule` consumes without touching CLIP.
 
 Only `resize: fixed` is cached (one input size per stage, so batches stack); keep-size training runs online.
@@ -41,10 +43,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmel.data.base import Dropped
-from mmel.data.cache import CachedFeatures, FeatureCache, cache_key, human_bytes
+from mmel.data.cache import FORMAT_VERSION, CachedFeatures, FeatureCache, cache_key, human_bytes
+from mmel.data.cache import _ids_hash as cache_ids_hash
 from mmel.data.datamodules import StageLoaders, TransformedDataset
 from mmel.data.transforms import collate_boxes
-from mmel.hsrm.module import HSRMInputs, key_cosines, pack_cosines
+from mmel.hsrm.module import HSRMInputs, key_cosines, pack_cosines, unpack_cosines
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,11 @@ def collate_features(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None
     return batch
 
 
+def scales_tag(scales: list[int]) -> str:
+    """The cache folder's suffix for the HSRM scales: each scale set keeps its own cache (ablations alternate)."""
+    return "scales" + ("-".join(str(s) for s in scales) if scales else "none")
+
+
 def image_id(file: str, root: Path) -> str:
     """A cache row's id: the image file relative to the dataset root (absolute when outside it)."""
     try:
@@ -182,7 +190,45 @@ class CachedFeatureDataModule(StageLoaders):
             content=ds.content_digest(),
             **self.key,
         )
-        return FeatureCache(self.cache_dir / f"{stage}-{split}", key, shard_size=self.shard_size)
+        return FeatureCache(
+            self.cache_dir / f"{stage}-{split}-{scales_tag(self.scales)}", key, shard_size=self.shard_size
+        )
+
+    def _superset(self, stage: str, cache: FeatureCache, ids: list[str]) -> tuple[FeatureCache, list[int]] | None:
+        """A finished cache of this stage whose key differs only by more scales (e.g. the full HSRM's, when an
+        ablation drops a scale): the cosines of a subset of scales are a slice of it, so no CLIP pass is needed."""
+        split = self.base.splits.get(stage)
+        for folder in sorted(self.cache_dir.glob(f"{stage}-{split}-scales*")):
+            other = FeatureCache(folder, {}, shard_size=self.shard_size).manifest()
+            if not other or not other.get("complete") or other.get("ids_sha256") != cache_ids_hash(ids):
+                continue
+            theirs = [int(x) for x in other["key"].get("scales", [])]
+            same = {k: v for k, v in other["key"].items() if k != "scales"} == {
+                k: v for k, v in cache.key.items() if k != "scales"
+            }
+            if same and set(self.scales) < set(theirs) and other.get("format") == FORMAT_VERSION:
+                return FeatureCache(folder, other["key"], shard_size=int(other["shard_size"])), theirs
+        return None
+
+    def _derive(self, source: CachedFeatures, theirs: list[int]):
+        """compute_fn of a cache build that slices this module's scales out of ``source``'s rows (row indices in)."""
+
+        def compute(rows: list[int]) -> list[dict[str, torch.Tensor] | None]:
+            out: list[dict[str, torch.Tensor] | None] = []
+            for i in rows:
+                row = source[i]
+                if row is None:
+                    out.append(None)
+                    continue
+                row = {k: v for k, v in row.items() if k != "id"}
+                grid = tuple(int(g) for g in row["evidence"].shape[-2:])
+                per_scale = unpack_cosines(row["cosines"], grid, theirs)
+                mine = [per_scale[theirs.index(sc)] for sc in self.scales]
+                cos = pack_cosines(mine) if mine else row["cosines"].new_zeros(row["cosines"].shape[0], 0)
+                out.append({**row, "cosines": cos.to(row["cosines"].dtype)})
+            return out
+
+        return compute
 
     def _compute(self, groups: list[list[dict[str, Any] | Dropped]]) -> list[dict[str, torch.Tensor] | None]:
         """One cache row per image: its quantities once, its pairs' stacked (pairs in chunks of the batch size)."""
@@ -267,24 +313,32 @@ class CachedFeatureDataModule(StageLoaders):
         root = Path(getattr(ds, "root", "."))
         ids = [image_id(ds.records[g[0]].file, root) for g in groups]
         cache = self._cache(stage)
-        if not cache.is_complete(ids):
-            log.info(
-                "feature cache: computing frozen-CLIP features for %s (%d images, %d samples)",
-                stage,
-                len(groups),
-                len(ds),
+        source = None if cache.is_complete(ids) else self._superset(stage, cache, ids)
+        if source is not None:
+            log.info("feature cache %s: slicing scales %s out of %s (scales %s): no CLIP pass", stage, self.scales,
+                     source[0].dir, source[1])  # fmt: skip
+            src = source[0].load()
+            cached = cache.build(list(range(len(ids))), self._derive(src, source[1]), 64, ids=ids, rank=rank,
+                                 world_size=world_size, barrier=barrier)  # fmt: skip
+        else:
+            if not cache.is_complete(ids):
+                log.info(
+                    "feature cache: computing frozen-CLIP features for %s (%d images, %d samples)",
+                    stage,
+                    len(groups),
+                    len(ds),
+                )
+            pairs_per_image = len(ds) / max(len(groups), 1)
+            cached = cache.build(
+                _Groups(TransformedDataset(ds, self.base.transform), groups),
+                self._compute,
+                max(1, math.ceil(self.compute_batch_size / pairs_per_image)),  # ~compute_batch_size pairs per call
+                ids=ids,
+                rank=rank,
+                world_size=world_size,
+                barrier=barrier,
+                size_fn=self._estimate(stage, len(groups), len(ds)),
             )
-        pairs_per_image = len(ds) / max(len(groups), 1)
-        cached = cache.build(
-            _Groups(TransformedDataset(ds, self.base.transform), groups),
-            self._compute,
-            max(1, math.ceil(self.compute_batch_size / pairs_per_image)),  # ~compute_batch_size pairs per call
-            ids=ids,
-            rank=rank,
-            world_size=world_size,
-            barrier=barrier,
-            size_fn=self._estimate(stage, len(groups), len(ds)),
-        )
         where = [(0, 0)] * len(ds)
         for g, members in enumerate(groups):
             row = cached.index(ids[g])
