@@ -1,4 +1,4 @@
-"""Maps/s of the field's current baselines (LeGrad, CLIP Surgery, ClearCLIP) side by side with Grad-ECLIP (CPU).
+"""Maps/s of the field's current baselines (LeGrad, CLIP Surgery, ClearCLIP, M2IB) side by side with Grad-ECLIP (CPU).
 
 Two settings, every explainer timed in the same rounds (round-robin, median over rounds) so machine load hits all
 of them alike:
@@ -15,6 +15,9 @@ Targets (ratios to Grad-ECLIP, layers=1, in the same setting; exit status 1 when
     loaded machine; these targets follow the cost model, with margin for load noise;
   * LeGrad >= 0.2 x Grad-ECLIP's maps/s: it back-propagates each prompt's score through the full patch rows of
     the blocks it reads (the last two), where Grad-ECLIP's backward touches only the CLS row of the last block.
+  * M2IB: reported, no target. It optimises a bottleneck per (image, prompt): 10 Adam steps, each a forward and
+    backward of 10 noise samples through the blocks above its layer (3 of 12 for ViT-B, 2 of the tiny 4), i.e.
+    ~10 x 10 x 3 x (blocks above / depth) forward-equivalents per map against Grad-ECLIP's ~1.
 
     python benchmarks/bench_baselines.py            # both settings (16 ViT-B/16 calls; 8 min measured at load 13)
     python benchmarks/bench_baselines.py --quick    # tiny only
@@ -31,7 +34,7 @@ import warnings
 
 import torch
 
-NAMES = ["grad_eclip", "legrad", "clip_surgery", "clearclip"]
+NAMES = ["grad_eclip", "legrad", "clip_surgery", "clearclip", "m2ib"]
 TARGETS = {"clearclip": 0.7, "clip_surgery": 0.5, "legrad": 0.2}
 PROMPTS = [
     "a photo of a red circle.",

@@ -65,6 +65,7 @@ from mmel.explainers import (  # noqa: E402, F401
     grad_eclip,
     gradcam,
     legrad,
+    m2ib,
     maskclip,
     rise,
 )
