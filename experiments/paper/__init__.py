@@ -170,6 +170,7 @@ LOCALISATION = {
     "difficult subset": ("test/pointing_game/difficult_accuracy", _difficult_hit, True),
     "energy PG": ("test/energy_pointing_game", _field("energy_pointing_game", "energy"), True),
     "mIoU": ("test/saliency_iou/miou", _field("saliency_iou", "iou"), True),
+    "specificity": ("test/prompt_specificity/specificity", None, True),  # with metrics.prompt_specificity on
 }
 FAITHFULNESS = {
     "deletion AUC": ("test/deletion_insertion/deletion_auc", _field("deletion_insertion", "deletion_auc"), False),

@@ -20,7 +20,7 @@ Details taken from the authors' code (github.com/WalBouss/LeGrad, ``LeWrapper.co
   * ``start_layer=-2`` is the wrapper's default ``layer_index`` (the last two blocks).
 
 Batching (docs/grad_eclip.md, Batching): one forward over the traced blocks for all prompts, one batched VJP
-of Σ_l s^l [B, K].
+of Σ_l s^l [B, K]; ``explain_batch`` runs B images with their own prompts in one forward and one VJP of K_max rows.
 To make the gradient w.r.t. A^l carry s^l alone (and not the later layers' scores, which also depend on A^l),
 each traced block's input is a fresh leaf detached from the previous block's output: then ∂(Σ_m s^m)/∂A^l =
 ∂s^l/∂A^l exactly, and one VJP serves every layer.
@@ -66,7 +66,12 @@ class LeGrad(Explainer):
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
-        text = self.text_features(prompts)  # [K, E]
+        return self.raw_maps_text(images, self.text_features(prompts))
+
+    def raw_maps_text(self, images: Tensor, text: Tensor) -> Tensor:
+        """Maps [B, K, h, w] for text embeddings [K, E] shared by the images, or [B, K, E] per image (zero rows:
+        padding, whose score and so whose map is 0). Images are independent, so one VJP row per prompt slot
+        carries that slot's score of every image."""
         blocks = self.visual.transformer.resblocks
         x, grid = image_embeds(self.visual, images)
         with torch.no_grad():
