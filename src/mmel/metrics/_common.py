@@ -28,7 +28,8 @@ def check_maps(maps: Tensor, name: str) -> Tensor:
     if not isinstance(maps, Tensor) or maps.ndim != 3 or not maps.is_floating_point():
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
         raise ValueError(f"{name}: `maps` must be a float tensor [N, h, w] (one map per pair); got {shape}.")
-    if maps.numel() and not torch.isfinite(maps).all():
+    # a finite sum means finite entries (NaN and inf propagate): one reduction; the exact test only otherwise
+    if maps.numel() and not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
         raise ValueError(f"{name}: `maps` contains NaN or inf.")
     return maps
 
@@ -84,8 +85,8 @@ def check_boxes(
 
 def _box_sizes(boxes: list[Tensor], sizes: list[tuple[int, int]], device: torch.device) -> Tensor:
     """(H, W) [sum M_i, 2] of the image each box of ``boxes`` (N tensors [M_i, 4]) lies in."""
-    counts = torch.tensor([len(b) for b in boxes], device=device)
-    return torch.tensor(sizes[: len(boxes)], dtype=torch.float32, device=device).repeat_interleave(counts, dim=0)
+    return torch.tensor([s for b, s in zip(boxes, sizes, strict=False) for _ in range(len(b))], dtype=torch.float32,
+                        device=device).reshape(-1, 2)  # fmt: skip
 
 
 def _bad_boxes(b: Tensor, hw: Tensor) -> Tensor:
@@ -137,17 +138,17 @@ def pad_boxes(boxes: Sequence[Tensor]) -> Tensor:
 
 
 def box_union_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Batched :func:`box_union_mask`: boxes [N, M, 4] xyxy (see :func:`pad_boxes`) -> bool masks [N, H, W].
-
-    A pixel is in the union when some box covers both its row and its column: the count of such boxes is
-    in_rows^T @ in_cols, exact in float32 (small integers)."""
+    """Batched :func:`box_union_mask`: boxes [N, M, 4] xyxy (see :func:`pad_boxes`) -> bool masks [N, H, W]."""
     h, w = size
     c0, r0, c1, r1 = box_pixel_ranges(boxes, size).unbind(-1)  # each [N, M]
     rows = torch.arange(h, device=boxes.device)
     cols = torch.arange(w, device=boxes.device)
     in_rows = (rows >= r0[..., None]) & (rows <= r1[..., None])  # [N, M, H]
     in_cols = (cols >= c0[..., None]) & (cols <= c1[..., None])  # [N, M, W]
-    return (in_rows.float().transpose(1, 2) @ in_cols.float()) > 0
+    union = in_rows[:, 0, :, None] & in_cols[:, 0, None, :]
+    for j in range(1, boxes.shape[1]):  # one box slot at a time: memory stays [N, H, W]
+        union |= in_rows[:, j, :, None] & in_cols[:, j, None, :]
+    return union
 
 
 def size_groups(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
@@ -195,10 +196,11 @@ def prepare_groups(
     maps = check_maps(maps, name)
     size_list = check_sizes(sizes, maps, name)
     box_list = check_boxes(boxes, size_list, maps.device, name)
-    return [
-        (idx, size, resize_group(maps[idx], size), pad_boxes([box_list[i] for i in idx]))
-        for size, idx in size_groups(size_list).items()
-    ]
+    out = []
+    for size, idx in size_groups(size_list).items():
+        sub = maps if len(idx) == len(maps) else maps[idx]  # all of one size (the usual case): no copy
+        out.append((idx, size, resize_group(sub, size), pad_boxes([box_list[i] for i in idx])))
+    return out
 
 
 def scatter_groups(groups: Sequence[tuple[list[int], Tensor]], n: int, template: Tensor) -> Tensor:

@@ -123,13 +123,18 @@ def _saliency_iou_update(
         n = minmax(m)
         pred = _select(n, rule, fraction, top_k)
         ious.append((idx, ((pred & gt).sum((-2, -1)) / (pred | gt).sum((-2, -1))).float()))
-        # All thresholds at once: counts of values > t from sorted values (exact float comparisons, no binning).
-        # Inside the boxes: the other pixels are set to -inf, which is never above a threshold (t >= 0).
-        n, gt = n.flatten(1), gt.flatten(1)
-        t = ts.expand(n.shape[0], -1).contiguous()
-        above = n.shape[1] - torch.searchsorted(n.sort(dim=1).values, t, right=True)  # [n, T]
-        inside = torch.where(gt, n, float("-inf")).sort(dim=1).values
-        inter = n.shape[1] - torch.searchsorted(inside, t, right=True)
+        # All thresholds at once, exact float comparisons: with bin(v) = #{k: t_k < v}, v > t_k iff bin(v) > k, so
+        # the count above t_k is the number of values with bin > k (a histogram of bins, summed from the top).
+        rows, pixels = n.shape[0], n.shape[-2] * n.shape[-1]
+        bins = (
+            torch.searchsorted(ts, n.reshape(rows, pixels))
+            + (sweep_steps + 1) * torch.arange(rows, device=n.device)[:, None]
+        )
+        gt = gt.reshape(rows, pixels)
+        hist = torch.bincount(bins.flatten(), minlength=rows * (sweep_steps + 1)).view(rows, -1)
+        hist_gt = torch.bincount(bins[gt], minlength=rows * (sweep_steps + 1)).view(rows, -1)
+        above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # [n, T]: values above t_k
+        inter = hist_gt.flip(1).cumsum(1).flip(1)[:, 1:]
         sweeps.append((idx, (inter / (above + gt.sum(1, keepdim=True) - inter)).float()))
     return scatter_groups(ious, maps.shape[0], maps.new_zeros(0)), scatter_groups(
         sweeps, maps.shape[0], maps.new_zeros(0, sweep_steps)
