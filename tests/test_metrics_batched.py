@@ -212,6 +212,8 @@ def test_union_masks_and_difficult_flags_equal_the_per_item_loop(seed):
     _, boxes, sizes = mixed_batch(40, seed)
     for (H, W), b in zip(sizes.tolist(), boxes, strict=True):
         assert torch.equal(box_union_masks(pad_boxes([b]), (H, W))[0], box_union_mask(b, (H, W)))
+    many = box_union_masks(pad_boxes(boxes), (37, 53))  # sets of 1-4 boxes padded to 4, in one call
+    assert torch.equal(many, torch.stack([box_union_mask(b, (37, 53)) for b in boxes]))
     distractor = torch.arange(40) % 3 > 0
     assert torch.equal(difficult_flags(boxes, sizes, distractor), ref_difficult(boxes, sizes, distractor))
     assert torch.equal(difficult_flags(boxes, sizes, True), ref_difficult(boxes, sizes, True))
