@@ -233,3 +233,22 @@ def test_size_is_estimated_up_front_and_a_full_disk_refuses(tmp_path, monkeypatc
     assert fn.calls == 0, "a caller's estimate is checked before anything is computed"
     monkeypatch.undo()  # a disk with room: the interrupted build resumes
     assert len(FeatureCache(tmp_path / "a", KEY, shard_size=4).build(items, Compute(), progress=False)) == 8
+
+
+def test_one_tensor_or_a_slice_of_it_reads_what_the_whole_row_holds(tmp_path):
+    items = make_items(9)
+    feats = FeatureCache(tmp_path / "c", KEY, shard_size=4).build(items, Compute(bad={4}), batch_size=3)
+    for i in range(9):
+        row = feats[i]
+        if row is None:
+            continue
+        for name in ("evidence", "keys", "text", "n_tokens"):
+            whole = feats.tensor(i, name)
+            assert whole.dtype == row[name].dtype and torch.equal(whole, row[name])
+        ev = row["evidence"]  # [2, h, w]
+        for sl in (slice(0, 1), slice(1, 2), slice(0, 2), slice(1, 1)):
+            part = feats.tensor(i, "evidence", sl)
+            assert part.shape == ev[sl].shape and torch.equal(part, ev[sl])
+        assert torch.equal(feats.tensor(i, "keys", slice(1, 2)), row["keys"][1:2])  # float16, still exact
+    with pytest.raises(ValueError, match="contiguous"):
+        feats.tensor(0, "evidence", slice(0, 2, 2))

@@ -93,6 +93,22 @@ def test_box_mask_tiny_box_marks_its_cell():
     assert box_mask(torch.zeros(0, 4), (3, 5)).shape == (3, 5)
 
 
+def test_box_masks_of_many_sets_equal_box_mask_of_each():
+    from mmel.data.transforms import box_masks
+
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for k in range(40):
+        m = k % 5  # 0 to 4 boxes (0: an empty set)
+        xy = torch.rand(m, 2, generator=g) * 70 - 5  # some start outside the 64 px frame
+        wh = torch.rand(m, 2, generator=g) * torch.tensor([40.0, 1.0 if k % 3 == 0 else 30.0])  # thin boxes too
+        sets.append(torch.cat([xy, xy + wh], 1))
+    want = torch.stack([box_mask(b, (64, 48)) for b in sets])
+    assert torch.equal(box_masks(sets, (64, 48)), want)
+    assert want[0].sum() == 0 and want.sum() > 0
+    assert box_masks([], (3, 5)).shape == (0, 3, 5)
+
+
 def test_collate_pads_and_drops_none():
     tf = BoxTransform("keep", patch_size=16)
     a = tf(_item((40, 70), [((1, 1, 20, 20), "red")]))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmel.backbone import ClipBundle
-from mmel.data.transforms import box_mask
+from mmel.data.transforms import box_masks
 from mmel.explainers import build_explainer
 from mmel.explainers.base import to_image_maps
 from mmel.hsrm import HSRM, HSRMInputs, box_losses, hsrm_config, hsrm_layers
@@ -30,7 +30,7 @@ from mmel.metrics import EnergyPointingGame, PointingGame
 
 def union_masks(boxes: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
     """Box-union masks [P, H, W] (a pixel is inside when its centre is inside a box) in input-pixel coords."""
-    return torch.stack([box_mask(b, size) for b in boxes])
+    return box_masks(list(boxes), size)
 
 
 class HSRMLitModule(pl.LightningModule):

@@ -32,6 +32,7 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -184,11 +185,24 @@ class CachedFeatures(torch.utils.data.Dataset):
         if not self.ok[index]:
             return None
         out: dict[str, Any] = {"id": self.ids[index]}
-        for name, dtype in self.tensors.items():
-            shape = [int(s) for s in self._cols[f"{name}__shape"][index]]
-            values = np.array(self._cols[name][index])  # copy out of the read-only mapping
-            out[name] = torch.from_numpy(values).reshape(shape).to(getattr(torch, dtype))
+        for name in self.tensors:
+            out[name] = self.tensor(index, name)
         return out
+
+    def tensor(self, index: int, name: str, first: slice | None = None) -> torch.Tensor:
+        """One stored tensor of row ``index`` (a good row, index in range); ``first`` selects along its first
+        dimension before anything is copied out of the mapping (e.g. one pair of an image's stacked pairs)."""
+        shape = [int(s) for s in self._cols[f"{name}__shape"][index]]
+        values = self._cols[name][index]
+        if first is not None:
+            start, stop, step = first.indices(shape[0])
+            if step != 1:
+                raise ValueError("CachedFeatures.tensor: only contiguous slices of the first dimension")
+            per = math.prod(shape[1:])
+            values = values[start * per : max(start, stop) * per]
+            shape = [max(stop - start, 0), *shape[1:]]
+        out = torch.from_numpy(np.array(values)).reshape(shape)  # copied out of the read-only mapping
+        return out.to(getattr(torch, self.tensors[name]))
 
 
 class FeatureCache:

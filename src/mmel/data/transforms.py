@@ -78,6 +78,33 @@ def box_mask(
     return mask.to(torch.float32)
 
 
+def box_masks(boxes: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Hard :func:`box_mask` of many box sets at once, boxes in the grid's own pixels: N tensors [M_i, 4] xyxy ->
+    [N, h, w] float (each entry equals ``box_mask(boxes[i], size)``; an entry without boxes is all zeros)."""
+    h, w = size
+    sets = [torch.as_tensor(b).reshape(-1, 4).to(torch.float32) for b in boxes]
+    out = torch.zeros(len(sets), h, w, dtype=torch.bool)
+    full = [i for i, b in enumerate(sets) if len(b)]
+    if not full:
+        return out.float()
+    m = max(len(sets[i]) for i in full)
+    # pad each set with copies of its own first box: the union is unchanged
+    b = torch.stack([torch.cat([sets[i], sets[i][:1].expand(m - len(sets[i]), 4)]) for i in full])  # [n, M, 4]
+    x0, y0, x1, y1 = b.unbind(-1)  # [n, M]
+    xs = torch.arange(w, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, dtype=torch.float32) + 0.5
+    inx = (xs >= x0[..., None]) & (xs <= x1[..., None])  # [n, M, w]
+    iny = (ys >= y0[..., None]) & (ys <= y1[..., None])  # [n, M, h]
+    union = iny[:, 0, :, None] & inx[:, 0, None, :]
+    for j in range(1, m):  # one box slot at a time: memory stays [n, h, w]
+        union |= iny[:, j, :, None] & inx[:, j, None, :]
+    cx = ((x0 + x1) / 2).floor().long().clamp(0, w - 1)  # the cell holding each box's centre is always set
+    cy = ((y0 + y1) / 2).floor().long().clamp(0, h - 1)
+    union[torch.arange(len(full))[:, None].expand_as(cx), cy, cx] = True
+    out[full] = union
+    return out.float()
+
+
 class BoxTransform:
     """Dataset item (PIL image, original-pixel boxes) -> normalised tensor and boxes in its pixels.
 

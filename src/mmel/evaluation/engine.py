@@ -32,7 +32,7 @@ from mmel.data.transforms import collate_boxes
 from mmel.evaluation.records import ItemWriter
 from mmel.evaluation.trust import TRUST_METRICS, TrustScoring, replay_trust
 from mmel.metrics import ClipScorer, DeletionInsertion, EnergyPointingGame, PointingGame, SaliencyIoU, difficult_flags
-from mmel.metrics._common import resize_maps
+from mmel.metrics._common import resize_group, resize_maps, size_groups
 from mmel.metrics.iou import _saliency_iou_update
 from mmel.metrics.perturbation import _deletion_insertion_update, auc
 from mmel.metrics.pointing import _energy_pointing_game_update, _pointing_game_update
@@ -149,11 +149,11 @@ def _starts(groups: list[list[int]]) -> list[int]:
 
 def peaks(maps: Tensor, sizes: Tensor) -> list[list[int]]:
     """(y, x) of each map's maximum (first in raster order) in the scored frame: maps [K, h, w], sizes [K, 2]."""
-    resized = resize_maps(maps, [tuple(int(v) for v in s) for s in sizes.tolist()])
-    out = []
-    for m in resized:
-        flat = int(m.flatten().argmax())
-        out.append([flat // m.shape[-1], flat % m.shape[-1]])
+    out: list[list[int]] = [[0, 0]] * len(sizes)
+    for (h, w), idx in size_groups([tuple(int(v) for v in s) for s in sizes.tolist()]).items():
+        flat = resize_group(maps[idx], (h, w)).flatten(1).argmax(1).tolist()  # one argmax per size
+        for i, f in zip(idx, flat, strict=True):
+            out[i] = [f // w, f % w]
     return out
 
 

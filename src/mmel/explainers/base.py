@@ -159,8 +159,12 @@ class Explainer:
         with torch.enable_grad() if self.needs_grad else torch.no_grad():
             text = self.ragged_text_features(prompts)  # [B, K_max, E], zero rows for padding
             raw = self.raw_maps_text(images, text)
-        maps = to_image_maps(raw.detach(), images.shape[-2:])
-        return [maps[b, : len(ps)] for b, ps in enumerate(prompts)]
+        counts = [len(ps) for ps in prompts]
+        raw = raw.detach()
+        if min(counts) < raw.shape[1]:  # normalise and resize the real rows only, not the padding ones
+            raw = torch.cat([raw[b, :k] for b, k in enumerate(counts)])[None]
+        maps = to_image_maps(raw, images.shape[-2:]).flatten(0, 1)
+        return list(maps.split(counts))
 
     def batches_images(self) -> bool:
         """Whether :meth:`explain_batch` has the batched path: :meth:`raw_maps_text` is implemented by the same class

@@ -89,20 +89,24 @@ class _Pairs(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         row, j = self.where[i]
-        img = self.cached[row]
-        if img is None or not bool(img["pair_ok"][j]):
+        c = self.cached
+        if not c.ok[row]:
             return None
-        k = int(img["pair_ok"][:j].sum())  # index among the image's stored pairs
-        counts = img["box_counts"]
+        pair_ok = c.tensor(row, "pair_ok")
+        if not bool(pair_ok[j]):
+            return None
+        k = int(pair_ok[:j].sum())  # index among the image's stored pairs
+        counts = c.tensor(row, "box_counts")
         lo = int(counts[:k].sum())
+        # only this pair's rows of the image's stacked pair tensors are copied out of the cache
         return {
-            "id": f"{img['id']}#{j}",
-            "evidence": img["evidence"][k],
-            "text": img["text"][k],
-            "boxes": img["boxes"][lo : lo + int(counts[k])],
-            "cosines": img["cosines"],
-            "patch_tokens": img["patch_tokens"],
-            "input_size": img["input_size"],
+            "id": f"{c.ids[row]}#{j}",
+            "evidence": c.tensor(row, "evidence", slice(k, k + 1))[0],
+            "text": c.tensor(row, "text", slice(k, k + 1))[0],
+            "boxes": c.tensor(row, "boxes", slice(lo, lo + int(counts[k]))),
+            "cosines": c.tensor(row, "cosines"),
+            "patch_tokens": c.tensor(row, "patch_tokens"),
+            "input_size": c.tensor(row, "input_size"),
         }
 
 

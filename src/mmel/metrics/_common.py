@@ -28,7 +28,8 @@ def check_maps(maps: Tensor, name: str) -> Tensor:
     if not isinstance(maps, Tensor) or maps.ndim != 3 or not maps.is_floating_point():
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
         raise ValueError(f"{name}: `maps` must be a float tensor [N, h, w] (one map per pair); got {shape}.")
-    if maps.numel() and not torch.isfinite(maps).all():
+    # a finite sum means finite entries (NaN and inf propagate): one reduction; the exact test only otherwise
+    if maps.numel() and not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
         raise ValueError(f"{name}: `maps` contains NaN or inf.")
     return maps
 
@@ -54,14 +55,16 @@ def check_boxes(
 ) -> list[Tensor]:
     """Validate ``boxes`` (list of N float tensors [M_i, 4] xyxy) and return them on ``device`` as float32.
 
-    ``allow_empty``: an entry may hold no box (returned as [0, 4]), e.g. the other objects of a one-object image."""
+    ``allow_empty``: an entry may hold no box (returned as [0, 4]), e.g. the other objects of a one-object image.
+    The values of all boxes are checked at once; the first bad entry (in order) is reported."""
     if isinstance(boxes, Tensor) and boxes.ndim == 3:
         boxes = list(boxes)
     if not isinstance(boxes, Sequence) or len(boxes) != len(sizes):
         got = len(boxes) if isinstance(boxes, Sequence) else type(boxes).__name__
         raise ValueError(f"{name}: `{field}` must be a list of N={len(sizes)} tensors [M_i, 4] (xyxy); got {got}.")
     out = []
-    for i, (b, (h, w)) in enumerate(zip(boxes, sizes, strict=True)):
+    shape_error = None
+    for i, b in enumerate(boxes):
         b = torch.as_tensor(b, dtype=torch.float32, device=device)
         if allow_empty and b.numel() == 0:
             out.append(b.reshape(0, 4))
@@ -69,17 +72,40 @@ def check_boxes(
         if b.ndim == 1 and b.numel() == 4:
             b = b[None]
         if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] == 0:
-            raise ValueError(f"{name}: {field}[{i}] must be [M>=1, 4] xyxy; got shape {tuple(b.shape)}.")
-        if not torch.isfinite(b).all() or bool((b[:, 2] < b[:, 0]).any() | (b[:, 3] < b[:, 1]).any()):
-            raise ValueError(f"{name}: {field}[{i}] must be finite xyxy with x2 >= x1 and y2 >= y1; got {b.tolist()}.")
-        outside = (b[:, 0] > w) | (b[:, 2] < 0) | (b[:, 1] > h) | (b[:, 3] < 0)
-        if bool(outside.any()):
-            raise ValueError(
-                f"{name}: {field}[{i}] {b[outside].tolist()} lie outside the image of size (H, W)=({h}, {w}). "
-                "Boxes must be in pixels of the ORIGINAL image (pass `sizes`)."
-            )
+            shape_error = f"{name}: {field}[{i}] must be [M>=1, 4] xyxy; got shape {tuple(b.shape)}."
+            break  # entries before it are value-checked first, as a one-by-one check would
         out.append(b)
+    if out and bool(_bad_boxes(torch.cat(out), _box_sizes(out, sizes, device)).any()):
+        for i, (b, (h, w)) in enumerate(zip(out, sizes, strict=False)):
+            _check_box_values(b, h, w, name, field, i)
+    if shape_error:
+        raise ValueError(shape_error)
     return out
+
+
+def _box_sizes(boxes: list[Tensor], sizes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """(H, W) [sum M_i, 2] of the image each box of ``boxes`` (N tensors [M_i, 4]) lies in."""
+    return torch.tensor([s for b, s in zip(boxes, sizes, strict=False) for _ in range(len(b))], dtype=torch.float32,
+                        device=device).reshape(-1, 2)  # fmt: skip
+
+
+def _bad_boxes(b: Tensor, hw: Tensor) -> Tensor:
+    """[M] True for boxes b [M, 4] that are not finite, reversed, or wholly outside their image of size hw [M, 2]."""
+    reversed_ = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+    outside = (b[:, 0] > hw[:, 1]) | (b[:, 2] < 0) | (b[:, 1] > hw[:, 0]) | (b[:, 3] < 0)
+    return ~torch.isfinite(b).all(1) | reversed_ | outside
+
+
+def _check_box_values(b: Tensor, h: int, w: int, name: str, field: str, i: int) -> None:
+    """The error of entry i's boxes b [M, 4] in an image (h, w), if any."""
+    if not torch.isfinite(b).all() or bool((b[:, 2] < b[:, 0]).any() | (b[:, 3] < b[:, 1]).any()):
+        raise ValueError(f"{name}: {field}[{i}] must be finite xyxy with x2 >= x1 and y2 >= y1; got {b.tolist()}.")
+    outside = (b[:, 0] > w) | (b[:, 2] < 0) | (b[:, 1] > h) | (b[:, 3] < 0)
+    if bool(outside.any()):
+        raise ValueError(
+            f"{name}: {field}[{i}] {b[outside].tolist()} lie outside the image of size (H, W)=({h}, {w}). "
+            "Boxes must be in pixels of the ORIGINAL image (pass `sizes`)."
+        )
 
 
 def box_pixel_ranges(boxes: Tensor, size: tuple[int, int]) -> Tensor:
@@ -104,17 +130,49 @@ def box_union_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return (in_rows[:, :, None] & in_cols[:, None, :]).any(0)
 
 
+def pad_boxes(boxes: Sequence[Tensor]) -> Tensor:
+    """N box sets [M_i >= 1, 4] -> [N, max M_i, 4], each padded with copies of its own first box (the union of an
+    entry's boxes, its pixel ranges and its distances are unchanged by a repeated box)."""
+    m = max(len(b) for b in boxes)
+    return torch.stack([torch.cat([b, b[:1].expand(m - len(b), 4)]) if len(b) < m else b for b in boxes])
+
+
+def box_union_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Batched :func:`box_union_mask`: boxes [N, M, 4] xyxy (see :func:`pad_boxes`) -> bool masks [N, H, W]."""
+    h, w = size
+    c0, r0, c1, r1 = box_pixel_ranges(boxes, size).unbind(-1)  # each [N, M]
+    rows = torch.arange(h, device=boxes.device)
+    cols = torch.arange(w, device=boxes.device)
+    in_rows = (rows >= r0[..., None]) & (rows <= r1[..., None])  # [N, M, H]
+    in_cols = (cols >= c0[..., None]) & (cols <= c1[..., None])  # [N, M, W]
+    union = in_rows[:, 0, :, None] & in_cols[:, 0, None, :]
+    for j in range(1, boxes.shape[1]):  # one box slot at a time: memory stays [N, H, W]
+        union |= in_rows[:, j, :, None] & in_cols[:, j, None, :]
+    return union
+
+
+def size_groups(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the entries of each distinct size, in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(sizes):
+        groups.setdefault(tuple(s), []).append(i)
+    return groups
+
+
+def resize_group(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """maps [n, h, w] -> [n, H, W] float, bilinear (one interpolate call; unchanged when already that size)."""
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return maps
+
+
 def resize_maps(maps: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
     """Resize each map [h, w] of ``maps`` [N, h, w] to its size (H, W), bilinear; returns N tensors [H, W]."""
     out: list[Tensor | None] = [None] * maps.shape[0]
     # Group equal sizes so a batch of same-sized images costs one interpolate call.
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(sizes):
-        groups.setdefault(s, []).append(i)
-    for size, idx in groups.items():
-        sub = maps[idx].float()
-        if tuple(sub.shape[-2:]) != size:
-            sub = F.interpolate(sub[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    for size, idx in size_groups(sizes).items():
+        sub = resize_group(maps[idx], size)
         for j, i in enumerate(idx):
             out[i] = sub[j]
     return out  # type: ignore[return-value]
@@ -128,6 +186,35 @@ def prepare(
     size_list = check_sizes(sizes, maps, name)
     box_list = check_boxes(boxes, size_list, maps.device, name)
     return resize_maps(maps, size_list), box_list, size_list
+
+
+def prepare_groups(
+    maps: Tensor, boxes: Sequence[Tensor], sizes: Tensor | Sequence | None, name: str
+) -> list[tuple[list[int], tuple[int, int], Tensor, Tensor]]:
+    """Checked inputs grouped by original size, for batched metrics: a list of (indices into the N entries,
+    (H, W), maps resized [n, H, W], boxes [n, M, 4] padded by :func:`pad_boxes`)."""
+    maps = check_maps(maps, name)
+    size_list = check_sizes(sizes, maps, name)
+    box_list = check_boxes(boxes, size_list, maps.device, name)
+    out = []
+    for size, idx in size_groups(size_list).items():
+        sub = maps if len(idx) == len(maps) else maps[idx]  # all of one size (the usual case): no copy
+        out.append((idx, size, resize_group(sub, size), pad_boxes([box_list[i] for i in idx])))
+    return out
+
+
+def scatter_groups(groups: Sequence[tuple[list[int], Tensor]], n: int, template: Tensor) -> Tensor:
+    """Per-group results (indices, values [n_g, ...]) -> one tensor [N, ...] in entry order (like ``template``).
+
+    Differentiable: a single group in entry order is returned as is, otherwise the groups are concatenated and
+    reordered."""
+    if not groups:
+        return template.new_zeros(0, *template.shape[1:])
+    if len(groups) == 1 and groups[0][0] == list(range(n)):
+        return groups[0][1]
+    order = torch.tensor([i for idx, _ in groups for i in idx], device=template.device)
+    values = torch.cat([v for _, v in groups])
+    return values[torch.argsort(order)]
 
 
 def check_mask(mask: Tensor | Sequence | None, n: int, name: str, field: str, device: torch.device) -> Tensor | None:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from mmel.metrics._common import box_union_mask, prepare
+from mmel.metrics._common import box_union_masks, prepare_groups, scatter_groups
 from mmel.utils.maps import minmax
 
 RULES = ("mean", "fraction", "otsu", "topk")
@@ -45,34 +45,41 @@ _NAME = "SaliencyIoU"
 
 
 def _otsu_mask(n: Tensor, bins: int = 256) -> Tensor:
-    """Otsu binarisation of a normalised map n [H, W] in [0, 1]."""
-    b = (n * bins).floor().long().clamp(0, bins - 1).flatten()
-    hist = torch.bincount(b, minlength=bins).to(n.dtype)
+    """Otsu binarisation of normalised maps n [..., H, W] in [0, 1], each map on its own histogram."""
+    shape = n.shape
+    n = n.reshape(-1, shape[-2] * shape[-1])  # [N, HW]
+    rows = n.shape[0]
+    b = (n * bins).floor().long().clamp(0, bins - 1)
+    offsets = torch.arange(rows, device=n.device)[:, None] * bins  # one bincount for all maps
+    hist = torch.bincount((b + offsets).flatten(), minlength=rows * bins).view(rows, bins).to(n.dtype)
     centres = (torch.arange(bins, device=n.device, dtype=n.dtype) + 0.5) / bins
-    w0 = hist.cumsum(0)
-    w1 = hist.sum() - w0
-    m0 = (hist * centres).cumsum(0)
-    m1 = (hist * centres).sum() - m0
+    w0 = hist.cumsum(1)
+    w1 = hist.sum(1, keepdim=True) - w0
+    m0 = (hist * centres).cumsum(1)
+    m1 = (hist * centres).sum(1, keepdim=True) - m0
     valid = (w0 > 0) & (w1 > 0)
     between = torch.where(valid, w0 * w1 * (m0 / w0.clamp(min=1) - m1 / w1.clamp(min=1)) ** 2, -1.0)
-    if not bool(valid.any()):
-        return torch.zeros_like(n, dtype=torch.bool)
-    split = int(between.argmax())
-    return (b > split).view_as(n)
+    split = between.argmax(1, keepdim=True)  # first maximum
+    return ((b > split) & valid.any(1, keepdim=True)).view(shape)  # no valid split (one bin): nothing
 
 
 def binarise(m: Tensor, rule: str = "mean", fraction: float = 0.5, top_k: float = 0.2) -> Tensor:
-    """Boolean mask [H, W] of a saliency map m [H, W] by ``rule`` (see the module docstring)."""
-    n = minmax(m)
+    """Boolean mask [..., H, W] of saliency maps m [..., H, W] (each map on its own) by ``rule`` (see the module
+    docstring)."""
+    return _select(minmax(m), rule, fraction, top_k)
+
+
+def _select(n: Tensor, rule: str, fraction: float, top_k: float) -> Tensor:
+    """:func:`binarise` of maps already min-max normalised: n [..., H, W] in [0, 1]."""
     if rule == "mean":
-        return n > n.mean()
+        return n > n.mean((-2, -1), keepdim=True)
     if rule == "fraction":
         return n > fraction
     if rule == "otsu":
         return _otsu_mask(n)
     if rule == "topk":
-        k = max(1, math.ceil(top_k * n.numel()))
-        cut = n.flatten().topk(k).values[-1]
+        k = max(1, math.ceil(top_k * n.shape[-2] * n.shape[-1]))
+        cut = n.flatten(-2).topk(k, dim=-1).values[..., -1:, None]
         return (n >= cut) & (n > 0)
     raise ValueError(f"{_NAME}: `rule` must be one of {RULES}; got {rule!r}.")
 
@@ -106,22 +113,32 @@ def _saliency_iou_update(
 ) -> tuple[Tensor, Tensor]:
     """Per-sample IoU [N] at ``rule`` and IoU at every sweep threshold [N, T]."""
     _check_args(rule, fraction, top_k, sweep_steps, (0.5,))
-    resized, box_list, size_list = prepare(maps, boxes, sizes, _NAME)
-    ts = sweep_thresholds(sweep_steps, maps.device)
-    ious, sweep = [], []
-    for m, b, size in zip(resized, box_list, size_list, strict=True):
-        gt = box_union_mask(b, size)
-        pred = binarise(m, rule, fraction, top_k)
-        ious.append((pred & gt).sum() / (pred | gt).sum())
-        # All thresholds at once: counts of values > t from sorted values (exact float comparisons, no binning).
-        n = minmax(m).flatten()
-        n_gt = n[gt.flatten()]
-        area = n.numel() - torch.searchsorted(n.sort().values, ts, right=True)
-        inter = n_gt.numel() - torch.searchsorted(n_gt.sort().values, ts, right=True)
-        sweep.append(inter / (area + n_gt.numel() - inter))
-    if not ious:
+    groups = prepare_groups(maps, boxes, sizes, _NAME)
+    if not groups:
         return maps.new_zeros(0), maps.new_zeros(0, sweep_steps)
-    return torch.stack(ious).float(), torch.stack(sweep).float()
+    ts = sweep_thresholds(sweep_steps, maps.device)
+    ious, sweeps = [], []
+    for idx, size, m, b in groups:  # all maps of one size at once
+        gt = box_union_masks(b, size)  # [n, H, W]
+        n = minmax(m)
+        pred = _select(n, rule, fraction, top_k)
+        ious.append((idx, ((pred & gt).sum((-2, -1)) / (pred | gt).sum((-2, -1))).float()))
+        # All thresholds at once, exact float comparisons: with bin(v) = #{k: t_k < v}, v > t_k iff bin(v) > k, so
+        # the count above t_k is the number of values with bin > k (a histogram of bins, summed from the top).
+        rows, pixels = n.shape[0], n.shape[-2] * n.shape[-1]
+        bins = (
+            torch.searchsorted(ts, n.reshape(rows, pixels))
+            + (sweep_steps + 1) * torch.arange(rows, device=n.device)[:, None]
+        )
+        gt = gt.reshape(rows, pixels)
+        hist = torch.bincount(bins.flatten(), minlength=rows * (sweep_steps + 1)).view(rows, -1)
+        hist_gt = torch.bincount(bins[gt], minlength=rows * (sweep_steps + 1)).view(rows, -1)
+        above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # [n, T]: values above t_k
+        inter = hist_gt.flip(1).cumsum(1).flip(1)[:, 1:]
+        sweeps.append((idx, (inter / (above + gt.sum(1, keepdim=True) - inter)).float()))
+    return scatter_groups(ious, maps.shape[0], maps.new_zeros(0)), scatter_groups(
+        sweeps, maps.shape[0], maps.new_zeros(0, sweep_steps)
+    )
 
 
 def _accumulate(iou: Tensor, sweep: Tensor, iou_thresholds: Sequence[float]) -> dict[str, Tensor]:

@@ -41,7 +41,15 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from mmel.metrics._common import box_pixel_ranges, box_union_mask, check_mask, prepare
+from mmel.metrics._common import (
+    box_pixel_ranges,
+    box_union_masks,
+    check_mask,
+    pad_boxes,
+    prepare_groups,
+    scatter_groups,
+    size_groups,
+)
 
 TIES = ("all", "first", "any")
 _NAME = "PointingGame"
@@ -61,12 +69,15 @@ def difficult_flags(
     if len(sizes) != len(boxes):
         raise ValueError(f"difficult_flags: {len(boxes)} box sets but {len(sizes)} sizes")
     present = torch.as_tensor(distractor, dtype=torch.bool).expand(len(boxes))
-    share = [
-        box_union_mask(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), s).float().mean()
-        for b, s in zip(boxes, sizes, strict=True)
-    ]
-    small = torch.stack(share) < DIFFICULT_MAX_SHARE if share else torch.zeros(0, dtype=torch.bool)
-    return small & present
+    box_list = [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+    if not box_list:
+        return torch.zeros(0, dtype=torch.bool)
+    share = torch.zeros(len(box_list), device=box_list[0].device)  # an entry without boxes covers nothing
+    for size, idx in size_groups(sizes).items():  # one batched mask per image size
+        idx = [i for i in idx if len(box_list[i])]
+        if idx:
+            share[idx] = box_union_masks(pad_boxes([box_list[i] for i in idx]), size).float().mean((-2, -1))
+    return (share < DIFFICULT_MAX_SHARE) & present
 
 
 def category_ids(categories: Sequence[str] | Tensor | None, n: int, device: torch.device) -> tuple[Tensor, dict]:
@@ -101,23 +112,45 @@ def _pointing_game_update(
         raise ValueError(f"{_NAME}: `ties` must be one of {TIES}; got {ties!r}.")
     if tolerance < 0:
         raise ValueError(f"{_NAME}: `tolerance` must be >= 0 pixels; got {tolerance}.")
-    resized, box_list, size_list = prepare(maps, boxes, sizes, _NAME)
-    hits = torch.zeros(len(resized), device=maps.device)
-    for i, (m, b, size) in enumerate(zip(resized, box_list, size_list, strict=True)):
-        top = m.max()
-        if bool((top == 0) & (m.min() == 0)):
-            continue  # all-zero map: a miss
-        points = (m == top).nonzero()  # [P, 2] (row, col), raster order
-        if ties == "first":
-            points = points[:1]
-        c0, r0, c1, r1 = box_pixel_ranges(b, size).unbind(-1)  # each [M]
-        r, c = points[:, :1], points[:, 1:]  # [P, 1]
+    groups = prepare_groups(maps, boxes, sizes, _NAME)
+    hits = [(idx, _group_hits(m, b, size, tolerance, ties)) for idx, size, m, b in groups]
+    return scatter_groups(hits, maps.shape[0], maps.new_zeros(0))
+
+
+_PAIRS_PER_STEP = 1 << 20  # (maximum, box) distances per step: bounds memory for flat maps with many boxes
+
+
+def _group_hits(m: Tensor, boxes: Tensor, size: tuple[int, int], tolerance: float, ties: str) -> Tensor:
+    """Hits [n] (float 0/1) of same-size maps m [n, H, W] against padded boxes [n, M, 4] (all maps at once).
+
+    Every maximum of every map is a point (item, row, col) in raster order; a point is near when its squared
+    distance to some box's pixel span is below tolerance^2 (or 0); per item, "all" needs no far point, "any" one
+    near point, "first" the item's first point near."""
+    n = m.shape[0]
+    flat = m.flatten(1)
+    top = flat.amax(1)
+    zero = (top == 0) & (flat.amin(1) == 0)  # all-zero map: points nowhere, a miss
+    points = ((m == top[:, None, None]) & ~zero[:, None, None]).nonzero()  # [P, 3], raster order per item
+    if ties == "first":
+        first = torch.ones(len(points), dtype=torch.bool, device=m.device)
+        first[1:] = points[1:, 0] != points[:-1, 0]
+        points = points[first]
+    ranges = box_pixel_ranges(boxes, size)  # [n, M, 4] (c0, r0, c1, r1)
+    near_count = torch.zeros(n, device=m.device)
+    far_count = torch.zeros(n, device=m.device)
+    step = max(1, _PAIRS_PER_STEP // ranges.shape[1])
+    for s in range(0, len(points), step):
+        p = points[s : s + step]
+        c0, r0, c1, r1 = ranges[p[:, 0]].unbind(-1)  # each [P, M]
+        r, c = p[:, 1:2], p[:, 2:3]  # [P, 1]
         dy = (r0 - r).clamp(min=0) + (r - r1).clamp(min=0)  # [P, M] distance to the box's row span
         dx = (c0 - c).clamp(min=0) + (c - c1).clamp(min=0)
         d2 = (dx * dx + dy * dy).float()
         near = ((d2 < tolerance**2) | (d2 == 0)).any(-1)  # [P]: this maximum hits some box
-        hits[i] = near.any() if ties == "any" else near.all()
-    return hits
+        near_count.index_add_(0, p[:, 0], near.float())
+        far_count.index_add_(0, p[:, 0], (~near).float())
+    hit = near_count > 0 if ties == "any" else far_count == 0
+    return (hit & ~zero).float()
 
 
 def _accumulate(hits: Tensor, difficult: Tensor | None) -> dict[str, Tensor]:
@@ -286,13 +319,13 @@ def _energy_pointing_game_update(maps: Tensor, boxes: Sequence[Tensor], sizes: T
     name = "EnergyPointingGame"
     if maps.numel() and bool((maps < 0).any()):
         raise ValueError(f"{name}: maps must be non-negative (a mass); apply ReLU / min-max first.")
-    resized, box_list, size_list = prepare(maps, boxes, sizes, name)
+    groups = prepare_groups(maps, boxes, sizes, name)
     energies = []
-    for m, b, size in zip(resized, box_list, size_list, strict=True):
-        total = m.sum()
-        inside = (m * box_union_mask(b, size)).sum()
-        energies.append(torch.where(total > 0, inside / total.clamp(min=torch.finfo(m.dtype).tiny), 0.0))
-    return torch.stack(energies) if energies else maps.new_zeros(0)
+    for idx, size, m, b in groups:  # all maps of one size at once
+        total = m.sum((-2, -1))
+        inside = (m * box_union_masks(b, size)).sum((-2, -1))
+        energies.append((idx, torch.where(total > 0, inside / total.clamp(min=torch.finfo(m.dtype).tiny), 0.0)))
+    return scatter_groups(energies, maps.shape[0], maps.new_zeros(0))
 
 
 def _energy_pointing_game_compute(energy: Tensor, total: Tensor) -> Tensor:
