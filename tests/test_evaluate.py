@@ -71,6 +71,7 @@ def numbers(run_dir: Path) -> dict:
         ("game", {}),
         ("legrad", {}),
         ("legrad", {"pool": "cls", "start_layer": 0}),
+        ("mmel", {"layers": 2}),
         ("rollout", {}),
         ("maskclip", {}),
     ],
@@ -84,7 +85,7 @@ def test_explain_batch_equals_per_image_calls_with_ragged_prompts(micro_clip, na
     assert [tuple(m.shape) for m in out] == [(3, 32, 32), (1, 32, 32), (2, 32, 32)]
     for b, ps in enumerate(prompts):
         torch.testing.assert_close(out[b], e(images[b : b + 1], ps)[0], atol=1e-5, rtol=0)
-    assert e.batches_images() == (name in ("grad_eclip", "gradcam", "game", "legrad"))
+    assert e.batches_images() == (name in ("grad_eclip", "gradcam", "game", "legrad", "mmel"))
 
 
 def test_batched_gradient_explainer_uses_one_forward_and_one_vjp(micro_clip, monkeypatch):

@@ -47,10 +47,24 @@ def fake_runner(calls):
                                                         "insertion_curve": [0.0, p, 1.0]}}}
                     for i, h in enumerate(hits)
                 ]  # fmt: skip
-                (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
                 m = {"test/pointing_game/accuracy": float(hits.mean()), "test/energy_pointing_game": p / 2,
                      "test/saliency_iou/miou": p / 3, "test/deletion_insertion/deletion_auc": 1 - p,
                      "test/deletion_insertion/insertion_auc": p}  # fmt: skip
+                if cfg.metrics.model_randomisation.enabled:  # the trust metrics' records and keys
+                    steps = ["head", "block 0", "embed"]
+                    for r in items:
+                        r["metrics"]["model_randomisation"] = {
+                            "steps": steps, **{mode: {ms: [p, p / 2, p / 4] for ms in ("spearman", "ssim", "hog")}
+                                               for mode in ("cascading", "independent")}}  # fmt: skip
+                        r["metrics"]["prompt_randomisation"] = {"prompt": "x", "spearman": p, "ssim": p, "hog": p}
+                    for mode in ("cascading", "independent"):
+                        for ms in ("spearman", "ssim", "hog"):
+                            m[f"test/model_randomisation/{mode}/{ms}"] = p / 4
+                            m.update({f"test/model_randomisation/{mode}/{ms}@{st.replace(' ', '')}": v
+                                      for st, v in zip(steps, (p, p / 2, p / 4), strict=True)})  # fmt: skip
+                    m["test/prompt_randomisation/spearman"] = p
+                    m["test/prompt_specificity/specificity"] = 1 - p / 2
+                (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
             (out / "metrics.json").write_text(json.dumps(m))
             return m, {}
 
@@ -72,6 +86,7 @@ SPEC = {
     "faithfulness": {"limit": 8, "explainers": ["Grad-ECLIP (native)", "MMEL"], "protocol": ["metrics.scorer=top1"]},
     "ablation_overrides": ["trainer.max_epochs=1"],
     "ablations": {"full HSRM": [], "no alignment gate": ["hsrm.gate=false"]},
+    "trust": {"overrides": ["metrics=shapes_trust"], "limit": 8, "explainers": ["Grad-ECLIP (native)", "MMEL"]},
 }
 
 
@@ -82,7 +97,8 @@ def test_paper_builds_tables_report_and_reuses_runs(tmp_path):
     assert "Table 1 — localisation" in html and "Table 4 — HSRM ablations" in html and "<img" in html
     n_first = len(calls)
     # 2 trainings + (attention, grad_eclip, 2 x mmel) + faithfulness (grad_eclip, 2 x mmel, protocol) + 2 ablations
-    assert n_first == 2 + 4 + 4 + 2
+    # + trust (grad_eclip, 2 x mmel)
+    assert n_first == 2 + 4 + 4 + 2 + 3
     summary = json.loads((tmp_path / "summary.json").read_text())
     t1 = summary["table-1"]
     mmel = t1["cells"][t1["rows"].index("MMEL")]
@@ -97,6 +113,11 @@ def test_paper_builds_tables_report_and_reuses_runs(tmp_path):
     assert len(sig["mcnemar_per_seed"]) == 2 and 0 < sig["max_p"] <= 1 and sig["energy"]["n"] == N_ITEMS
     assert (tmp_path / "tables" / "table-1.tex").read_text().startswith("\\begin{tabular}")
     assert (tmp_path / "figures" / "deletion_insertion.png").is_file()
+    assert (tmp_path / "figures" / "sanity_curves.png").is_file() and "Table 5 — trust" in html
+    t5 = summary["table-5"]
+    ge = t5["cells"][t5["rows"].index("Grad-ECLIP (native)")]
+    ge_run = json.loads((tmp_path / "runs" / "trust" / "grad-eclip-native" / "metrics.json").read_text())
+    assert ge[0]["value"] == pytest.approx(ge_run["test/model_randomisation/cascading/spearman"])
     # everything again: nothing is recomputed, the same tables come out
     Paper(SPEC, tmp_path, runner=fake_runner(calls)).build()
     assert len(calls) == n_first

@@ -180,8 +180,16 @@ class GradECLIP(Explainer):
             raise ValueError(
                 f"paired=True needs one prompt per image: got {len(prompts)} prompts, {len(images)} images"
             )
+        return self.layer_evidence_text(images, self.text_features(prompts), layers, paired)
+
+    def layer_evidence_text(
+        self, images: Tensor, text_features: Tensor, layers: Sequence[int], paired: bool = False
+    ) -> LayerEvidence:
+        """:meth:`layer_evidence` for text embeddings: [K, E] shared by the images, [B, E] paired, or [B, K, E] per
+        image (zero rows: padding, whose evidence is 0). Images as already prepared by the caller."""
+        if self.mode != "native":
+            raise ValueError("layer_evidence is defined for mode='native' (the unmodified model) only")
         idx = resolve_layers(layers, self.depth)
-        text_features = self.text_features(prompts)
         with torch.enable_grad():
             evidence, trace = self._image_evidence(images, text_features, idx, paired, True)
         keys = torch.stack([trace.records[i].k[:, :, 1:].transpose(1, 2).flatten(2) for i in idx], dim=1)

@@ -55,7 +55,12 @@ class MMELExplainer(Explainer):
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
         """HSRM energy [B, K, h, w] from the Grad-ECLIP evidence of the selected blocks."""
-        ev = self.grad_eclip.layer_evidence(images, prompts, layers=self.layers)
+        return self.raw_maps_text(images, self.grad_eclip.text_features(prompts))
+
+    def raw_maps_text(self, images: Tensor, text: Tensor) -> Tensor:
+        """The same for text embeddings [K, E], or [B, K, E] per image (``explain_batch``: one forward of the
+        images and one VJP of K_max rows, as Grad-ECLIP; padding rows give zero maps and are dropped)."""
+        ev = self.grad_eclip.layer_evidence_text(images, text, self.layers)
         b, k = ev.evidence.shape[:2]
         with torch.no_grad():
             _, energy = self.hsrm(HSRMInputs.from_evidence(ev))

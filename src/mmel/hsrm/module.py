@@ -80,10 +80,15 @@ class HSRMInputs:
         """The one conversion from Grad-ECLIP's :class:`~mmel.explainers.grad_eclip.LayerEvidence` (detached).
 
         Shared prompts (``ev.paired`` False): evidence [B, K, L, h, w] -> P = B*K pairs, image-major, the K text
-        embeddings repeated per image. Paired (image b with prompt b, K = 1): P = B, text [B, D] as it is.
+        embeddings repeated per image (or, per-image prompts [B, K, D], taken as they are). Paired (image b with prompt b, K = 1): P = B, text [B, D] as it is.
         """
         b, k = ev.evidence.shape[:2]
-        text = ev.text_features if ev.paired else ev.text_features[None].expand(b, k, -1).flatten(0, 1)
+        if ev.paired:
+            text = ev.text_features
+        elif ev.text_features.dim() == 3:  # per-image prompts [B, K, D] (zero rows: padding)
+            text = ev.text_features.flatten(0, 1)
+        else:
+            text = ev.text_features[None].expand(b, k, -1).flatten(0, 1)
         return cls(
             evidence=ev.evidence.flatten(0, 1).detach(),
             keys=ev.keys.detach(),
