@@ -80,7 +80,8 @@ class HSRMInputs:
         """The one conversion from Grad-ECLIP's :class:`~mmel.explainers.grad_eclip.LayerEvidence` (detached).
 
         Shared prompts (``ev.paired`` False): evidence [B, K, L, h, w] -> P = B*K pairs, image-major, the K text
-        embeddings repeated per image (or, per-image prompts [B, K, D], taken as they are). Paired (image b with prompt b, K = 1): P = B, text [B, D] as it is.
+        embeddings repeated per image (or, per-image prompts [B, K, D], taken as they are). Paired (image b with
+        prompt b, K = 1): P = B, text [B, D] as it is.
         """
         b, k = ev.evidence.shape[:2]
         if ev.paired:
