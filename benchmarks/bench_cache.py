@@ -144,6 +144,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the tiny setting on a small world only")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the issue's setting)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating cached / online epochs of the tiny setting")
+    ap.add_argument("--settings", default="tiny,vitb16", help="comma-separated subset of tiny,vitb16")
     ap.add_argument("--vitb-rounds", type=int, default=1, help="the same for ViT-B/16 (an online epoch is minutes)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -154,8 +155,9 @@ def main() -> int:
     os.environ.setdefault("MMEL_ROOT", str(ROOT))
     n_train = 96 if args.quick else 320
     tiny_world = "++data.generate_kwargs={n_train:" + str(n_train) + ",n_val:32,n_test:32}"
-    settings = [("tiny", ["model=tiny", "data.batch_size=32", tiny_world], args.rounds)]
-    if not args.quick:
+    wanted = set(args.settings.split(","))
+    settings = [("tiny", ["model=tiny", "data.batch_size=32", tiny_world], args.rounds)] if "tiny" in wanted else []
+    if not args.quick and "vitb16" in wanted:
         world = "++data.generate_kwargs={n_train:72,n_val:8,n_test:8,image_size:224}"
         over = ["model=vitb16", "model.pretrained=null", "data.batch_size=16", world]
         settings.append(("vitb16", over, args.vitb_rounds))
@@ -179,14 +181,17 @@ def main() -> int:
             f"{r['setting']:<8}{r['per_image']:>11.0f}{r['per_pair']:>9.0f}{r['overhead']:>14.3f}"
             f"{r['coco20k'] / GB:>13.2f}{r['coco_train'] / GB:>15.2f}"
         )
-    target = rows[-1]
-    size_ok = target["coco20k"] <= 40 * GB
-    ok &= size_ok
-    print(
-        f"  projected with {target['setting']}'s bytes at {PROMPTS_PER_IMAGE} prompts per image: 20k-image subset "
-        f"{target['coco20k'] / GB:.2f} GB (target <= 40 GB: {'ok' if size_ok else 'MISSED'}), COCO train2017 "
-        f"({COCO_TRAIN} images) {target['coco_train'] / GB:.2f} GB"
-    )
+    target = next((r for r in rows if r["setting"] == "vitb16"), None)
+    if target is None:
+        print("  the COCO size target is checked on the vitb16 setting, not run here")
+    else:
+        size_ok = target["coco20k"] <= 40 * GB
+        ok &= size_ok
+        print(
+            f"  projected with vitb16's bytes at {PROMPTS_PER_IMAGE} prompts per image: 20k-image subset "
+            f"{target['coco20k'] / GB:.2f} GB (target <= 40 GB: {'ok' if size_ok else 'MISSED'}), COCO train2017 "
+            f"({COCO_TRAIN} images) {target['coco_train'] / GB:.2f} GB"
+        )
     print(
         f"\n{'setting':<8}{'train images':>13}{'pairs':>7}{'cached s':>10}{'online s':>10}{'speed-up':>10}"
         "   target >= 10"
