@@ -57,7 +57,7 @@ class TrustScoring:
         self.objects: dict[str, list[tuple[str, str, np.ndarray]]] = {}
         self.first: dict[str, int] = {}
         self.prompt_of: dict[str, str] = {}
-        for index, r in enumerate(records):
+        for index, r in enumerate(records if self.metrics else ()):  # an index only when a trust metric is on
             iid = str(r.image_id)
             self.objects.setdefault(iid, []).append((str(r.category), r.prompt, np.asarray(r.boxes, np.float32)))
             self.first.setdefault(iid, index)
