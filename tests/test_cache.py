@@ -252,3 +252,58 @@ def test_one_tensor_or_a_slice_of_it_reads_what_the_whole_row_holds(tmp_path):
         assert torch.equal(feats.tensor(i, "keys", slice(1, 2)), row["keys"][1:2])  # float16, still exact
     with pytest.raises(ValueError, match="contiguous"):
         feats.tensor(0, "evidence", slice(0, 2, 2))
+
+
+def test_training_pairs_are_fetched_batchwise_as_each_row_stores_them(tmp_path):
+    """The HSRM loader's pairs (one item per sample, dropped pairs and failed images None) fetched a batch at a time
+    equal the per-pair slices of each image row, in any order, and collate into the batch the HSRM reads."""
+    from mmel.hsrm.features import _Pairs, collate_features
+
+    def compute(batch):
+        out = []
+        for it in batch:
+            if it["n"] == 2:  # an unreadable image
+                out.append(None)
+                continue
+            g = torch.Generator().manual_seed(it["n"])
+            k0 = 3  # the image's samples; sample 1 of image 1 was dropped by the transform
+            ok = torch.tensor([True, it["n"] != 1, True])
+            k = int(ok.sum())
+            counts = torch.tensor([1 + (j + it["n"]) % 3 for j in range(k)])
+            out.append({
+                "evidence": torch.randn(k, 4, 2, 3, generator=g), "text": torch.randn(k, 5, generator=g),
+                "boxes": torch.rand(int(counts.sum()), 4, generator=g) * 32, "box_counts": counts,
+                "cosines": torch.randn(4, 21, generator=g), "patch_tokens": torch.randn(6, 8, generator=g).half(),
+                "pair_ok": ok, "input_size": torch.tensor([32, 32]),
+            })  # fmt: skip
+            assert len(ok) == k0
+        return out
+
+    feats = FeatureCache(tmp_path / "p", KEY, shard_size=2).build(make_items(4), compute, batch_size=3)
+    where = [(row, j) for row in range(4) for j in range(3)]
+    pairs = _Pairs(feats, where)
+    order = [5, 0, 7, 3, 4, 11, 6, 1, 9, 2, 10, 8]
+    items = pairs.__getitems__(order)
+    for i, item in zip(order, items, strict=True):
+        row, j = where[i]
+        if row == 2 or (row == 1 and j == 1):
+            assert item is None and pairs[i] is None
+            continue
+        k = j - int(row == 1 and j > 1)  # index among the image's stored pairs
+        counts = feats.tensor(row, "box_counts")
+        lo = int(counts[:k].sum())
+        assert item["id"] == f"s{row}#{j}"
+        assert torch.equal(item["evidence"], feats.tensor(row, "evidence")[k])
+        assert torch.equal(item["text"], feats.tensor(row, "text")[k])
+        assert torch.equal(item["boxes"], feats.tensor(row, "boxes")[lo : lo + int(counts[k])])
+        for name in ("cosines", "patch_tokens"):
+            want = feats.tensor(row, name)
+            assert item[name].dtype == want.dtype and torch.equal(item[name], want)
+        assert item["input_size"].tolist() == [32, 32]
+        single = pairs[i]
+        assert all(torch.equal(single[n], item[n]) for n in ("evidence", "text", "boxes", "cosines", "patch_tokens"))
+    batch = collate_features(items)
+    good = [x for x in items if x is not None]
+    assert batch["evidence"].shape == (len(good), 4, 2, 3) and batch["patch_tokens"].dtype == torch.float32
+    assert batch["sample_id"] == [x["id"] for x in good] and batch["input_size"] == (32, 32)
+    assert pairs.__getitems__([6, 7, 8]) == [None, None, None]

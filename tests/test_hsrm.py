@@ -120,6 +120,44 @@ def test_losses_hand_computed():
     assert pointing_loss(m2, torch.ones_like(mask)).item() == 0
 
 
+@pytest.mark.parametrize(
+    "grid,size", [((8, 8), (64, 64)), ((14, 14), (224, 224)), ((7, 9), (50, 61)), ((3, 5), (3, 5))]
+)
+def test_energy_loss_on_the_grid_equals_the_loss_of_the_upsampled_map(grid, size):
+    """Training reads E on the patch grid against input-pixel masks (the adjoint of the bilinear upsampling): the
+    loss and its gradient equal those of upsampling E first, also for sizes that are no multiple of the grid."""
+    import torch.nn.functional as F
+
+    from mmel.hsrm.losses import bilinear_adjoint
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(5, *grid, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(5, *size, generator=g) > 0.6).double()
+    up = F.interpolate(e[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    want, got = energy_loss(up, mask), energy_loss(e, mask)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    (dw,) = torch.autograd.grad(want.sum(), e)
+    (dg,) = torch.autograd.grad(got.sum(), e)
+    torch.testing.assert_close(dg, dw, atol=1e-12, rtol=0)
+    # the adjoint itself: <U e, x> = <e, U^T x>
+    x = torch.rand(5, *size, generator=g, dtype=torch.float64)
+    torch.testing.assert_close((up * x).sum(), (e * bilinear_adjoint(x, grid)).sum(), atol=1e-9, rtol=0)
+
+
+def test_energy_only_training_skips_the_map_and_map_losses_need_it():
+    from mmel.hsrm.losses import needs_map
+
+    x, hsrm = make_inputs(), make_hsrm()
+    m, e = hsrm(x)
+    assert torch.equal(hsrm.energy(x), e)
+    assert not needs_map({"energy": 1.0, "dice": 0.0}) and needs_map({"energy": 1.0, "pointing": 0.5})
+    mask = torch.zeros_like(e)
+    mask[:, :2] = 1
+    assert box_losses(None, e, mask, {"energy": 1.0})["total"] == box_losses(m, e, mask, {"energy": 1.0})["total"]
+    with pytest.raises(ValueError, match="read the normalised map"):
+        box_losses(None, e, mask, {"energy": 1.0, "dice": 1.0})
+
+
 def test_k_prompts_share_their_image_quantities():
     """Keys/tokens given once per image (P = B*K pairs, image-major) == the same keys repeated for every pair."""
     b, k = 2, 3

@@ -24,7 +24,7 @@ from mmel.backbone import ClipBundle
 from mmel.data.transforms import box_masks
 from mmel.explainers import build_explainer
 from mmel.explainers.base import to_image_maps
-from mmel.hsrm import HSRM, HSRMInputs, box_losses, hsrm_config, hsrm_layers
+from mmel.hsrm import HSRM, HSRMInputs, box_losses, hsrm_config, hsrm_layers, needs_map
 from mmel.metrics import EnergyPointingGame, PointingGame
 
 
@@ -124,20 +124,26 @@ class HSRMLitModule(pl.LightningModule):
         return HSRMInputs.from_evidence(ev)
 
     # -- steps ----------------------------------------------------------------------------------------------
-    def _maps_and_masks(self, batch: Mapping[str, Any]) -> tuple[HSRMInputs, Tensor, Tensor, Tensor]:
+    def _maps_and_masks(
+        self, batch: Mapping[str, Any], maps: bool = True
+    ) -> tuple[HSRMInputs, Tensor | None, Tensor, Tensor]:
+        """HSRM inputs, map M (None unless ``maps``: training with the energy loss alone needs E only) and box
+        masks at the input resolution, energy E on the patch grid (the energy loss reads it there exactly)."""
         x = self.features(batch)
         size = tuple(batch["images"].shape[-2:]) if "images" in batch else tuple(batch["input_size"])
-        m, energy = self.hsrm(x, out_size=size)
-        energy = F.interpolate(energy[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        masks = union_masks(batch["boxes"], size).to(m)
+        if maps:
+            m, energy = self.hsrm(x, out_size=size)
+        else:
+            m, energy = None, self.hsrm.energy(x)
+        masks = union_masks(batch["boxes"], size).to(energy)
         return x, m, energy, masks
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         if batch is None:
             return None
-        _, m, energy, masks = self._maps_and_masks(batch)
+        _, m, energy, masks = self._maps_and_masks(batch, maps=needs_map(self.loss_weights))
         losses = box_losses(m, energy, masks, self.loss_weights)
-        bs = m.shape[0]
+        bs = energy.shape[0]
         for k, v in losses.items():
             self.log(f"train/loss_{k}" if k != "total" else "train/loss", v, batch_size=bs, prog_bar=k == "total")
         return losses["total"]

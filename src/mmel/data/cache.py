@@ -189,10 +189,11 @@ class CachedFeatures(torch.utils.data.Dataset):
             out[name] = self.tensor(index, name)
         return out
 
-    def tensor(self, index: int, name: str, first: slice | None = None) -> torch.Tensor:
-        """One stored tensor of row ``index`` (a good row, index in range); ``first`` selects along its first
-        dimension before anything is copied out of the mapping (e.g. one pair of an image's stacked pairs)."""
-        shape = [int(s) for s in self._cols[f"{name}__shape"][index]]
+    def array(self, index: int, name: str, first: slice | None = None) -> np.ndarray:
+        """A read-only numpy view of one stored tensor of row ``index`` (a good row, index in range), in its stored
+        dtype (bfloat16 rows as float32): nothing is copied out of the mapping. ``first`` selects a contiguous
+        range of its first dimension (e.g. one pair of an image's stacked pairs)."""
+        shape = self._cols[f"{name}__shape"][index].tolist()
         values = self._cols[name][index]
         if first is not None:
             start, stop, step = first.indices(shape[0])
@@ -201,8 +202,17 @@ class CachedFeatures(torch.utils.data.Dataset):
             per = math.prod(shape[1:])
             values = values[start * per : max(start, stop) * per]
             shape = [max(stop - start, 0), *shape[1:]]
-        out = torch.from_numpy(np.array(values)).reshape(shape)  # copied out of the read-only mapping
-        return out.to(getattr(torch, self.tensors[name]))
+        return values.reshape(shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The torch dtype a stored tensor had when it was computed (what :meth:`tensor` returns)."""
+        return getattr(torch, self.tensors[name])
+
+    def tensor(self, index: int, name: str, first: slice | None = None) -> torch.Tensor:
+        """One stored tensor of row ``index`` (a good row, index in range), copied out of the read-only mapping;
+        ``first`` as in :meth:`array` (only that part is copied)."""
+        out = torch.from_numpy(np.array(self.array(index, name, first)))
+        return out.to(self.dtype(name))
 
 
 class FeatureCache:

@@ -82,14 +82,17 @@ def box_masks(boxes: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Hard :func:`box_mask` of many box sets at once, boxes in the grid's own pixels: N tensors [M_i, 4] xyxy ->
     [N, h, w] float (each entry equals ``box_mask(boxes[i], size)``; an entry without boxes is all zeros)."""
     h, w = size
-    sets = [torch.as_tensor(b).reshape(-1, 4).to(torch.float32) for b in boxes]
+    sets = [torch.as_tensor(b).reshape(-1, 4) for b in boxes]
     out = torch.zeros(len(sets), h, w, dtype=torch.bool)
     full = [i for i, b in enumerate(sets) if len(b)]
     if not full:
         return out.float()
-    m = max(len(sets[i]) for i in full)
-    # pad each set with copies of its own first box: the union is unchanged
-    b = torch.stack([torch.cat([sets[i], sets[i][:1].expand(m - len(sets[i]), 4)]) for i in full])  # [n, M, 4]
+    counts = torch.tensor([len(sets[i]) for i in full])
+    m = int(counts.max())
+    # pad each set with copies of its own last box (the union is unchanged): one gather from all boxes at once
+    starts = counts.cumsum(0) - counts
+    slot = starts[:, None] + torch.minimum(torch.arange(m)[None, :], counts[:, None] - 1)  # [n, M]
+    b = torch.cat([sets[i] for i in full]).to(torch.float32)[slot]  # [n, M, 4]
     x0, y0, x1, y1 = b.unbind(-1)  # [n, M]
     xs = torch.arange(w, dtype=torch.float32) + 0.5
     ys = torch.arange(h, dtype=torch.float32) + 0.5

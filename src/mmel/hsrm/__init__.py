@@ -8,7 +8,7 @@ Results are "MMEL (ours, reconstructed)".
 """
 
 from mmel.hsrm.checkpoint import FORMAT_VERSION, hsrm_config, load_hsrm, read_hsrm, save_hsrm
-from mmel.hsrm.losses import box_losses
+from mmel.hsrm.losses import box_losses, needs_map
 from mmel.hsrm.module import HSRM, HSRMInputs, hsrm_layers
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "HSRM",
     "HSRMInputs",
     "box_losses",
+    "needs_map",
     "hsrm_config",
     "hsrm_layers",
     "load_hsrm",

@@ -63,5 +63,5 @@ class MMELExplainer(Explainer):
         ev = self.grad_eclip.layer_evidence_text(images, text, self.layers)
         b, k = ev.evidence.shape[:2]
         with torch.no_grad():
-            _, energy = self.hsrm(HSRMInputs.from_evidence(ev))
+            energy = self.hsrm.energy(HSRMInputs.from_evidence(ev))
         return energy.reshape(b, k, *energy.shape[-2:])

@@ -39,6 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -79,35 +80,67 @@ class _Groups:
 
 class _Pairs(Dataset):
     """A cache of image rows served as one training item per sample, in the dataset's sample order (so that the
-    loader's shuffling and batching equal those of online training); ``None`` for samples that could not be made."""
+    loader's shuffling and batching equal those of online training); ``None`` for samples that could not be made.
+
+    Where each sample's rows lie in its image's stacked pair tensors is read once, here; a loader's batch is then
+    fetched by :meth:`__getitems__` with one copy per tensor for the whole batch (no per-item tensor calls).
+    """
+
+    PAIR = ("evidence", "text", "boxes")  # the sample's own rows of the image's stacked pair tensors
+    IMAGE = ("cosines", "patch_tokens")  # the image's own
 
     def __init__(self, cached: CachedFeatures, where: list[tuple[int, int]]) -> None:
-        self.cached, self.where = cached, where  # sample -> (image row, position among the image's samples)
+        self.cached = cached  # sample -> (image row, position among the image's samples)
+        # sample -> (id, input size, {field: read-only numpy view into the mapped cache}), or None; the views
+        # hold no data (the cache stays memory-mapped), so a batch is one copy per field out of the mapping
+        self.at: list[tuple[str, tuple[int, ...], dict[str, np.ndarray]] | None] = []
+        rows: dict[int, dict[str, Any] | None] = {}
+        for row, j in where:
+            if row not in rows:
+                rows[row] = self._image(row) if cached.ok[row] else None
+            image = rows[row]
+            if image is None or not image["pair_ok"][j]:
+                self.at.append(None)
+                continue
+            k = int(image["pair_ok"][:j].sum())  # index among the image's stored pairs
+            lo, n = int(image["box_counts"][:k].sum()), int(image["box_counts"][k])
+            views = {name: image[name] for name in self.IMAGE}
+            views["evidence"], views["text"] = image["evidence"][k], image["text"][k]
+            views["boxes"] = image["boxes"][lo : lo + n]
+            self.at.append((f"{cached.ids[row]}#{j}", image["input_size"], views))
+
+    def _image(self, row: int) -> dict[str, Any]:
+        c = self.cached
+        out: dict[str, Any] = {name: c.array(row, name) for name in (*self.PAIR, *self.IMAGE, "pair_ok", "box_counts")}
+        out["input_size"] = tuple(c.array(row, "input_size").tolist())
+        return out
 
     def __len__(self) -> int:
-        return len(self.where)
+        return len(self.at)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        row, j = self.where[i]
-        c = self.cached
-        if not c.ok[row]:
-            return None
-        pair_ok = c.tensor(row, "pair_ok")
-        if not bool(pair_ok[j]):
-            return None
-        k = int(pair_ok[:j].sum())  # index among the image's stored pairs
-        counts = c.tensor(row, "box_counts")
-        lo = int(counts[:k].sum())
-        # only this pair's rows of the image's stacked pair tensors are copied out of the cache
-        return {
-            "id": f"{c.ids[row]}#{j}",
-            "evidence": c.tensor(row, "evidence", slice(k, k + 1))[0],
-            "text": c.tensor(row, "text", slice(k, k + 1))[0],
-            "boxes": c.tensor(row, "boxes", slice(lo, lo + int(counts[k]))),
-            "cosines": c.tensor(row, "cosines"),
-            "patch_tokens": c.tensor(row, "patch_tokens"),
-            "input_size": c.tensor(row, "input_size"),
-        }
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any] | None]:
+        """The items of a batch: each fixed-size field is copied out of the cache for all of them at once."""
+        c, at = self.cached, [self.at[i] for i in indices]
+        good = [a for a in at if a is not None]
+        if not good:
+            return [None] * len(at)
+        fixed = ("evidence", "text", *self.IMAGE)
+        stacked = {n: torch.from_numpy(np.stack([a[2][n] for a in good])).to(c.dtype(n)) for n in fixed}
+        out: list[dict[str, Any] | None] = []
+        g = 0
+        for a in at:
+            if a is None:
+                out.append(None)
+                continue
+            item = {name: t[g] for name, t in stacked.items()}
+            item["id"], item["input_size"] = a[0], torch.tensor(a[1])
+            item["boxes"] = torch.from_numpy(np.array(a[2]["boxes"])).to(c.dtype("boxes"))
+            out.append(item)
+            g += 1
+        return out
 
 
 def collate_features(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None:
