@@ -115,3 +115,45 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for k, v in single.items():
         torch.testing.assert_close(ddp[k], v, equal_nan=True, msg=k)
     assert not torch.equal(_evaluate(0, 2)["specificity"], single["specificity"])  # rank 0 alone differs
+
+
+def test_items_batched_over_sizes_equal_a_per_pair_reference():
+    """The per-pair values, computed in one pass per original size, equal the definition applied pair by pair:
+    plateaus, all-zero maps, absent prompts, pairs without another object and two original sizes mixed."""
+    import torch.nn.functional as F
+
+    from mmel.metrics._common import box_union_mask
+    from mmel.metrics.specificity import _prompt_specificity_items
+
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    maps = torch.rand(n, 6, 6, generator=g).round(decimals=1)  # many ties
+    maps[::7] = 0  # points nowhere
+    sizes = torch.tensor([[24, 30] if i % 3 else [18, 18] for i in range(n)])
+
+    def boxes(k, h, w):
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([w - 4.0, h - 4.0])
+        return torch.cat([xy, xy + 2 + torch.rand(k, 2, generator=g) * 8], 1)
+
+    named = [boxes(0 if i % 5 == 0 else 1 + i % 2, *sizes[i].tolist()) for i in range(n)]
+    other = [boxes(0 if i % 4 == 0 else 1 + i % 3, *sizes[i].tolist()) for i in range(n)]
+    got = _prompt_specificity_items(maps, named, other, sizes)
+    for i in range(n):
+        size = tuple(sizes[i].tolist())
+        m = F.interpolate(maps[i][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        kind, nv, ov = 0, 0.0, 0.0
+        if len(other[i]):
+            peaks = (m == m.max()) if bool(m.abs().max() > 0) else torch.zeros_like(m, dtype=torch.bool)
+            share = max(int(peaks.sum()), 1)
+            on_other = box_union_mask(other[i], size)
+            if len(named[i]):
+                on_named = box_union_mask(named[i], size)
+                kind, nv = 1, int((peaks & on_named).sum()) / share
+                ov = int((peaks & on_other & ~on_named).sum()) / share
+            else:
+                kind, ov = 2, int((peaks & on_other).sum()) / share
+        assert int(got["kind"][i]) == kind, i
+        assert math.isclose(float(got["named"][i]), nv, abs_tol=1e-6) and math.isclose(
+            float(got["other"][i]), ov, abs_tol=1e-6
+        ), i
+    assert set(got["kind"].tolist()) == {0, 1, 2}

@@ -112,14 +112,11 @@ class TrustScoring:
         absent = [None] * len(groups)
         if self.prand is not None or (self.spec is not None and self.spec.absent):
             absent, absent_maps = self._absent_maps(batch, groups, images, explainer, explain)
-        for j, i in enumerate(order):
-            g, iid, cat = group_of[j], str(batch["image_id"][i]), str(batch["category"][i])
-            size = tuple(int(v) for v in batch["size"][i])
-            if self.spec is not None:
-                out[j][self._name(self.spec)] = self._specificity(
-                    item_maps[j], boxes[j], sizes[j], iid, cat, size, int(batch["index"][i]), absent[g],
-                    absent_maps[g],
-                )  # fmt: skip
+        if self.spec is not None:
+            name = self._name(self.spec)
+            for j, rec in enumerate(self._specificity(batch, order, group_of, item_maps, boxes, sizes, absent,
+                                                      absent_maps)):  # fmt: skip
+                out[j][name] = rec
         if self.prand is not None:
             has = [j for j in range(len(order)) if absent_maps[group_of[j]] is not None]
             sims = pairwise([item_maps[j] for j in has], [absent_maps[group_of[j]] for j in has])
@@ -149,24 +146,35 @@ class TrustScoring:
                 maps[g] = m[-1].float().cpu()
         return prompts, maps
 
-    def _specificity(self, m, named, size_scored, iid, cat, size, index, absent, absent_map) -> dict[str, Any]:
-        objs = self.objects[iid]
-        others = [(c, b) for c, _, b in objs if c != cat]
-        other = self._frame(np.concatenate([b for _, b in others]), size) if others else torch.zeros(0, 4)
-        v = _prompt_specificity_items(m[None], [named], [other], size_scored[None])
-        rec: dict[str, Any] = {
-            "named": float(v["named"][0]),
-            "other": float(v["other"][0]),
-            "kind": int(v["kind"][0]),
-            "hard": shares_attribute(cat, [c for c, _ in others], self.spec.hard),
-            "absent": None,
-        }
-        if absent_map is not None and index == self.first[iid]:  # once per image
-            every = self._frame(np.concatenate([b for _, _, b in objs]), size)
-            a = _prompt_specificity_items(absent_map[None], [torch.zeros(0, 4)], [every], size_scored[None])
-            if int(a["kind"][0]) == 2:
-                rec["absent"] = {"prompt": absent, "on_object": float(a["other"][0])}
-        return rec
+    def _specificity(self, batch, order, group_of, item_maps, boxes, sizes, absent, absent_maps) -> list[dict]:
+        """Per item: its specificity record; the batch's pairs (and its images' absent-prompt maps) scored at once,
+        one pass per map shape."""
+        recs: list[dict[str, Any]] = []
+        other, every, first = [], [], []
+        for j, i in enumerate(order):
+            iid, cat = str(batch["image_id"][i]), str(batch["category"][i])
+            size = tuple(int(v) for v in batch["size"][i])
+            objs = self.objects[iid]
+            others = [(c, b) for c, _, b in objs if c != cat]
+            other.append(self._frame(np.concatenate([b for _, b in others]), size) if others else torch.zeros(0, 4))
+            hard = shares_attribute(cat, [c for c, _ in others], self.spec.hard)
+            recs.append({"named": None, "other": None, "kind": None, "hard": hard, "absent": None})
+            if absent_maps[group_of[j]] is not None and int(batch["index"][i]) == self.first[iid]:  # once per image
+                first.append(j)
+                every.append(self._frame(np.concatenate([b for _, _, b in objs]), size))
+        for js in _same_shape(item_maps, range(len(order))):
+            maps = torch.stack([item_maps[j] for j in js])
+            v = _prompt_specificity_items(maps, [boxes[j] for j in js], [other[j] for j in js], sizes[js])
+            for k, j in enumerate(js):
+                recs[j].update(named=float(v["named"][k]), other=float(v["other"][k]), kind=int(v["kind"][k]))
+        absent_of = [absent_maps[group_of[j]] for j in first]
+        for ks in _same_shape(absent_of, range(len(first))):
+            maps, js = torch.stack([absent_of[k] for k in ks]), [first[k] for k in ks]
+            a = _prompt_specificity_items(maps, [torch.zeros(0, 4)] * len(ks), [every[k] for k in ks], sizes[js])
+            for k, j in enumerate(js):
+                if int(a["kind"][k]) == 2:
+                    recs[j]["absent"] = {"prompt": absent[group_of[j]], "on_object": float(a["other"][k])}
+        return recs
 
     def _randomised(self, groups, images, item_maps, batch, explain) -> list[dict[str, Any]]:
         """Per item: {"steps": [...], mode: {measure: [similarity after each step]}}."""
@@ -185,13 +193,18 @@ class TrustScoring:
         return recs
 
 
+def _same_shape(maps: Sequence[Tensor], which: Sequence[int]) -> list[list[int]]:
+    """The ``which`` entries grouped by their map's shape (first-seen order)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j in which:
+        groups.setdefault(tuple(maps[j].shape), []).append(j)
+    return list(groups.values())
+
+
 def pairwise(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[dict[str, float]]:
     """Every measure for map pairs (a[j], b[j]) of possibly different shapes (one batched call per shape)."""
     out: list[dict[str, float]] = [{} for _ in a]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for j, m in enumerate(a):
-        by_shape.setdefault(tuple(m.shape), []).append(j)
-    for js in by_shape.values():
+    for js in _same_shape(a, range(len(a))):
         sims = similarities(torch.stack([a[j] for j in js]), torch.stack([b[j] for j in js]))
         for k, j in enumerate(js):
             out[j] = {m: float(v[k]) for m, v in sims.items()}

@@ -167,11 +167,13 @@ def scales_tag(scales: list[int]) -> str:
 
 
 def image_id(file: str, root: Path) -> str:
-    """A cache row's id: the image file relative to the dataset root (absolute when outside it)."""
+    """A cache row's id: the image file relative to the dataset root (absolute when outside it); ``root`` resolved
+    (symlinks followed) by the caller, once."""
+    path = Path(file).resolve()
     try:
-        return str(Path(file).resolve().relative_to(root.resolve()))
+        return str(path.relative_to(root))
     except ValueError:
-        return str(Path(file).resolve())
+        return str(path)
 
 
 class CachedFeatureDataModule(StageLoaders):
@@ -347,7 +349,7 @@ class CachedFeatureDataModule(StageLoaders):
     def _build(self, stage: str, rank: int = 0, world_size: int = 1, barrier: Any = None) -> _Pairs:
         ds = self.base.dataset(stage)
         groups = ds.groups_by_image()
-        root = Path(getattr(ds, "root", "."))
+        root = Path(getattr(ds, "root", ".")).resolve()
         ids = [image_id(ds.records[g[0]].file, root) for g in groups]
         cache = self._cache(stage)
         source = None if cache.is_complete(ids) else self._superset(stage, cache, ids)

@@ -41,7 +41,16 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from mmel.metrics._common import box_union_mask, check_boxes, check_maps, check_mask, check_sizes, resize_maps
+from mmel.metrics._common import (
+    box_union_masks,
+    check_boxes,
+    check_maps,
+    check_mask,
+    check_sizes,
+    pad_boxes,
+    resize_group,
+    size_groups,
+)
 
 _NAME = "PromptSpecificity"
 STATES = (
@@ -80,22 +89,32 @@ def _prompt_specificity_items(
     n = maps.shape[0]
     out = {"named": maps.new_zeros(n, dtype=torch.float32), "other": maps.new_zeros(n, dtype=torch.float32),
            "kind": torch.zeros(n, dtype=torch.long, device=maps.device)}  # fmt: skip
-    for i, m in enumerate(resize_maps(maps, size_list)):
-        size = size_list[i]
-        if others[i].shape[0] == 0:
-            continue
-        top = m.max()
-        peaks = (m == top) if bool((top != 0) | (m.min() != 0)) else torch.zeros_like(m, dtype=torch.bool)
-        n_peaks = peaks.sum().clamp(min=1).float()
-        on_other = box_union_mask(others[i], size)
-        if named_boxes[i].shape[0] == 0:  # absent-category prompt
-            out["kind"][i] = 2
-            out["other"][i] = (peaks & on_other).sum() / n_peaks
-            continue
-        on_named = box_union_mask(named_boxes[i], size)
-        out["kind"][i] = 1
-        out["named"][i] = (peaks & on_named).sum() / n_peaks
-        out["other"][i] = (peaks & on_other & ~on_named).sum() / n_peaks
+    for size, idx in size_groups(size_list).items():  # one batched pass per original size
+        m = resize_group(maps[idx], size)  # [n, H, W]
+        top, low = m.flatten(1).amax(1), m.flatten(1).amin(1)
+        # every pixel at the maximum votes; an all-zero map points nowhere
+        peaks = (m == top[:, None, None]) & ((top != 0) | (low != 0))[:, None, None]
+        n_peaks = peaks.flatten(1).sum(1).clamp(min=1).float()
+        on_named = _union_masks([named_boxes[i] for i in idx], size, maps.device)
+        on_other = _union_masks([others[i] for i in idx], size, maps.device)
+        has_other = torch.tensor([others[i].shape[0] > 0 for i in idx], device=maps.device)
+        absent = torch.tensor([named_boxes[i].shape[0] == 0 for i in idx], device=maps.device)
+        # an absent prompt names nothing (on_named is empty): its "other" is its share on any object
+        named = (peaks & on_named).flatten(1).sum(1) / n_peaks
+        other = (peaks & on_other & ~on_named).flatten(1).sum(1) / n_peaks
+        where = torch.tensor(idx, device=maps.device)
+        out["kind"][where] = torch.where(has_other, torch.where(absent, 2, 1), 0)
+        out["named"][where] = torch.where(has_other & ~absent, named, 0.0)
+        out["other"][where] = torch.where(has_other, other, 0.0)
+    return out
+
+
+def _union_masks(boxes: list[Tensor], size: tuple[int, int], device: torch.device) -> Tensor:
+    """Bool masks [N, H, W] of each box set's union (an empty set: nothing)."""
+    out = torch.zeros(len(boxes), *size, dtype=torch.bool, device=device)
+    full = [k for k, b in enumerate(boxes) if b.shape[0]]
+    if full:
+        out[full] = box_union_masks(pad_boxes([boxes[k] for k in full]), size)
     return out
 
 
