@@ -306,4 +306,8 @@ def test_training_pairs_are_fetched_batchwise_as_each_row_stores_them(tmp_path):
     good = [x for x in items if x is not None]
     assert batch["evidence"].shape == (len(good), 4, 2, 3) and batch["patch_tokens"].dtype == torch.float32
     assert batch["sample_id"] == [x["id"] for x in good] and batch["input_size"] == (32, 32)
+    plain = collate_features(list(items))  # a plain list of the same items: stacked by the collate itself
+    for name in ("evidence", "cosines", "patch_tokens", "text"):
+        assert torch.equal(batch[name], torch.stack([x[name] for x in good]).to(batch[name].dtype))
+        assert torch.equal(plain[name], batch[name])
     assert pairs.__getitems__([6, 7, 8]) == [None, None, None]

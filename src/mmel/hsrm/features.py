@@ -91,9 +91,9 @@ class _Pairs(Dataset):
 
     def __init__(self, cached: CachedFeatures, where: list[tuple[int, int]]) -> None:
         self.cached = cached  # sample -> (image row, position among the image's samples)
-        # sample -> (id, input size, {field: read-only numpy view into the mapped cache}), or None; the views
-        # hold no data (the cache stays memory-mapped), so a batch is one copy per field out of the mapping
-        self.at: list[tuple[str, tuple[int, ...], dict[str, np.ndarray]] | None] = []
+        # sample -> (id, input size, {field: read-only numpy view into the mapped cache; boxes: a tensor}), or None;
+        # the views hold no data (the cache stays memory-mapped), so a batch is one copy per field out of the mapping
+        self.at: list[tuple[str, torch.Tensor, dict[str, Any]] | None] = []
         rows: dict[int, dict[str, Any] | None] = {}
         for row, j in where:
             if row not in rows:
@@ -106,13 +106,14 @@ class _Pairs(Dataset):
             lo, n = int(image["box_counts"][:k].sum()), int(image["box_counts"][k])
             views = {name: image[name] for name in self.IMAGE}
             views["evidence"], views["text"] = image["evidence"][k], image["text"][k]
-            views["boxes"] = image["boxes"][lo : lo + n]
+            # the few boxes of a pair are copied out now, once (a batch then makes no per-item tensors)
+            views["boxes"] = torch.from_numpy(np.array(image["boxes"][lo : lo + n])).to(cached.dtype("boxes"))
             self.at.append((f"{cached.ids[row]}#{j}", image["input_size"], views))
 
     def _image(self, row: int) -> dict[str, Any]:
         c = self.cached
         out: dict[str, Any] = {name: c.array(row, name) for name in (*self.PAIR, *self.IMAGE, "pair_ok", "box_counts")}
-        out["input_size"] = tuple(c.array(row, "input_size").tolist())
+        out["input_size"] = torch.from_numpy(np.array(c.array(row, "input_size")))
         return out
 
     def __len__(self) -> int:
@@ -129,32 +130,39 @@ class _Pairs(Dataset):
             return [None] * len(at)
         fixed = ("evidence", "text", *self.IMAGE)
         stacked = {n: torch.from_numpy(np.stack([a[2][n] for a in good])).to(c.dtype(n)) for n in fixed}
-        out: list[dict[str, Any] | None] = []
+        out = _Fetched(stacked)
         g = 0
         for a in at:
             if a is None:
                 out.append(None)
                 continue
             item = {name: t[g] for name, t in stacked.items()}
-            item["id"], item["input_size"] = a[0], torch.tensor(a[1])
-            item["boxes"] = torch.from_numpy(np.array(a[2]["boxes"])).to(c.dtype("boxes"))
+            item["id"], item["input_size"], item["boxes"] = a[0], a[1], a[2]["boxes"]
             out.append(item)
             g += 1
         return out
 
 
+class _Fetched(list):
+    """The items of one :meth:`_Pairs.__getitems__` call, with their fixed-size tensors already stacked (in the
+    order of the non-None items), so that collating them copies nothing again."""
+
+    def __init__(self, stacked: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.stacked = stacked
+
+
 def collate_features(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Stack cached pairs (one image per pair, B = P): `evidence` [P, L, h, w], `cosines` packed [P, L, T] (unpacked
     by the HSRM), `patch_tokens` [P, N, W] float32, `text` [P, D], `boxes` list of [M, 4], `input_size` (H, W)."""
+    stacked = rows.stacked if isinstance(rows, _Fetched) else None
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
-    batch: dict[str, Any] = {
-        "evidence": torch.stack([r["evidence"] for r in rows]),
-        "cosines": torch.stack([r["cosines"] for r in rows]),
-        "patch_tokens": torch.stack([r["patch_tokens"] for r in rows]).float(),
-        "text": torch.stack([r["text"] for r in rows]),
-    }
+    if stacked is None:
+        stacked = {n: torch.stack([r[n] for r in rows]) for n in ("evidence", "cosines", "patch_tokens", "text")}
+    batch: dict[str, Any] = {n: stacked[n] for n in ("evidence", "cosines", "text")}
+    batch["patch_tokens"] = stacked["patch_tokens"].float()
     batch["boxes"] = [r["boxes"] for r in rows]
     batch["input_size"] = tuple(int(s) for s in rows[0]["input_size"])
     batch["sample_id"] = [r["id"] for r in rows]
