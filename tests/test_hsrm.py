@@ -254,3 +254,34 @@ def test_precomputed_key_cosines_give_exactly_the_maps_of_the_keys(grid):
         unpack_cosines(packed[..., :-1], grid, hsrm.scales)
     with pytest.raises(ValueError, match="keys or their cosines"):
         hsrm.propagate(x.evidence, None, grid)
+
+
+def test_training_logs_the_loss_every_step_and_each_term_as_its_epoch_mean(micro_clip, monkeypatch):
+    """One Lightning log call per step (the total); the terms are batch-size-weighted means over the epoch."""
+    from mmel.lit_module import HSRMLitModule
+
+    module = HSRMLitModule(clip=micro_clip, layers=2, losses={"energy": 1.0, "dice": 0.5})
+    logged: list[tuple[str, float]] = []
+
+    def log(name, value, **kw):
+        logged.append((name, float(torch.as_tensor(value).detach())))
+
+    monkeypatch.setattr(module, "log", log)
+    g = torch.Generator().manual_seed(0)
+    module.on_train_epoch_start()
+    want = {"energy": [], "dice": []}
+    for n in (3, 5):  # two batches of different sizes
+        images = torch.randn(n, 3, 32, 32, generator=g)
+        boxes = [torch.tensor([[4.0, 4.0, 20.0, 24.0]])] * n
+        batch = {"images": images, "prompt": ["a red circle"] * n, "boxes": boxes}
+        module.training_step(batch, 0)
+        _, m, energy, masks = module._maps_and_masks(batch)
+        terms = box_losses(m, energy, masks, {"energy": 1.0, "dice": 0.5})
+        want["energy"].append((float(terms["energy"]), n))
+        want["dice"].append((float(terms["dice"]), n))
+    assert [name for name, _ in logged] == ["train/loss", "train/loss"]
+    module.on_train_epoch_end()
+    got = dict(logged[2:])
+    for k, vals in want.items():
+        mean = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+        assert got[f"train/loss_{k}"] == pytest.approx(mean, rel=1e-5), k
