@@ -78,6 +78,9 @@ class _Groups:
         return [self.samples[i] for i in self.groups[g]]
 
 
+STACKED = ("evidence", "text", "cosines", "patch_tokens")  # a cached batch's fixed-size tensors, stacked
+
+
 class _Pairs(Dataset):
     """A cache of image rows served as one training item per sample, in the dataset's sample order (so that the
     loader's shuffling and batching equal those of online training); ``None`` for samples that could not be made.
@@ -90,7 +93,8 @@ class _Pairs(Dataset):
     IMAGE = ("cosines", "patch_tokens")  # the image's own
 
     def __init__(self, cached: CachedFeatures, where: list[tuple[int, int]]) -> None:
-        self.cached = cached  # sample -> (image row, position among the image's samples)
+        """``where``: sample -> (image row, position among the image's samples)."""
+        self.cached = cached
         # sample -> (id, input size, {field: read-only numpy view into the mapped cache; boxes: a tensor}), or None;
         # the views hold no data (the cache stays memory-mapped), so a batch is one copy per field out of the mapping
         self.at: list[tuple[str, torch.Tensor, dict[str, Any]] | None] = []
@@ -128,8 +132,7 @@ class _Pairs(Dataset):
         good = [a for a in at if a is not None]
         if not good:
             return [None] * len(at)
-        fixed = ("evidence", "text", *self.IMAGE)
-        stacked = {n: torch.from_numpy(np.stack([a[2][n] for a in good])).to(c.dtype(n)) for n in fixed}
+        stacked = {n: torch.from_numpy(np.stack([a[2][n] for a in good])).to(c.dtype(n)) for n in STACKED}
         out = _Fetched(stacked)
         g = 0
         for a in at:
@@ -160,7 +163,7 @@ def collate_features(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None
     if not rows:
         return None
     if stacked is None:
-        stacked = {n: torch.stack([r[n] for r in rows]) for n in ("evidence", "cosines", "patch_tokens", "text")}
+        stacked = {n: torch.stack([r[n] for r in rows]) for n in STACKED}
     batch: dict[str, Any] = {n: stacked[n] for n in ("evidence", "cosines", "text")}
     batch["patch_tokens"] = stacked["patch_tokens"].float()
     batch["boxes"] = [r["boxes"] for r in rows]
