@@ -131,3 +131,29 @@ def test_fixed_batch_needs_no_padding():
     batch = collate_boxes([tf(_item((40, 50), [((1, 1, 30, 30), "red")])) for _ in range(3)])
     assert batch["images"].shape == (3, 3, 32, 32) and bool(batch["valid"].all())
     assert np.allclose(batch["images"][0].numpy(), batch["images"][2].numpy())
+
+
+def test_training_and_metrics_read_the_same_box_mask():
+    """One box rule (mmel.data.boxes): the HSRM's training masks (lit_module.union_masks, the cached and online
+    paths alike) are the metrics' masks (pointing game, energy, IoU, specificity), over random fractional boxes
+    (some partly outside, some thinner than a pixel) on random grids."""
+    from mmel.lit_module import union_masks
+    from mmel.metrics._common import box_union_mask, box_union_masks, pad_boxes
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        h, w = (int(v) for v in torch.randint(1, 40, (2,), generator=g))
+        sets = []
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            m = int(torch.randint(1, 4, (1,), generator=g))
+            xy = torch.rand(m, 2, generator=g) * torch.tensor([w * 1.2, h * 1.2]) - 0.1 * torch.tensor([w, h])
+            wh = torch.rand(m, 2, generator=g) * torch.tensor([w, h]) * (torch.rand(m, 1, generator=g) < 0.8)
+            sets.append(torch.cat([xy, xy + wh], 1))
+        train = union_masks(sets, (h, w))
+        assert train.dtype == torch.float32
+        scored = torch.stack([box_union_mask(b, (h, w)) for b in sets]).float()
+        assert torch.equal(train, scored)
+        assert torch.equal(train, box_union_masks(pad_boxes(sets), (h, w)).float())
+    # the example that used to differ: 4 cells by the old cell-centre rule, 16 by the metrics' overlap rule
+    box = torch.tensor([[0.7, 0.7, 3.2, 3.2]])
+    assert union_masks([box], (6, 6)).sum() == 16 == box_union_mask(box, (6, 6)).sum()

@@ -29,7 +29,7 @@ from mmel.metrics import EnergyPointingGame, PointingGame
 
 
 def union_masks(boxes: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """Box-union masks [P, H, W] (a pixel is inside when its centre is inside a box) in input-pixel coords."""
+    """Box-union masks [P, H, W] in input-pixel coords, by the metrics' own rule (:mod:`mmel.data.boxes`)."""
     return box_masks(list(boxes), size)
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from mmel.data.base import Dropped
+from mmel.data.boxes import union_masks
 
 # OpenAI CLIP's normalisation (open_clip.OPENAI_DATASET_MEAN / _STD); the programs pass the loaded model's values.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,62 +51,30 @@ def box_mask(
 ) -> torch.Tensor:
     """Mask of the union of boxes on an (h, w) grid. boxes [M, 4] xyxy -> [h, w] float in [0, 1].
 
-    ``image_size`` (H, W) is the frame the boxes are in (default: the grid itself). Hard mask: a cell is inside when
-    its centre is inside a box; in addition the cell holding each box's centre is set, so a box smaller than a cell
-    still marks one cell (pointing game on coarse maps). ``soft=True``: the fraction of each cell a box covers
-    (max over boxes, a lower bound of the union's coverage when boxes overlap).
+    ``image_size`` (H, W) is the frame the boxes are in (default: the grid itself); they are scaled onto the grid.
+    Hard mask: the cells the boxes cover by the one rule of :mod:`mmel.data.boxes` (any overlap with positive area;
+    a box smaller than a cell still marks the cell it lies in). ``soft=True``: the fraction of each cell a box
+    covers (max over boxes, a lower bound of the union's coverage when boxes overlap).
     """
     h, w = size
     H, W = image_size if image_size is not None else size
     b = boxes.reshape(-1, 4).to(torch.float32)
     if b.numel() == 0:
         return torch.zeros(h, w)
-    sx, sy = w / W, h / H
-    x0, x1 = b[:, 0:1] * sx, b[:, 2:3] * sx  # [M, 1] in grid units
-    y0, y1 = b[:, 1:2] * sy, b[:, 3:4] * sy
+    b = b * torch.tensor([w / W, h / H, w / W, h / H])  # grid units
+    if not soft:
+        return union_masks([b], size)[0].to(torch.float32)
     xs = torch.arange(w, dtype=torch.float32)
     ys = torch.arange(h, dtype=torch.float32)
-    if soft:
-        ox = (torch.minimum(x1, xs + 1) - torch.maximum(x0, xs)).clamp(min=0)  # [M, w] overlap per column
-        oy = (torch.minimum(y1, ys + 1) - torch.maximum(y0, ys)).clamp(min=0)  # [M, h]
-        return (oy[:, :, None] * ox[:, None, :]).amax(dim=0).clamp(max=1.0)
-    inx = (xs + 0.5 >= x0) & (xs + 0.5 <= x1)  # [M, w]
-    iny = (ys + 0.5 >= y0) & (ys + 0.5 <= y1)  # [M, h]
-    mask = (iny[:, :, None] & inx[:, None, :]).any(dim=0)
-    cx = ((x0 + x1) / 2).floor().long().clamp(0, w - 1).flatten()
-    cy = ((y0 + y1) / 2).floor().long().clamp(0, h - 1).flatten()
-    mask[cy, cx] = True
-    return mask.to(torch.float32)
+    ox = (torch.minimum(b[:, 2:3], xs + 1) - torch.maximum(b[:, 0:1], xs)).clamp(min=0)  # [M, w] overlap per column
+    oy = (torch.minimum(b[:, 3:4], ys + 1) - torch.maximum(b[:, 1:2], ys)).clamp(min=0)  # [M, h]
+    return (oy[:, :, None] * ox[:, None, :]).amax(dim=0).clamp(max=1.0)
 
 
 def box_masks(boxes: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Hard :func:`box_mask` of many box sets at once, boxes in the grid's own pixels: N tensors [M_i, 4] xyxy ->
     [N, h, w] float (each entry equals ``box_mask(boxes[i], size)``; an entry without boxes is all zeros)."""
-    h, w = size
-    sets = [torch.as_tensor(b).reshape(-1, 4) for b in boxes]
-    out = torch.zeros(len(sets), h, w, dtype=torch.bool)
-    full = [i for i, b in enumerate(sets) if len(b)]
-    if not full:
-        return out.float()
-    counts = torch.tensor([len(sets[i]) for i in full])
-    m = int(counts.max())
-    # pad each set with copies of its own last box (the union is unchanged): one gather from all boxes at once
-    starts = counts.cumsum(0) - counts
-    slot = starts[:, None] + torch.minimum(torch.arange(m)[None, :], counts[:, None] - 1)  # [n, M]
-    b = torch.cat([sets[i] for i in full]).to(torch.float32)[slot]  # [n, M, 4]
-    x0, y0, x1, y1 = b.unbind(-1)  # [n, M]
-    xs = torch.arange(w, dtype=torch.float32) + 0.5
-    ys = torch.arange(h, dtype=torch.float32) + 0.5
-    inx = (xs >= x0[..., None]) & (xs <= x1[..., None])  # [n, M, w]
-    iny = (ys >= y0[..., None]) & (ys <= y1[..., None])  # [n, M, h]
-    union = iny[:, 0, :, None] & inx[:, 0, None, :]
-    for j in range(1, m):  # one box slot at a time: memory stays [n, h, w]
-        union |= iny[:, j, :, None] & inx[:, j, None, :]
-    cx = ((x0 + x1) / 2).floor().long().clamp(0, w - 1)  # the cell holding each box's centre is always set
-    cy = ((y0 + y1) / 2).floor().long().clamp(0, h - 1)
-    union[torch.arange(len(full))[:, None].expand_as(cx), cy, cx] = True
-    out[full] = union
-    return out.float()
+    return union_masks(boxes, size).to(torch.float32)
 
 
 class BoxTransform:

@@ -5,13 +5,11 @@ Conventions (used by every metric in this package, documented once here):
 * **Maps** ``[N, h, w]`` (one per (image, prompt) pair) are resized to their image's original size ``(H, W)`` with
   bilinear interpolation (``align_corners=False``, torch's default and what the explainers use to upsample) before
   any comparison with boxes, so every threshold and tolerance is measured in pixels of the original image.
-* **Boxes** are ``xyxy`` in continuous pixel coordinates of the original image (COCO / Flickr30k convention:
-  pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``). A pixel belongs to a box when it overlaps the box with positive
-  area, i.e. columns ``floor(x1) .. ceil(x2) - 1`` (rows likewise). For integer boxes that is exactly the
-  ``(x2 - x1) * (y2 - y1)`` pixels the box spans; a degenerate box (``x1 == x2``) still covers the pixel it lies
-  in, so a point annotation is never silently empty. Boxes are clipped to the image; a box lying wholly outside
-  the image, a reversed box (``x2 < x1``) or a target without boxes is an error, not a silent zero.
-* The ground truth of one target is the **union** of its boxes (all instances of the named object).
+* **Boxes** are ``xyxy`` in continuous pixel coordinates of the original image; which pixels a box covers (any
+  overlap with positive area; a degenerate box covers the pixel it lies in) is the one rule of
+  :mod:`mmel.data.boxes`, shared with the HSRM's training losses. The ground truth of one target is the **union**
+  of its boxes (all instances of the named object). Boxes are clipped to the image; a box lying wholly outside the
+  image, a reversed box (``x2 < x1``) or a target without boxes is an error here, not a silent zero.
 """
 
 from __future__ import annotations
@@ -21,6 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmel.data.boxes import box_pixel_ranges, box_union_mask, box_union_masks, pad_boxes  # noqa: F401 - the one rule
 
 
 def check_maps(maps: Tensor, name: str) -> Tensor:
@@ -106,49 +106,6 @@ def _check_box_values(b: Tensor, h: int, w: int, name: str, field: str, i: int) 
             f"{name}: {field}[{i}] {b[outside].tolist()} lie outside the image of size (H, W)=({h}, {w}). "
             "Boxes must be in pixels of the ORIGINAL image (pass `sizes`)."
         )
-
-
-def box_pixel_ranges(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Inclusive pixel ranges ``[M, 4]`` = (c0, r0, c1, r1) covered by boxes [M, 4] xyxy (see module docstring)."""
-    h, w = size
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    c0 = x1.floor().clamp(0, w - 1)
-    r0 = y1.floor().clamp(0, h - 1)
-    c1 = torch.maximum(x2.ceil() - 1, c0).clamp(0, w - 1)
-    r1 = torch.maximum(y2.ceil() - 1, r0).clamp(0, h - 1)
-    return torch.stack([c0, r0, c1, r1], dim=-1).long()
-
-
-def box_union_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Boolean mask [H, W] of the union of boxes [M, 4] xyxy."""
-    h, w = size
-    c0, r0, c1, r1 = box_pixel_ranges(boxes, size).unbind(-1)
-    rows = torch.arange(h, device=boxes.device)
-    cols = torch.arange(w, device=boxes.device)
-    in_rows = (rows[None] >= r0[:, None]) & (rows[None] <= r1[:, None])  # [M, H]
-    in_cols = (cols[None] >= c0[:, None]) & (cols[None] <= c1[:, None])  # [M, W]
-    return (in_rows[:, :, None] & in_cols[:, None, :]).any(0)
-
-
-def pad_boxes(boxes: Sequence[Tensor]) -> Tensor:
-    """N box sets [M_i >= 1, 4] -> [N, max M_i, 4], each padded with copies of its own first box (the union of an
-    entry's boxes, its pixel ranges and its distances are unchanged by a repeated box)."""
-    m = max(len(b) for b in boxes)
-    return torch.stack([torch.cat([b, b[:1].expand(m - len(b), 4)]) if len(b) < m else b for b in boxes])
-
-
-def box_union_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Batched :func:`box_union_mask`: boxes [N, M, 4] xyxy (see :func:`pad_boxes`) -> bool masks [N, H, W]."""
-    h, w = size
-    c0, r0, c1, r1 = box_pixel_ranges(boxes, size).unbind(-1)  # each [N, M]
-    rows = torch.arange(h, device=boxes.device)
-    cols = torch.arange(w, device=boxes.device)
-    in_rows = (rows >= r0[..., None]) & (rows <= r1[..., None])  # [N, M, H]
-    in_cols = (cols >= c0[..., None]) & (cols <= c1[..., None])  # [N, M, W]
-    union = in_rows[:, 0, :, None] & in_cols[:, 0, None, :]
-    for j in range(1, boxes.shape[1]):  # one box slot at a time: memory stays [N, H, W]
-        union |= in_rows[:, j, :, None] & in_cols[:, j, None, :]
-    return union
 
 
 def size_groups(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:

@@ -41,16 +41,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from mmel.metrics._common import (
-    box_union_masks,
-    check_boxes,
-    check_maps,
-    check_mask,
-    check_sizes,
-    pad_boxes,
-    resize_group,
-    size_groups,
-)
+from mmel.data.boxes import union_masks
+from mmel.metrics._common import check_boxes, check_maps, check_mask, check_sizes, resize_group, size_groups
 
 _NAME = "PromptSpecificity"
 STATES = (
@@ -95,8 +87,8 @@ def _prompt_specificity_items(
         # every pixel at the maximum votes; an all-zero map points nowhere
         peaks = (m == top[:, None, None]) & ((top != 0) | (low != 0))[:, None, None]
         n_peaks = peaks.flatten(1).sum(1).clamp(min=1).float()
-        on_named = _union_masks([named_boxes[i] for i in idx], size, maps.device)
-        on_other = _union_masks([others[i] for i in idx], size, maps.device)
+        on_named = union_masks([named_boxes[i] for i in idx], size, maps.device)
+        on_other = union_masks([others[i] for i in idx], size, maps.device)
         has_other = torch.tensor([others[i].shape[0] > 0 for i in idx], device=maps.device)
         absent = torch.tensor([named_boxes[i].shape[0] == 0 for i in idx], device=maps.device)
         # an absent prompt names nothing (on_named is empty): its "other" is its share on any object
@@ -106,15 +98,6 @@ def _prompt_specificity_items(
         out["kind"][where] = torch.where(has_other, torch.where(absent, 2, 1), 0)
         out["named"][where] = torch.where(has_other & ~absent, named, 0.0)
         out["other"][where] = torch.where(has_other, other, 0.0)
-    return out
-
-
-def _union_masks(boxes: list[Tensor], size: tuple[int, int], device: torch.device) -> Tensor:
-    """Bool masks [N, H, W] of each box set's union (an empty set: nothing)."""
-    out = torch.zeros(len(boxes), *size, dtype=torch.bool, device=device)
-    full = [k for k, b in enumerate(boxes) if b.shape[0]]
-    if full:
-        out[full] = box_union_masks(pad_boxes([boxes[k] for k in full]), size)
     return out
 
 
