@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from experiments.paper import Paper, load_spec, run_program
+from mmel.evaluate import build_metrics
+from mmel.metrics.protocol import outputs_of
 
 N_ITEMS = 40
 
@@ -65,6 +67,8 @@ def fake_runner(calls):
                     m["test/prompt_randomisation/spearman"] = p
                     m["test/prompt_specificity/specificity"] = 1 - p / 2
                 (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+                # what each key means, declared by the configured metrics themselves (as evaluate writes it)
+                m["outputs"] = outputs_of(build_metrics(cfg.metrics), "test")
             (out / "metrics.json").write_text(json.dumps(m))
             return m, {}
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from mmel.evaluation.trust import TrustScoring
 from mmel.metrics import ModelRandomisation, PromptRandomisation, PromptSpecificity, prompt_specificity
 from mmel.metrics.sanity import explain_items, model_randomisation, randomised_copies
 from mmel.metrics.similarity import MEASURES, similarities
@@ -31,11 +30,12 @@ def world(tmp_path_factory) -> Path:
 
 
 class MapSpy:
-    """Records every map the trust scoring compares, keyed by what it belongs to, while an evaluate run scores.
+    """Records every map the trust metrics compare, keyed by sample id, while an evaluate run scores.
 
-    ``items[sample_id]``: the item's own map [h, w]; ``randomised[sample_id]``: its maps on the randomised models,
-    one per (mode, step) in the order scored; ``absent[image_id]``: the image's absent-prompt map. Wraps the two
-    :class:`TrustScoring` methods that explain (nothing else changes: the wrapped explain returns what it got).
+    ``items[sid]``: the item's own map [h, w]; ``randomised[sid]``: its maps on the randomised models, one per
+    (mode, step) in the order scored; ``absent[sid]``: its image's absent-prompt map. Wraps the two metrics'
+    ``item_values`` and reads the context entries they read (computed once per batch: reading them again computes
+    nothing new); what the metrics record is unchanged.
     """
 
     def __init__(self) -> None:
@@ -44,31 +44,25 @@ class MapSpy:
         self.absent: dict[str, Tensor] = {}
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
-        real_randomised, real_absent = TrustScoring._randomised, TrustScoring._absent_maps
+        real_model, real_prompt = ModelRandomisation.item_values, PromptRandomisation.item_values
         spy = self
 
-        def randomised(self, groups, images, item_maps, batch, explain):
-            sids = [str(batch["sample_id"][i]) for idx in groups for i in idx]
-            spy.items.update(zip(sids, item_maps, strict=True))
+        def model(self, ctx):
+            for mode in self.modes:
+                _, per_step = ctx.randomised(mode, self.seed)
+                for j, sid in enumerate(ctx.ids):
+                    spy.items[sid] = ctx.maps[j].float().cpu()
+                    spy.randomised[sid] += [maps[j] for maps in per_step]
+            return real_model(self, ctx)
 
-            def recording(explainer, ims, prompts):
-                maps = explain(explainer, ims, prompts)
-                flat = [m.float().cpu()[k] for idx, m in zip(groups, maps, strict=True) for k in range(len(idx))]
-                for sid, m in zip(sids, flat, strict=True):
-                    spy.randomised[sid].append(m)
-                return maps
-
-            return real_randomised(self, groups, images, item_maps, batch, recording)
-
-        def absent_maps(self, batch, groups, images, explainer, explain):
-            prompts, maps = real_absent(self, batch, groups, images, explainer, explain)
-            for idx, m in zip(groups, maps, strict=True):
+        def prompt(self, ctx):
+            for sid, (_, m, _) in zip(ctx.ids, ctx.absent(self.seed), strict=True):
                 if m is not None:
-                    spy.absent[str(batch["image_id"][idx[0]])] = m
-            return prompts, maps
+                    spy.absent[sid] = m
+            return real_prompt(self, ctx)
 
-        mp.setattr(TrustScoring, "_randomised", randomised)
-        mp.setattr(TrustScoring, "_absent_maps", absent_maps)
+        mp.setattr(ModelRandomisation, "item_values", model)
+        mp.setattr(PromptRandomisation, "item_values", prompt)
 
 
 def run_with_spy(world: Path, out: Path, *over: str):
@@ -219,8 +213,8 @@ def test_chunking_changes_no_trust_number(world, trust_run, tmp_path):
         torch.testing.assert_close(torch.stack(spy_b.randomised[sid]), torch.stack(spy.randomised[sid]),
                                    atol=MAP_ATOL, rtol=0, msg=sid)  # fmt: skip
     assert spy.absent and spy_b.absent.keys() == spy.absent.keys()
-    for iid, m in spy.absent.items():
-        torch.testing.assert_close(spy_b.absent[iid], m, atol=MAP_ATOL, rtol=0, msg=iid)
+    for sid, m in spy.absent.items():
+        torch.testing.assert_close(spy_b.absent[sid], m, atol=MAP_ATOL, rtol=0, msg=sid)
     keys = [k for k in res if k.startswith(tuple(f"test/{t}" for t in TRUST_KEYS))]
     continuous = [k for k in keys if not any(d in k for d in DISCONTINUOUS)]
     assert len(continuous) > 20 and len(keys) > len(continuous)
@@ -238,13 +232,15 @@ def _pairs(seed: int = 0):
     return maps, named, other, hard
 
 
-def test_specificity_update_values_equals_update():
+def test_specificity_replay_equals_update():
+    """update(records=...) (the protocol's replay; was update_values) == update on the maps."""
     maps, named, other, hard = _pairs()
     a = PromptSpecificity()
     a.update(maps, named, other, hard=hard)
     v = _prompt_specificity_items(maps, named, other)
     b = PromptSpecificity()
-    b.update_values(v["named"], v["other"], v["kind"], hard)
+    b.update(records=[{"named": float(v["named"][k]), "other": float(v["other"][k]), "kind": int(v["kind"][k]),
+                       "hard": bool(hard[k]), "absent": None} for k in range(len(hard))])  # fmt: skip
     for k, x in a.compute().items():
         torch.testing.assert_close(b.compute()[k], x, equal_nan=True, msg=k)
     assert v["kind"].tolist() == [1, 1, 1, 1, 0, 2, 2]

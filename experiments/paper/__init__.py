@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.stats import bootstrap_ci, mcnemar, mean_std, paired_bootstrap
 from experiments.tables import Cell, Column, Table
+from mmel.metrics.protocol import output_of
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,58 +151,47 @@ def slug(label: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ values
-# column name -> (metrics.json key, per-item value from a record or None, higher is better, item filter)
-def _field(metric: str, field: str) -> Callable[[dict], float | None]:
-    def get(r: dict) -> float | None:
-        v = r.get("metrics", {}).get(metric, {}).get(field)
-        return None if v is None else float(v)
-
-    return get
-
-
-def _difficult_hit(r: dict) -> float | None:
-    pg = r.get("metrics", {}).get("pointing_game", {})
-    return float(pg["hit"]) if pg.get("difficult") else None
-
-
+# A column is a label and the output it shows, named as in metrics.json under the stage ("test/"). What the output
+# means — higher is better or not, the per-item record field it averages (for the bootstrap interval over items) —
+# is read from the runs' own declarations (metrics.json "outputs", mmel.metrics.protocol): a new metric's column is
+# one line here.
+STAGE = "test"
 LOCALISATION = {
-    "pointing game": ("test/pointing_game/accuracy", _field("pointing_game", "hit"), True),
-    "per-category mean": ("test/pointing_game/mean_per_category", None, True),
-    "difficult subset": ("test/pointing_game/difficult_accuracy", _difficult_hit, True),
-    "energy PG": ("test/energy_pointing_game", _field("energy_pointing_game", "energy"), True),
-    "mIoU": ("test/saliency_iou/miou", _field("saliency_iou", "iou"), True),
-    "specificity": ("test/prompt_specificity/specificity", None, True),  # with metrics.prompt_specificity on
+    "pointing game": "pointing_game/accuracy",
+    "per-category mean": "pointing_game/mean_per_category",
+    "difficult subset": "pointing_game/difficult_accuracy",
+    "energy PG": "energy_pointing_game",
+    "mIoU": "saliency_iou/miou",
+    "specificity": "prompt_specificity/specificity",  # with metrics.prompt_specificity on
 }
-FAITHFULNESS = {
-    "deletion AUC": ("test/deletion_insertion/deletion_auc", _field("deletion_insertion", "deletion_auc"), False),
-    "insertion AUC": ("test/deletion_insertion/insertion_auc", _field("deletion_insertion", "insertion_auc"), True),
-}
-
-
-def _curve_end(mode: str) -> Callable[[dict], float | None]:
-    def get(r: dict) -> float | None:
-        v = r.get("metrics", {}).get("model_randomisation", {}).get(mode, {}).get("spearman")
-        return None if not v else float(v[-1])
-
-    return get
-
-
-def _prompt_spearman(r: dict) -> float | None:
-    v = r.get("metrics", {}).get("prompt_randomisation")
-    return None if not v else float(v["spearman"])
-
-
-MR, PS = "test/model_randomisation", "test/prompt_specificity"
+FAITHFULNESS = {"deletion AUC": "deletion_insertion/deletion_auc", "insertion AUC": "deletion_insertion/insertion_auc"}
 TRUST = {
-    "cascading: Spearman": (f"{MR}/cascading/spearman", _curve_end("cascading"), False),
-    "cascading: SSIM": (f"{MR}/cascading/ssim", None, False),
-    "cascading: HOG": (f"{MR}/cascading/hog", None, False),
-    "independent: Spearman": (f"{MR}/independent/spearman", _curve_end("independent"), False),
-    "prompt randomisation: Spearman": ("test/prompt_randomisation/spearman", _prompt_spearman, False),
-    "specificity": (f"{PS}/specificity", None, True),
-    "hard-case specificity": (f"{PS}/hard_specificity", None, True),
-    "absent prompt on an object": (f"{PS}/absent_on_object", None, False),
+    "cascading: Spearman": "model_randomisation/cascading/spearman",
+    "cascading: SSIM": "model_randomisation/cascading/ssim",
+    "cascading: HOG": "model_randomisation/cascading/hog",
+    "independent: Spearman": "model_randomisation/independent/spearman",
+    "prompt randomisation: Spearman": "prompt_randomisation/spearman",
+    "specificity": "prompt_specificity/specificity",
+    "hard-case specificity": "prompt_specificity/hard_specificity",
+    "absent prompt on an object": "prompt_specificity/absent_on_object",
 }
+HIT, ENERGY = "pointing_game/accuracy", "energy_pointing_game"  # the outputs the significance tests pair items on
+MR = f"{STAGE}/model_randomisation"  # the sanity-curve figure: every "<mode>/<measure>@<step>" output
+
+
+def declared(runs: Sequence[Run], output: str) -> dict[str, Any] | None:
+    """The declaration of ``<stage>/<output>`` in the first of ``runs`` that has one (None: no run has it)."""
+    return next((r.metrics["outputs"][f"{STAGE}/{output}"] for r in runs
+                 if f"{STAGE}/{output}" in r.metrics.get("outputs", {})), None)  # fmt: skip
+
+
+def item_getter(runs: Sequence[Run], output: str) -> Callable[[dict], float | None] | None:
+    """A record -> the item's value of ``output`` (None: the output is not a mean over items, or unknown)."""
+    d = declared(runs, output)
+    if d is None or d.get("field") is None:
+        return None
+    out, name = output_of(d), d["metric"]
+    return lambda r: out.item_value(r.get("metrics", {}).get(name))
 
 
 def per_item(runs: Sequence[Run], get: Callable[[dict], float | None]) -> dict[str, float]:
@@ -215,8 +205,10 @@ def per_item(runs: Sequence[Run], get: Callable[[dict], float | None]) -> dict[s
     return {k: float(np.mean(v)) for k, v in acc.items() if len(v) == len(runs)}
 
 
-def cell(runs: Sequence[Run], key: str, get: Callable[[dict], float | None] | None) -> Cell:
-    """Mean over runs (± std when several seeds) and a 95 % bootstrap interval over items when they exist."""
+def cell(runs: Sequence[Run], output: str) -> Cell:
+    """``<stage>/<output>``: mean over runs (± std when several seeds) and a 95 % bootstrap interval over items when
+    the output is a mean over items."""
+    key, get = f"{STAGE}/{output}", item_getter(runs, output)
     vals = [float(r.metrics[key]) for r in runs if isinstance(r.metrics.get(key), int | float)]
     if not vals:
         return Cell(None)
@@ -230,29 +222,35 @@ def cell(runs: Sequence[Run], key: str, get: Callable[[dict], float | None] | No
     return Cell(m, std=s, low=low, high=high)
 
 
-def metric_table(title: str, rows: dict[str, Sequence[Run]], columns: dict[str, tuple]) -> Table:
+def metric_table(title: str, rows: dict[str, Sequence[Run]], columns: dict[str, str]) -> Table:
+    """One row per label of ``rows``, one column per (label, output) of ``columns``."""
+    every = [run for runs in rows.values() for run in runs]
+    hib = {name: (declared(every, output) or {}).get("higher_is_better") for name, output in columns.items()}
     return Table(
         title,
         list(rows),
-        [Column(name, hib) for name, (_, _, hib) in columns.items()],
-        [[cell(runs, key, get) for key, get, _ in columns.values()] for runs in rows.values()],
+        [Column(name, hib[name]) for name in columns],
+        [[cell(runs, output) for output in columns.values()] for runs in rows.values()],
     )
 
 
 def significance(a: Sequence[Run], b: Sequence[Run]) -> dict[str, Any]:
     """MMEL vs Grad-ECLIP on the same items: exact McNemar on pointing hits per seed of ``a`` (the largest p is
     reported: every seed must win), and a paired bootstrap of the energy difference on seed-averaged items."""
-    hits_b = per_item(b, _field("pointing_game", "hit"))
+    hit, energy_of = item_getter([*a, *b], HIT), item_getter([*a, *b], ENERGY)
+    if hit is None or energy_of is None:
+        return {"mcnemar": [], "energy": None}
+    hits_b = per_item(b, hit)
     tests = []
     for run in a:
-        hits_a = per_item([run], _field("pointing_game", "hit"))
+        hits_a = per_item([run], hit)
         common = sorted(set(hits_a) & set(hits_b))
         if common:
             t = mcnemar([hits_a[k] for k in common], [hits_b[k] for k in common])
             tests.append({"b": t.b, "c": t.c, "p": t.p_value, "n": len(common)})
     ea, eb = (
-        per_item(a, _field("energy_pointing_game", "energy")),
-        per_item(b, _field("energy_pointing_game", "energy")),
+        per_item(a, energy_of),
+        per_item(b, energy_of),
     )
     common = sorted(set(ea) & set(eb))
     energy = None
@@ -377,7 +375,7 @@ class Paper:
     def phrases(self) -> Table:
         p = self.spec["phrases"]
         rows = self.evaluations(p["explainers"], "phrases", p.get("overrides", []))
-        hit = _field("pointing_game", "hit")
+        hit = item_getter([run for runs in rows.values() for run in runs], HIT) or (lambda r: None)
         types = sorted({str(r.get("category")) for runs in rows.values() for r in runs[0].items()})
         cells = []
         for runs in rows.values():
@@ -385,7 +383,7 @@ class Paper:
             for run in runs:
                 for r in run.items():
                     by_type.setdefault(str(r.get("category")), []).append(hit(r))
-            overall = cell(runs, "test/pointing_game/accuracy", hit)
+            overall = cell(runs, HIT)
             cells.append([overall] + [Cell(float(np.mean(by_type[t])) if by_type.get(t) else None) for t in types])
         cols = [Column("pointing game")] + [Column(f"PG: {t}") for t in types]
         return Table(
@@ -468,7 +466,7 @@ class Paper:
 
     def category_figure(self, rows: dict[str, list[Run]], labels: Sequence[str], path: Path) -> Path | None:
         """Pointing accuracy per category for the chosen methods (grouped bars)."""
-        hit = _field("pointing_game", "hit")
+        hit = item_getter([run for runs in rows.values() for run in runs], HIT) or (lambda r: None)
         acc: dict[str, dict[str, float]] = {}
         for label in labels:
             by_cat: dict[str, list[float]] = {}

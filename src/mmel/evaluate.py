@@ -27,7 +27,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics import Metric
 
@@ -45,6 +45,7 @@ from mmel.evaluation.records import (
     read_items,
     write_fingerprint,
 )
+from mmel.metrics.protocol import outputs_of
 from mmel.utils.runs import announce, build_datamodule, instantiate_group, output_dir, save_metrics
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def build_metrics(cfg: DictConfig, clip=None, sync: bool = True) -> dict[str, Me
             kwargs = {k: v for k, v in node.items() if k != "enabled"}
             if not sync:
                 kwargs["sync_on_compute"] = False
-            if clip is not None and str(node._target_).endswith("DeletionInsertion"):
+            # a metric that perturbs the images the model was fed builds its fills in pixel space: it needs their
+            # normalisation (declared by needing "images", mmel.metrics.protocol)
+            if clip is not None and "images" in getattr(get_class(node._target_), "needs", ()):
                 kwargs.update(pixel_mean=list(clip.mean), pixel_std=list(clip.std))
             out[name] = instantiate(OmegaConf.create(kwargs))
     if not out:
@@ -184,6 +187,7 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
     results: dict[str, Any] = {}
     for name, m in metrics.items():
         results.update(_scalars(f"{split}/{name}", m.compute()))
+    results["outputs"] = outputs_of(metrics, split)  # what each key means (the paper tables read it)
     scored = [r for r in records if "skip" not in r]
     skipped = Counter(dict(dataset.skipped))  # found when indexing (per file / box)
     for r in records:

@@ -29,13 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmel.data.base import Dropped
 from mmel.data.transforms import collate_boxes
+from mmel.evaluation.context import TRUST_NEEDS, BatchTrust, SplitObjects
 from mmel.evaluation.records import ItemWriter
-from mmel.evaluation.trust import TRUST_METRICS, TrustScoring, replay_trust
-from mmel.metrics import ClipScorer, DeletionInsertion, EnergyPointingGame, PointingGame, SaliencyIoU, difficult_flags
+from mmel.metrics import ClipScorer, difficult_flags
 from mmel.metrics._common import resize_group, resize_maps, size_groups
-from mmel.metrics.iou import _saliency_iou_update
-from mmel.metrics.perturbation import _deletion_insertion_update, auc
-from mmel.metrics.pointing import _energy_pointing_game_update, _pointing_game_update
+from mmel.metrics.protocol import ItemContext, records_of
 from mmel.utils.progress import SparseProgressBar
 
 log = logging.getLogger(__name__)
@@ -98,44 +96,17 @@ def image_groups(batch: dict[str, Any]) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------ per-item values
-def item_values(
-    metrics: dict[str, Any],
-    maps: Tensor,
-    boxes: list[Tensor],
-    sizes: Tensor,
-    images: Tensor | None,
-    prompts: list[str],
-    difficult: Tensor,
-    scorer: ClipScorer | None,
-) -> list[dict[str, dict[str, Any]]]:
-    """Per-item values of every metric for N items: maps [N, h, w], boxes N tensors [M_i, 4] in the frame of
-    ``sizes`` [N, 2], images [N, 3, H, W] as fed to the model (deletion / insertion only), prompts N strings,
-    difficult [N] -> N dicts {metric name: {field: value}}."""
-    out: list[dict[str, dict[str, Any]]] = [{} for _ in prompts]
+def needs_of(metrics: dict[str, Any]) -> frozenset[str]:
+    """Every context entry some metric needs (:mod:`mmel.metrics.protocol`)."""
+    return frozenset().union(*(m.needs for m in metrics.values()))
+
+
+def item_values(metrics: dict[str, Any], ctx: ItemContext) -> list[dict[str, Any]]:
+    """Per-item record fields of every metric for the context's N items -> N dicts {metric name: its fields}."""
+    out: list[dict[str, Any]] = [{} for _ in range(len(ctx))]
     for name, m in metrics.items():
-        if isinstance(m, TRUST_METRICS):
-            continue  # need the image's other objects / other models: TrustScoring
-        if isinstance(m, PointingGame):
-            hits = _pointing_game_update(maps, boxes, sizes, m.tolerance, m.ties)
-            fields = {"hit": hits, "difficult": difficult}
-        elif isinstance(m, EnergyPointingGame):
-            fields = {"energy": _energy_pointing_game_update(maps, boxes, sizes)}
-        elif isinstance(m, SaliencyIoU):
-            iou, sweep = _saliency_iou_update(maps, boxes, sizes, m.rule, m.fraction, m.top_k, m.sweep_steps)
-            fields = {"iou": iou, "sweep": sweep}
-        elif isinstance(m, DeletionInsertion):
-            targets = torch.tensor([scorer.index(p) for p in prompts])
-            if images is None:
-                raise ValueError("evaluate: deletion / insertion needs the items' images stacked (same size)")
-            curves = _deletion_insertion_update(maps, images, scorer, targets, m.options)
-            fields = {}
-            for mode, c in curves.items():
-                fields[f"{mode}_curve"] = c
-                fields[f"{mode}_auc"] = auc(c, m.fractions)
-        else:
-            raise TypeError(f"evaluate: metric {name!r} ({type(m).__name__}) has no per-item form in the engine")
-        for k in range(len(prompts)):
-            out[k][name] = {f: v[k].tolist() for f, v in fields.items()}
+        for k, v in enumerate(m.item_values(ctx)):
+            out[k][name] = v
     return out
 
 
@@ -158,26 +129,9 @@ def peaks(maps: Tensor, sizes: Tensor) -> list[list[int]]:
 
 
 def replay(metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
-    """Update fresh ``metrics`` with the per-item values of scored ``records`` (in the given order)."""
-    scored = [r for r in records if "skip" not in r]
+    """Update ``metrics`` with the per-item fields of the scored ``records`` (in the given order)."""
     for name, m in metrics.items():
-        vals = [r["metrics"][name] for r in scored]
-
-        def col(field: str, dtype=torch.float32, vals=vals) -> Tensor:
-            return torch.tensor([v[field] for v in vals], dtype=dtype)
-
-        if isinstance(m, PointingGame):
-            m.update_values(col("hit"), [r["category"] for r in scored], col("difficult", torch.bool))
-        elif isinstance(m, EnergyPointingGame):
-            m.update_values(col("energy"))
-        elif isinstance(m, SaliencyIoU):
-            sweep = col("sweep") if vals else torch.zeros(0, m.sweep_steps)
-            m.update_values(col("iou"), sweep)
-        elif isinstance(m, DeletionInsertion):
-            n = len(m.fractions)
-            m.update_values({mode: col(f"{mode}_curve") if vals else torch.zeros(0, n) for mode in m.options.modes})
-        elif isinstance(m, TRUST_METRICS):
-            replay_trust(m, vals)
+        m.update(records=records_of(records, name))
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -241,8 +195,14 @@ class EvalModule(pl.LightningModule):
         self.items_done = 0
         self.items_per_second: float | None = None
         self.live: dict[str, Any] = {}
+        self.needs = needs_of(metrics)
         clip = getattr(explainer, "clip", None)
-        self.trust = TrustScoring(metrics, records, transform, keep, explainer_factory, clip)
+        if "randomised" in self.needs and (explainer_factory is None or clip is None):
+            raise ValueError("evaluate: model randomisation needs the explainer factory and the model")
+        # the split's objects per image, only when a trust metric reads them
+        self.split = (
+            SplitObjects(records, transform, keep, explainer_factory, clip) if self.needs & TRUST_NEEDS else None
+        )
 
     def test_dataloader(self) -> DataLoader:
         chunk_of = {i: c for c, idx in self.todo for i in idx}
@@ -255,7 +215,7 @@ class EvalModule(pl.LightningModule):
         )
 
     def on_test_start(self) -> None:
-        if "deletion_insertion" in self.metrics:  # built here: the model is on its device now
+        if "scorer" in self.needs:  # built here: the model is on its device now
             prompts = sorted({r.prompt for r in self.records})
             self.scorer = ClipScorer(self.explainer.clip, prompts, kind=self.scorer_kind)
         self.writer = ItemWriter(self.out / f"items_rank{self.global_rank}.jsonl")
@@ -301,25 +261,35 @@ class EvalModule(pl.LightningModule):
             ]
         )  # fmt: skip
         prompts = [batch["prompt"][i] for i in order]
-        values: list[dict[str, Any]] = []
-        # one call per map shape (all items of a fixed-size batch at once)
+        categories = [str(batch["category"][i]) for i in order] if "category" in batch else None
+        trust = None
+        if self.split is not None:
+            explain = lambda e, ims, ps: self._explain(ims, ps, e)  # noqa: E731
+            trust = BatchTrust(self.split, batch, groups, images, self.explainer, explain)
+        # one context per map shape (all items of a fixed-size batch at once)
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for j, m in enumerate(item_maps):
             by_shape[tuple(m.shape)].append(j)
-        values = [{}] * len(order)
+        values: list[dict[str, Any]] = [{}] * len(order)
         pk: list[list[int]] = [[0, 0]] * len(order)
         for js in by_shape.values():
             ims = [item_images[j] for j in js]
-            stacked = torch.stack(ims) if len({tuple(im.shape) for im in ims}) == 1 else None
             m = torch.stack([item_maps[j] for j in js])
-            vals = item_values(self.metrics, m, [boxes[j] for j in js], sizes[js], stacked, [prompts[j] for j in js],
-                               difficult[js], self.scorer)  # fmt: skip
-            for j, v, p in zip(js, vals, peaks(m, sizes[js]), strict=True):
+            ctx = ItemContext(
+                maps=m,
+                ids=[str(batch["sample_id"][order[j]]) for j in js],
+                boxes=[boxes[j] for j in js],
+                sizes=sizes[js],
+                images=torch.stack(ims) if len({tuple(im.shape) for im in ims}) == 1 else None,
+                prompts=[prompts[j] for j in js],
+                categories=[categories[j] for j in js] if categories is not None else None,
+                difficult=difficult[js],
+                scorer=self.scorer,
+            )
+            if trust is not None:
+                ctx = trust.context(ctx, js)
+            for j, v, p in zip(js, item_values(self.metrics, ctx), peaks(m, sizes[js]), strict=True):
                 values[j], pk[j] = v, p
-        if self.trust:
-            explain = lambda e, ims, ps: self._explain(ims, ps, e)  # noqa: E731
-            extra = self.trust.item_values(batch, groups, images, maps, boxes, sizes, self.explainer, explain)
-            values = [{**v, **x} for v, x in zip(values, extra, strict=True)]
         out, saved = [], {}
         for j, i in enumerate(order):
             sid = str(batch["sample_id"][i])

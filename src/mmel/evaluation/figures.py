@@ -17,14 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmel.metrics import DeletionInsertion, PointingGame
 from mmel.metrics._common import resize_maps
 
 log = logging.getLogger(__name__)
 
 
 def _pointing_name(metrics: dict[str, Any]) -> str | None:
-    return next((k for k, m in metrics.items() if isinstance(m, PointingGame)), None)
+    """The metric that scores per category (it declares ``per_category``): the pointing game."""
+    return next((k for k, m in metrics.items() if hasattr(m, "per_category")), None)
+
+
+def _hit(metrics: dict[str, Any], name: str, record: dict[str, Any]) -> float | None:
+    """The item's value of that metric's first declared output (the pointing game's hit)."""
+    return metrics[name].outputs[0].item_value(record["metrics"].get(name))
 
 
 def per_category(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, float]:
@@ -35,7 +40,7 @@ def per_category(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> 
     hits: dict[str, list[float]] = defaultdict(list)
     for r in records:
         if "skip" not in r and r.get("category") is not None:
-            hits[r["category"]].append(r["metrics"][name]["hit"])
+            hits[r["category"]].append(_hit(metrics, name, r))
     return {c: float(np.mean(v)) for c, v in sorted(hits.items())}
 
 
@@ -58,8 +63,9 @@ def write_all(
     cats = per_category(records, metrics)
     if cats:
         paths["per_category"] = category_bars(cats, folder / "per_category.png")
-    di = next((m for m in metrics.values() if isinstance(m, DeletionInsertion)), None)
-    di_name = next((k for k, m in metrics.items() if m is di), None)
+    # the metric that keeps perturbation curves (it declares ``curves``): deletion / insertion
+    di_name = next((k for k, m in metrics.items() if hasattr(m, "curves")), None)
+    di = metrics[di_name] if di_name is not None else None
     scored = [r for r in records if "skip" not in r]
     if di is not None and scored:
         paths["curves"] = curves(scored, di_name, di, folder / "curves.png")
@@ -84,7 +90,7 @@ def category_bars(acc: dict[str, float], path: Path) -> Path:
     return path
 
 
-def curves(scored, name: str, metric: DeletionInsertion, path: Path) -> Path:
+def curves(scored, name: str, metric, path: Path) -> Path:
     plt = _plt()
     x = (metric.fractions / metric.fractions[-1]).numpy()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -135,7 +141,7 @@ def qualitative(scored, metrics, dataset, transform, explainer, keep, path: Path
         ax.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         for x0, y0, x1, y1 in torch.as_tensor(boxes).tolist():
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
-        hit = r["metrics"][pg]["hit"] if pg else None
+        hit = _hit(metrics, pg, r) if pg else None
         colour = "white" if hit is None else ("lime" if hit else "red")
         ax.plot([r["peak"]["x"]], [r["peak"]["y"]], marker="x", ms=10, mew=2.5, color=colour)
         verdict = "" if hit is None else (" HIT" if hit else " MISS")

@@ -23,7 +23,7 @@ from mmel.metrics.pointing import (
     energy_pointing_game,
     pointing_game,
 )
-from mmel.metrics.sanity import ModelRandomisation, PromptRandomisation
+from mmel.metrics.randomisation import ModelRandomisation, PromptRandomisation
 from mmel.metrics.specificity import PromptSpecificity, prompt_specificity
 
 __all__ = [

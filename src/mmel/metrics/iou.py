@@ -38,6 +38,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mmel.metrics._common import box_union_masks, prepare_groups, scatter_groups
+from mmel.metrics.protocol import ItemContext, Output
 from mmel.utils.maps import minmax
 
 RULES = ("mean", "fraction", "otsu", "topk")
@@ -230,18 +231,44 @@ class SaliencyIoU(Metric):
         self.add_state("sweep_iou", torch.zeros(sweep_steps), dist_reduce_fx="sum")
         self.add_state("sweep_hits", torch.zeros(sweep_steps, len(iou_thresholds)), dist_reduce_fx="sum")
 
-    def update(self, maps: Tensor, boxes: Sequence[Tensor], sizes: Tensor | None = None) -> None:
-        iou, sweep = _saliency_iou_update(
-            maps.detach(), boxes, sizes, self.rule, self.fraction, self.top_k, self.sweep_steps
-        )
-        self.update_values(iou, sweep)
+    needs = frozenset({"maps", "boxes"})
 
-    def update_values(self, iou: Tensor, sweep: Tensor) -> None:
-        """Add per-sample IoU [N] and sweep IoU [N, T] (from ``_saliency_iou_update``)."""
-        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
-        self._computed = None
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        rest = [
+            "maxboxacc",
+            *(f"maxboxacc_{round(d * 100)}" for d in self.iou_thresholds),
+            "sweep_miou",
+            "sweep_threshold",
+        ]
+        return (Output("miou", True, field="iou"), *(Output(k, k != "sweep_threshold" or None) for k in rest))
+
+    def item_values(self, ctx: ItemContext) -> list[dict[str, Any]]:
+        """Per item {"iou": IoU at the configured rule, "sweep": IoU at each sweep threshold [T]}."""
+        ctx.require(self.needs, "SaliencyIoU")
+        iou, sweep = _saliency_iou_update(
+            ctx.maps.detach(), ctx.boxes, ctx.sizes, self.rule, self.fraction, self.top_k, self.sweep_steps
+        )
+        return [{"iou": i, "sweep": s} for i, s in zip(iou.tolist(), sweep.tolist(), strict=True)]
+
+    def update(
+        self,
+        maps: Tensor | None = None,
+        boxes: Sequence[Tensor] | None = None,
+        sizes: Tensor | None = None,
+        *,
+        records: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        """Add N (map, boxes) pairs, or N per-item ``records`` of :meth:`item_values`."""
+        if records is not None:
+            iou = torch.tensor([float(r["iou"]) for r in records], dtype=torch.float32)
+            sweep = torch.tensor([r["sweep"] for r in records], dtype=torch.float32).reshape(-1, self.sweep_steps)
+        else:
+            iou, sweep = _saliency_iou_update(
+                maps.detach(), boxes, sizes, self.rule, self.fraction, self.top_k, self.sweep_steps
+            )
         for name, value in _accumulate(iou, sweep, self.iou_thresholds).items():
-            setattr(self, name, getattr(self, name) + value)
+            setattr(self, name, getattr(self, name) + value.to(getattr(self, name).device))
 
     def compute(self) -> dict[str, Tensor]:
         return _saliency_iou_compute(self.iou, self.total, self.sweep_iou, self.sweep_hits, self.iou_thresholds)

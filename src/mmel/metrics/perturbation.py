@@ -53,6 +53,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from mmel.metrics.protocol import ItemContext, Output
+
 FILLS = ("zeros", "dataset_mean", "mean", "noise", "blur")
 MODES = ("deletion", "insertion")
 SCORES = ("cosine", "softmax", "top1")
@@ -300,22 +302,51 @@ class DeletionInsertion(Metric):
             self.add_state(f"{m}_curves", [], dist_reduce_fx="cat")
         self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, maps: Tensor, images: Tensor, targets: Tensor | None = None, scorer: Scorer | None = None) -> None:
-        scorer = self.__dict__["scorer"] if scorer is None else scorer
-        if scorer is None:
-            raise ValueError(f"{_NAME}: no scorer: pass `scorer=` to the constructor or to update().")
-        self.update_values(_deletion_insertion_update(maps, images, scorer, targets, self.options))
+    needs = frozenset({"maps", "images", "prompts", "scorer"})
 
-    def update_values(self, curves: dict[str, Tensor]) -> None:
-        """Add per-sample curves {mode: [N, S + 1]} (from ``_deletion_insertion_update``)."""
-        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
-        self._computed = None
-        n = 0
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        return tuple(Output(f"{m}_auc", m == "insertion", field=f"{m}_auc") for m in MODES)
+
+    def item_values(self, ctx: ItemContext) -> list[dict[str, Any]]:
+        """Per item {"<mode>_curve": score after each step [S + 1], "<mode>_auc": its area} for each mode; the
+        scorer's target is the item's prompt (``ctx.scorer.index``)."""
+        ctx.require(self.needs, _NAME)
+        targets = torch.tensor([ctx.scorer.index(p) for p in ctx.prompts])
+        curves = _deletion_insertion_update(ctx.maps, ctx.images, ctx.scorer, targets, self.options)
+        out: list[dict[str, Any]] = [{} for _ in range(len(ctx))]
+        for mode, c in curves.items():
+            for k, (curve, a) in enumerate(zip(c.tolist(), auc(c, self.fractions).tolist(), strict=True)):
+                out[k].update({f"{mode}_curve": curve, f"{mode}_auc": a})
+        return out
+
+    def update(
+        self,
+        maps: Tensor | None = None,
+        images: Tensor | None = None,
+        targets: Tensor | None = None,
+        scorer: Scorer | None = None,
+        *,
+        records: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        """Add N (map, image) pairs scored by ``scorer``, or N per-item ``records`` of :meth:`item_values`."""
+        if records is not None:
+            n = len(self.fractions)
+            curves = {
+                m: torch.tensor([r[f"{m}_curve"] for r in records], dtype=torch.float32).reshape(-1, n)
+                for m in self.options.modes
+            }
+        else:
+            scorer = self.__dict__["scorer"] if scorer is None else scorer
+            if scorer is None:
+                raise ValueError(f"{_NAME}: no scorer: pass `scorer=` to the constructor or to update().")
+            curves = _deletion_insertion_update(maps, images, scorer, targets, self.options)
+        n_items = 0
         for m, c in curves.items():
-            n = c.shape[0]
+            n_items = c.shape[0]
             setattr(self, f"{m}_auc", getattr(self, f"{m}_auc") + auc(c, self.fractions).sum())
             getattr(self, f"{m}_curves").append(c)
-        self.total += n
+        self.total += n_items
 
     def compute(self) -> dict[str, Tensor]:
         modes = self.options.modes

@@ -50,6 +50,7 @@ from mmel.metrics._common import (
     scatter_groups,
     size_groups,
 )
+from mmel.metrics.protocol import ItemContext, Output
 
 TIES = ("all", "first", "any")
 _NAME = "PointingGame"
@@ -252,29 +253,50 @@ class PointingGame(Metric):
         self.add_state("sample_categories", [], dist_reduce_fx="cat")
         self._category_names: dict[int, str] = {}
 
+    needs = frozenset({"maps", "boxes"})  # (+ sizes, categories, difficult when the context has them)
+
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        return (
+            Output("accuracy", True, field="hit"),
+            Output("mean_per_category", True),
+            Output("difficult_accuracy", True, field="hit", where="difficult"),
+        )
+
+    def item_values(self, ctx: ItemContext) -> list[dict[str, Any]]:
+        """Per item {"hit": 0/1, "difficult": bool, "category": str or None}."""
+        ctx.require(self.needs, _NAME)
+        hits = _pointing_game_update(ctx.maps.detach(), ctx.boxes, ctx.sizes, self.tolerance, self.ties).tolist()
+        n = len(hits)
+        difficult = ctx.difficult.tolist() if ctx.difficult is not None else [False] * n
+        categories = list(ctx.categories) if ctx.categories is not None else [None] * n
+        return [{"hit": h, "difficult": bool(d), "category": c} for h, d, c in zip(hits, difficult, categories,
+                                                                                   strict=True)]  # fmt: skip
+
     def update(
         self,
-        maps: Tensor,
-        boxes: Sequence[Tensor],
+        maps: Tensor | None = None,
+        boxes: Sequence[Tensor] | None = None,
         sizes: Tensor | None = None,
         categories: Sequence[str] | Tensor | None = None,
         difficult: Tensor | None = None,
+        *,
+        records: Sequence[dict[str, Any]] | None = None,
     ) -> None:
-        """Add N (map, boxes) pairs; see :func:`pointing_game` for the arguments."""
-        hits = _pointing_game_update(maps.detach(), boxes, sizes, self.tolerance, self.ties)
-        self.update_values(hits, categories, difficult)
-
-    def update_values(
-        self, hits: Tensor, categories: Sequence[str] | Tensor | None = None, difficult: Tensor | None = None
-    ) -> None:
-        """Add per-sample hits [N] (from ``_pointing_game_update``, e.g. replayed from stored per-item records)."""
-        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
-        self._computed = None
+        """Add N (map, boxes) pairs (see :func:`pointing_game` for the arguments), or N per-item ``records`` of
+        :meth:`item_values` (replayed from stored items)."""
+        if records is not None:
+            hits = torch.tensor([float(r["hit"]) for r in records], dtype=torch.float32)
+            cats = [r.get("category") for r in records]
+            categories = None if any(c is None for c in cats) else cats
+            difficult = torch.tensor([bool(r["difficult"]) for r in records], dtype=torch.bool)
+        else:
+            hits = _pointing_game_update(maps.detach(), boxes, sizes, self.tolerance, self.ties)
         ids, names = category_ids(categories, hits.numel(), hits.device)
         self._category_names.update(names)
         difficult = check_mask(difficult, hits.numel(), _NAME, "difficult", hits.device)
         for name, value in _accumulate(hits, difficult).items():
-            setattr(self, name, getattr(self, name) + value)
+            setattr(self, name, getattr(self, name) + value.to(getattr(self, name).device))
         self.sample_hits.append(hits)
         self.sample_categories.append(ids)
 
@@ -365,14 +387,28 @@ class EnergyPointingGame(Metric):
         self.add_state("energy", torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, maps: Tensor, boxes: Sequence[Tensor], sizes: Tensor | None = None) -> None:
-        self.update_values(_energy_pointing_game_update(maps.detach(), boxes, sizes))
+    needs = frozenset({"maps", "boxes"})
+    outputs = (Output("", True, field="energy"),)
 
-    def update_values(self, e: Tensor) -> None:
-        """Add per-sample energies [N] (from ``_energy_pointing_game_update``)."""
-        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
-        self._computed = None
-        self.energy += e.sum()
+    def item_values(self, ctx: ItemContext) -> list[dict[str, Any]]:
+        """Per item {"energy": share of the map's mass inside the boxes}."""
+        ctx.require(self.needs, "EnergyPointingGame")
+        return [{"energy": e} for e in _energy_pointing_game_update(ctx.maps.detach(), ctx.boxes, ctx.sizes).tolist()]
+
+    def update(
+        self,
+        maps: Tensor | None = None,
+        boxes: Sequence[Tensor] | None = None,
+        sizes: Tensor | None = None,
+        *,
+        records: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        """Add N (map, boxes) pairs, or N per-item ``records`` of :meth:`item_values`."""
+        if records is not None:
+            e = torch.tensor([float(r["energy"]) for r in records], dtype=torch.float32)
+        else:
+            e = _energy_pointing_game_update(maps.detach(), boxes, sizes)
+        self.energy += e.sum().to(self.energy.device)
         self.total += e.numel()
 
     def compute(self) -> Tensor:

@@ -43,6 +43,7 @@ from torchmetrics import Metric
 
 from mmel.data.boxes import union_masks
 from mmel.metrics._common import check_boxes, check_maps, check_mask, check_sizes, resize_group, size_groups
+from mmel.metrics.protocol import ItemContext, Output
 
 _NAME = "PromptSpecificity"
 STATES = (
@@ -218,23 +219,62 @@ class PromptSpecificity(Metric):
         for name in STATES:
             self.add_state(name, torch.tensor(0.0), dist_reduce_fx="sum")
 
+    needs = frozenset({"maps", "boxes", "sizes", "categories", "others"})
+
+    outputs = (
+        *(Output(k, True) for k in ("specificity", "hard_specificity", "named_rate")),
+        Output("other_rate", False),
+        Output("background_rate", None),
+        Output("absent_on_object", False),
+        *(Output(k, None) for k in ("pairs", "hard_pairs", "absent_pairs", "skipped")),
+    )
+
+    def item_values(self, ctx: ItemContext) -> list[dict[str, Any]]:
+        """Per item {"named", "other": shares of the map's peak, "kind": 0 skipped / 1 counted, "hard": bool,
+        "absent": {"prompt", "on_object"} on the first item of an image with an absent prompt, else None}."""
+        ctx.require(self.needs | ({"absent"} if self.absent else set()), _NAME)
+        others = ctx.others()  # per item: (other objects' boxes, their categories, every object's boxes)
+        other_boxes = [o[0] for o in others]
+        v = _prompt_specificity_items(ctx.maps, ctx.boxes, other_boxes, ctx.sizes)
+        recs = [
+            {"named": float(v["named"][j]), "other": float(v["other"][j]), "kind": int(v["kind"][j]),
+             "hard": shares_attribute(ctx.categories[j], cats, self.hard), "absent": None}
+            for j, (_, cats, _) in enumerate(others)
+        ]  # fmt: skip
+        if self.absent:  # once per image: the absent prompt's map against every object of the image
+            absent = ctx.absent(self.seed)
+            js = [j for j, (_, m, first) in enumerate(absent) if m is not None and first]
+            if js:
+                every = [others[j][2] for j in js]
+                a = _prompt_specificity_items(torch.stack([absent[j][1] for j in js]), [torch.zeros(0, 4)] * len(js),
+                                              every, ctx.sizes[js] if ctx.sizes is not None else None)  # fmt: skip
+                for k, j in enumerate(js):
+                    if int(a["kind"][k]) == 2:
+                        recs[j]["absent"] = {"prompt": absent[j][0], "on_object": float(a["other"][k])}
+        return recs
+
     def update(
         self,
-        maps: Tensor,
-        boxes: Sequence[Tensor],
-        other_boxes: Sequence[Tensor],
+        maps: Tensor | None = None,
+        boxes: Sequence[Tensor] | None = None,
+        other_boxes: Sequence[Tensor] | None = None,
         sizes: Tensor | None = None,
         hard: Tensor | None = None,
+        *,
+        records: Sequence[dict[str, Any]] | None = None,
     ) -> None:
-        """Add N pairs; see :func:`prompt_specificity` for the arguments."""
-        self._add(_prompt_specificity_update(maps.detach(), boxes, other_boxes, sizes, hard))
-
-    def update_values(self, named: Tensor, other: Tensor, kind: Tensor, hard: Tensor | None = None) -> None:
-        """Add per-pair values (from :func:`_prompt_specificity_items`, e.g. replayed from per-item records)."""
-        self._update_count += 1  # as torchmetrics' update() wrapper does: compute() is valid, cache stale
-        self._computed = None
-        hard = check_mask(hard, kind.numel(), _NAME, "hard", kind.device)
-        self._add(_prompt_specificity_accumulate(named, other, kind, hard))
+        """Add N pairs (see :func:`prompt_specificity` for the arguments), or N per-item ``records`` of
+        :meth:`item_values` (each absent-prompt entry counts as one more, absent, pair)."""
+        if records is None:
+            self._add(_prompt_specificity_update(maps.detach(), boxes, other_boxes, sizes, hard))
+            return
+        rows = [(r["named"], r["other"], r["kind"], r["hard"]) for r in records]
+        rows += [(0.0, r["absent"]["on_object"], 2, False) for r in records if r.get("absent")]
+        named, other, kind, flags = (list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
+        self._add(_prompt_specificity_accumulate(torch.tensor(named, dtype=torch.float32),
+                                                 torch.tensor(other, dtype=torch.float32),
+                                                 torch.tensor(kind, dtype=torch.long),
+                                                 torch.tensor(flags, dtype=torch.bool)))  # fmt: skip
 
     def _add(self, sums: dict[str, Tensor]) -> None:
         for name, value in sums.items():
