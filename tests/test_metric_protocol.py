@@ -49,8 +49,9 @@ def _context(clip, n: int = 6, seed: int = 0) -> ItemContext:
         categories=[PROMPTS[k % 2][2:] for k in range(n)],
         difficult=torch.tensor([k % 2 == 0 for k in range(n)]),
         scorer=ClipScorer(clip, PROMPTS),
-        others=lambda: [(b, ["green star"] if len(b) else [], torch.cat([boxes[k], b])) for k, b in
-                        enumerate(others_boxes)],  # fmt: skip
+        others=lambda: [
+            (b, ["green star"] if len(b) else [], torch.cat([boxes[k], b])) for k, b in enumerate(others_boxes)
+        ],  # fmt: skip
         absent=lambda seed: absent,
         randomised=lambda mode, seed: (steps, randomised),
     )

@@ -1,9 +1,8 @@
-"""Sanity checks (mmel.trust): similarity measures on hand-made maps, randomisation on copies only, curves that
-separate a model-dependent explainer from one that ignores the model, prompt randomisation, and the CLI."""
+"""Sanity checks: similarity measures on hand-made maps, randomisation on copies only, and the oracle
+(tests/sanity_oracle.py) whose curves separate a model-dependent explainer from one that ignores the model."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,16 +10,9 @@ import torch
 from scipy.stats import spearmanr
 
 from mmel.explainers import build_explainer
-from mmel.metrics.similarity import hog
-from mmel.trust import (
-    explain_items,
-    hog_similarity,
-    model_randomisation,
-    prompt_randomisation,
-    randomised_copies,
-    spearman,
-    ssim,
-)
+from mmel.metrics.sanity import randomised_copies
+from mmel.metrics.similarity import hog, hog_similarity, spearman, ssim
+from tests.sanity_oracle import explain_items, model_randomisation, prompt_randomisation
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
 
@@ -147,22 +139,3 @@ def test_explain_items_takes_each_items_column(micro_clip):
     assert torch.allclose(maps, full[torch.arange(4), cols], atol=1e-5)
     with pytest.raises(ValueError, match="not in prompt_set"):
         explain_items(e, images, PROMPTS, prompt_set=["a red circle"])
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def test_cli_writes_json_and_figure(tmp_path):
-    from mmel.data.shapes import generate
-    from mmel.trust.__main__ import main
-
-    root = generate(tmp_path / "shapes", seed=1, n_train=0, n_val=0, n_test=12, image_size=32)
-    out = tmp_path / "out"
-    main(
-        ["--n", "3", "--explainers", "grad_eclip,clip_surgery", "--model", "mmel-micro", "--pretrained", "none"]
-        + ["--data-root", str(root), "--out", str(out), "--modes", "cascading"]
-    )
-    res = json.loads((out / "trust.json").read_text())
-    assert res["config"]["n_images"] == 3 and set(res["results"]) == {"grad_eclip", "clip_surgery"}
-    r = res["results"]["grad_eclip"]
-    assert len(r["sanity"]["cascading"]["mean"]["spearman"]) == 4
-    assert 0 <= r["specificity"]["named_rate"] <= 1 and r["specificity"]["absent_pairs"] == 3
-    assert (out / "sanity_curves.png").stat().st_size > 1000

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from mmel.metrics import ModelRandomisation, PromptRandomisation, PromptSpecificity, prompt_specificity
-from mmel.metrics.sanity import explain_items, model_randomisation, randomised_copies
+from mmel.metrics.sanity import randomised_copies
 from mmel.metrics.similarity import MEASURES, similarities
 from mmel.metrics.specificity import _prompt_specificity_items, shares_attribute
+from tests.sanity_oracle import explain_items, model_randomisation
 from tests.test_evaluate import WORLD, compose_cfg
 
 TRUST_KEYS = ("prompt_specificity", "prompt_randomisation", "model_randomisation")
