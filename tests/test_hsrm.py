@@ -285,3 +285,29 @@ def test_training_logs_the_loss_every_step_and_each_term_as_its_epoch_mean(micro
     for k, vals in want.items():
         mean = sum(v * n for v, n in vals) / sum(n for _, n in vals)
         assert got[f"train/loss_{k}"] == pytest.approx(mean, rel=1e-5), k
+
+
+def test_hsrm_settings_are_written_once():
+    """The HSRM, its trainer, the mmel explainer and both configs take their defaults from HSRMSettings."""
+    import inspect
+    from dataclasses import asdict
+
+    from hydra import compose, initialize_config_dir
+
+    from mmel.hsrm.explainer import MMELExplainer
+    from mmel.hsrm.module import DEFAULTS, HSRM, hsrm_default
+    from mmel.lit_module import HSRMLitModule
+    from tests.conftest import CONF_DIR
+
+    want = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(DEFAULTS).items()}
+    for fn in (HSRM.__init__, HSRMLitModule.__init__, MMELExplainer.__init__):
+        params = inspect.signature(fn).parameters
+        got = {k: p.default for k, p in params.items() if k in want}
+        assert got and all(getattr(DEFAULTS, k) == v for k, v in got.items()), fn.__qualname__
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        hsrm = compose("train").hsrm
+        mmel = compose("evaluate", overrides=["explainer=mmel"]).explainer
+    assert {k: hsrm[k] for k in want} == want
+    assert {k: mmel[k] for k in ("layers", "scales", "tau")} == {k: want[k] for k in ("layers", "scales", "tau")}
+    with pytest.raises(KeyError, match="no HSRM setting"):
+        hsrm_default("scale")

@@ -3,4 +3,16 @@
 Library code lives here; the programs (`train`, `evaluate`, `explain`) are thin Hydra entry points at the repo root.
 """
 
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+
+def _hsrm_default(key: str):
+    from mmel.hsrm.module import hsrm_default  # torch only when a config asks
+
+    return hsrm_default(key)
+
+
+# ${hsrm_default:<key>} in conf/: the HSRM's settings are written once, in mmel.hsrm.module.HSRMSettings
+OmegaConf.register_new_resolver("hsrm_default", _hsrm_default, replace=True)

@@ -25,6 +25,7 @@ from mmel.data.transforms import box_masks
 from mmel.explainers import build_explainer
 from mmel.explainers.base import to_image_maps
 from mmel.hsrm import HSRM, HSRMInputs, box_losses, hsrm_config, hsrm_layers, needs_map
+from mmel.hsrm.module import DEFAULTS
 from mmel.metrics import EnergyPointingGame, PointingGame
 
 
@@ -38,7 +39,8 @@ class HSRMLitModule(pl.LightningModule):
 
     Args:
         clip: the frozen backbone.
-        layers: selected vision blocks (negative = from the end); the last one is Grad-ECLIP's block.
+        layers: selected vision blocks (an int n: the last n; negative = from the end); the last one is
+            Grad-ECLIP's block. Defaults of this and the next settings: :class:`mmel.hsrm.module.HSRMSettings`.
         scales, tau: HSRM propagation granularities and initial temperatures (``scales=()``: no propagation).
         layer_weights, gate: HSRM switches for ablations (``learned`` / ``uniform`` / ``last``; gate on / off).
         losses: objective weights, e.g. ``{"energy": 1.0, "dice": 0.5}``.
@@ -51,11 +53,11 @@ class HSRMLitModule(pl.LightningModule):
     def __init__(
         self,
         clip: ClipBundle,
-        layers: Sequence[int] = (-6, -5, -4, -3, -2, -1),
-        scales: Sequence[int] = (1, 2, 4),
-        tau: float | Sequence[float] = 0.1,
-        layer_weights: str = "learned",
-        gate: bool = True,
+        layers: Sequence[int] | int = DEFAULTS.layers,
+        scales: Sequence[int] = DEFAULTS.scales,
+        tau: float | Sequence[float] = DEFAULTS.tau,
+        layer_weights: str = DEFAULTS.layer_weights,
+        gate: bool = DEFAULTS.gate,
         losses: Mapping[str, float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         evidence_fn: Callable[..., Any] | None = None,

@@ -20,7 +20,7 @@ from mmel.backbone import ClipBundle
 from mmel.explainers import build_explainer, register
 from mmel.explainers.base import Explainer
 from mmel.hsrm.checkpoint import load_hsrm
-from mmel.hsrm.module import HSRM, HSRMInputs, hsrm_layers
+from mmel.hsrm.module import DEFAULTS, HSRM, HSRMInputs, hsrm_layers
 
 
 @register("mmel")
@@ -35,9 +35,9 @@ class MMELExplainer(Explainer):
         self,
         clip: ClipBundle,
         checkpoint: str | Path | None = None,
-        layers: Sequence[int] | int = 6,
-        scales: Sequence[int] = (1, 2, 4),
-        tau: float | Sequence[float] = 0.1,
+        layers: Sequence[int] | int = DEFAULTS.layers,
+        scales: Sequence[int] = DEFAULTS.scales,
+        tau: float | Sequence[float] = DEFAULTS.tau,
     ) -> None:
         super().__init__(clip)
         if checkpoint is not None:

@@ -32,6 +32,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,36 @@ from torch import Tensor, nn
 from mmel.explainers.base import to_image_maps
 from mmel.explainers.grad_eclip import LayerEvidence
 from mmel.explainers.vit import last_layers, resolve_layers
+
+
+@dataclass(frozen=True)
+class HSRMSettings:
+    """The HSRM's architecture settings and their defaults, written down once: :class:`HSRM`, its Lightning trainer
+    (:class:`mmel.lit_module.HSRMLitModule`), the ``mmel`` explainer and the configs (``conf/hsrm/default.yaml``,
+    ``conf/explainer/mmel.yaml``, through the ``${hsrm_default:<key>}`` resolver) all read them here.
+
+    layers: an int n = the last n vision blocks (clamped to the model's depth), or a list of block indices;
+    scales: relationship granularities (patch windows; empty = no propagation); tau: initial softmax temperature,
+    one for all scales or one per scale (learnt); layer_weights: ``learned`` | ``uniform`` | ``last``; gate: the
+    cross-modal alignment gate on / off.
+    """
+
+    layers: int | tuple[int, ...] = 6
+    scales: tuple[int, ...] = (1, 2, 4)
+    tau: float | tuple[float, ...] = 0.1
+    layer_weights: str = "learned"
+    gate: bool = True
+
+
+DEFAULTS = HSRMSettings()
+
+
+def hsrm_default(key: str) -> Any:
+    """One default of :data:`DEFAULTS` as a config value (tuples as lists): the ``hsrm_default`` resolver."""
+    if key not in HSRMSettings.__dataclass_fields__:
+        raise KeyError(f"hsrm_default: no HSRM setting {key!r}; known: {sorted(HSRMSettings.__dataclass_fields__)}")
+    v = getattr(DEFAULTS, key)
+    return list(v) if isinstance(v, tuple) else v
 
 
 def hsrm_layers(layers: Sequence[int] | int, depth: int) -> list[int]:
@@ -214,12 +245,12 @@ class HSRM(nn.Module):
         num_layers: int,
         width: int,
         embed_dim: int,
-        scales: Sequence[int] = (1, 2, 4),
-        tau: float | Sequence[float] = 0.1,
+        scales: Sequence[int] = DEFAULTS.scales,
+        tau: float | Sequence[float] = DEFAULTS.tau,
         ln_post: nn.LayerNorm | None = None,
         proj: Tensor | None = None,
-        layer_weights: str = "learned",
-        gate: bool = True,
+        layer_weights: str = DEFAULTS.layer_weights,
+        gate: bool = DEFAULTS.gate,
     ) -> None:
         super().__init__()
         if layer_weights not in self.LAYER_WEIGHTS:
