@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 DEFAULT_ROWS = ("task_name", "model.name", "data._target_", "explainer.name", "explainer.mode")
 
@@ -33,12 +34,20 @@ def find_runs(roots: Iterable[str | Path]) -> list[Path]:
 
 
 def lookup(cfg: dict, dotted: str):
+    """The value at a dotted key, its interpolations resolved where they can be outside the run (e.g.
+    ``${hsrm_default:scales}``; one that needs Hydra's runtime, like ``${hydra:runtime.output_dir}``, stays as
+    written)."""
     node = cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
-    return node
+    try:
+        import mmel  # noqa: F401 - registers the project's config resolvers
+
+        return OmegaConf.to_container(OmegaConf.create({"v": node}), resolve=True)["v"] if node is not None else None
+    except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve: show it as written
+        return node
 
 
 def load_run(run: Path) -> tuple[dict, dict]:

@@ -39,3 +39,12 @@ def test_cli_writes_csv(tmp_path, capsys):
     assert main([str(tmp_path), "--rows", "explainer.name", "--out", str(out)]) == 0
     assert out.read_text().splitlines() == ["explainer.name,pg,run", "grad_eclip,1.0000,a"]
     assert main([str(tmp_path / "none")]) == 1
+
+
+def test_lookup_resolves_project_interpolations_and_keeps_runtime_ones():
+    from experiments.aggregate import lookup
+
+    cfg = {"hsrm": {"scales": "${hsrm_default:scales}"}, "paths": {"out": "${hydra:runtime.output_dir}"}}
+    assert lookup(cfg, "hsrm.scales") == [1, 2, 4]
+    assert lookup(cfg, "paths.out") == "${hydra:runtime.output_dir}"
+    assert lookup(cfg, "hsrm.missing") is None
