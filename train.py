@@ -5,6 +5,8 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+import mmel  # noqa: F401 - registers the config resolvers before Hydra composes (also for --cfg job --resolve)
+
 os.environ.setdefault("MMEL_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmel  # noqa: F401 - registers the project's config resolvers (${hsrm_default:...}), as every program does
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 

@@ -114,3 +114,25 @@ def _instantiate_targets(node, where: str) -> None:
         for k, v in node.items():
             if k != "hydra":
                 _instantiate_targets(v, f"{where}.{k}")
+
+
+def test_train_composes_no_explainer_and_refuses_one_given(tmp_path):
+    """Training reads native Grad-ECLIP evidence only: `explainer=...` does not compose, and `+explainer=...` (which
+    would be silently ignored) is refused with a message that says so."""
+    from hydra.errors import ConfigCompositionException
+
+    from mmel.train import run
+
+    assert "explainer" not in compose_cfg("train", [], tmp_path)
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("train", ["explainer=legrad"], tmp_path)
+    with pytest.raises(ValueError, match="no effect here"):
+        run(compose_cfg("train", ["+explainer=legrad"], tmp_path))
+
+
+def test_hsrm_defaults_resolve_in_place_as_the_cli_resolves(tmp_path):
+    """`python train.py --cfg job --resolve` resolves the config in place: list-valued defaults must survive it."""
+    cfg = compose_cfg("train", [], tmp_path)
+    hsrm = OmegaConf.create(OmegaConf.to_container(cfg.hsrm))
+    OmegaConf.resolve(hsrm)
+    assert list(hsrm.scales) == [1, 2, 4] and hsrm.layers == 6

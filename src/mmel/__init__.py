@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 def _hsrm_default(key: str):
     from mmel.hsrm.module import hsrm_default  # torch only when a config asks
 
-    return hsrm_default(key)
+    v = hsrm_default(key)
+    return OmegaConf.create(v) if isinstance(v, list) else v  # a container resolves in place too (--resolve)
 
 
 # ${hsrm_default:<key>} in conf/: the HSRM's settings are written once, in mmel.hsrm.module.HSRMSettings

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    if cfg.get("explainer") is not None:  # e.g. `+explainer=legrad`: it would be silently ignored
+        raise ValueError(
+            "train: the HSRM is trained on native Grad-ECLIP evidence; an `explainer` setting has no effect here. "
+            "Remove it (choose explainers with evaluate.py; the HSRM's own settings are hsrm.*)."
+        )
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
