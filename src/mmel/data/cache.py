@@ -12,8 +12,9 @@ Layout of a cache directory (one cache):
   written before the first shard. A different key or item list wipes the folder's cache files and rebuilds (the
   log says which field changed);
 * ``shard-00000.arrow``, ...: ``shard_size`` items each (columns ``id``, ``ok``, and per tensor ``t`` a flat
-  ``t`` column plus ``t__shape``; read back by :mod:`mmel.data.cache_rows`). A shard is written to a temporary name and renamed when complete, so a killed
-  build leaves only whole shards, and a resumed build computes only the missing ones;
+  ``t`` column plus ``t__shape``; read back by :mod:`mmel.data.cache_rows`). A shard is written to a temporary
+  name and renamed when complete, so a killed build leaves only whole shards, and a resumed build computes only
+  the missing ones;
 * ``cache.json``: the manifest, written **last**, once every shard exists: key, ids hash, item count, tensor
   schema, and each shard's name, item count, size and SHA-256 (plus one hash over them all). Without it the cache
   is incomplete and :meth:`FeatureCache.load` refuses it; with it, load checks every shard's size and ids against
