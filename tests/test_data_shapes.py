@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from mmel.data import CocoBoxes, Flickr30kEntities, ShapesDataModule
-from mmel.data.shapes import generate
 
 SMALL = {"n_train": 6, "n_val": 3, "n_test": 5}
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("shapes"), seed=3, **SMALL)
+def world(shapes_world):
+    return shapes_world(seed=3, **SMALL)
 
 
 def _truth(root, split):

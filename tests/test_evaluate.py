@@ -24,10 +24,8 @@ WORLD_KW = "{" + ",".join(f"{k}:{v}" for k, v in WORLD.items()) + "}"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from mmel.data.shapes import generate
-
-    return generate(tmp_path_factory.mktemp("world"), seed=5, **WORLD)
+def world(shapes_world) -> Path:
+    return shapes_world(seed=5, **WORLD)
 
 
 def cli(world: Path, out: Path, *over: str) -> list[str]:

@@ -18,10 +18,8 @@ SPLITS = "data.splits={train:train,val:val,test:test}"  # the shapes world's spl
 
 
 @pytest.fixture(scope="module")
-def small_world(tmp_path_factory) -> Path:
-    from mmel.data.shapes import generate
-
-    return generate(tmp_path_factory.mktemp("world"), seed=5, n_train=8, n_val=4, n_test=12)
+def small_world(shapes_world) -> Path:
+    return shapes_world(seed=5, n_train=8, n_val=4, n_test=12)
 
 
 def _run_test_only(world: Path, out: Path, extra: list[str]) -> dict:
@@ -105,10 +103,8 @@ def vitb16_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world_224(tmp_path_factory) -> Path:
-    from mmel.data.shapes import generate
-
-    return generate(tmp_path_factory.mktemp("world224"), seed=1, image_size=224, n_train=4, n_val=2, n_test=2)
+def world_224(shapes_world) -> Path:
+    return shapes_world(seed=1, image_size=224, n_train=4, n_val=2, n_test=2)
 
 
 @pytest.mark.slow  # ~2 min each on 2 shared cores (the ViT-B/16 load and its CLIP passes)

@@ -21,10 +21,8 @@ WORLD = {"n_train": 48, "n_val": 16, "n_test": N_TEST}
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from mmel.data.shapes import generate
-
-    return generate(tmp_path_factory.mktemp("world"), seed=3, **WORLD)
+def world(shapes_world) -> Path:
+    return shapes_world(seed=3, **WORLD)
 
 
 def cfg_for(program: str, world: Path, out: Path, overrides: list[str]):

@@ -26,10 +26,8 @@ TRAIN = ["trainer.max_epochs=3", "data.batch_size=8", "logger=csv"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from mmel.data.shapes import generate
-
-    return generate(tmp_path_factory.mktemp("world"), seed=3, **WORLD)
+def world(shapes_world) -> Path:
+    return shapes_world(seed=3, **WORLD)
 
 
 def hsrm_weights(run: Path) -> dict[str, torch.Tensor]:

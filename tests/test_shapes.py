@@ -34,8 +34,8 @@ def _tree_hash(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("shapes"), seed=3, **SMALL)
+def world(shapes_world) -> Path:
+    return shapes_world(seed=3, **SMALL)
 
 
 def test_vocabulary_size():

@@ -20,7 +20,6 @@ import pytest
 from safetensors import safe_open
 
 from mmel.backbone import load_clip
-from mmel.data.shapes import generate
 from mmel.explainers import build_explainer
 from mmel.pretrain import tiny
 from mmel.pretrain.quality import grounding_report, load_held_out
@@ -30,9 +29,9 @@ MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def held_out_world(tmp_path_factory) -> Path:
+def held_out_world(shapes_world) -> Path:
     # only the test split is needed: its images depend on (seed, split, index) alone
-    return generate(tmp_path_factory.mktemp("world"), seed=0, n_train=0, n_val=0, n_test=N_EVAL)
+    return shapes_world(seed=0, n_train=0, n_val=0, n_test=N_EVAL)
 
 
 def _report(clip, world: Path, label: str) -> dict[str, float]:

@@ -24,10 +24,8 @@ TRUST_KEYS = ("prompt_specificity", "prompt_randomisation", "model_randomisation
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from mmel.data.shapes import generate
-
-    return generate(tmp_path_factory.mktemp("world"), seed=5, **WORLD)
+def world(shapes_world) -> Path:
+    return shapes_world(seed=5, **WORLD)
 
 
 class MapSpy:
