@@ -19,7 +19,8 @@ N_ITEMS = 40
 
 def _value(cfg, salt: str) -> float:
     """A deterministic per-run number in [0.2, 0.8] from the explainer, checkpoint (seed) and a salt."""
-    key = f"{cfg.explainer.get('name')}|{cfg.explainer.get('checkpoint')}|{cfg.get('seed')}|{salt}"
+    explainer = cfg.get("explainer") or {}  # train runs have none
+    key = f"{explainer.get('name')}|{explainer.get('checkpoint')}|{cfg.get('seed')}|{salt}"
     return 0.2 + 0.6 * (zlib.crc32(key.encode()) % 1000) / 1000
 
 
@@ -172,3 +173,19 @@ def test_the_coco_spec_plans_every_run_per_backbone_without_running_or_writing(t
                         for r in mmel)  # fmt: skip
     assert any("data=flickr30k" in r.overrides for r in runs)  # Table 3 on Flickr30k Entities
     assert len({r.out for r in runs}) == len(runs)  # one folder per run
+
+
+def test_a_spec_adds_a_column_by_naming_an_output(tmp_path):
+    """`columns: {localisation: {label: output}}` puts any declared output into Table 1, with its direction and its
+    item interval read from the runs' declarations; a table the runner does not make is refused."""
+    spec = {**SPEC, "columns": {"localisation": {"energy (again)": "energy_pointing_game"}}}
+    paper = Paper(spec, tmp_path, runner=fake_runner([]))
+    paper.build()
+    t1 = json.loads((tmp_path / "summary.json").read_text())["table-1"]
+    j, k = t1["columns"].index("energy (again)"), t1["columns"].index("energy PG")
+    for row in t1["cells"]:
+        assert row[j] == row[k] and row[j]["low"] is not None
+    table, _ = paper.localisation()  # the runs are reused: the direction comes from the declarations
+    assert table.columns[j].higher_is_better is True
+    with pytest.raises(ValueError, match="unknown tables"):
+        Paper({**SPEC, "columns": {"ablations": {"x": "y"}}}, tmp_path / "b", runner=fake_runner([])).build()

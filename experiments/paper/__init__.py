@@ -355,9 +355,19 @@ class Paper:
         return self._trained
 
     # ------------------------------------------------------------------------------------------- tables
+    def columns(self, table: str, default: dict[str, str]) -> dict[str, str]:
+        """A table's columns: the defaults, then the spec's ``columns: {<table>: {label: output}}`` (a metric's
+        output joins a table by being named there, e.g. ``pixel AP: saliency_ap``)."""
+        extra = (self.spec.get("columns") or {}).get(table) or {}
+        unknown = set(self.spec.get("columns") or {}) - {"localisation", "faithfulness", "trust"}
+        if unknown:
+            raise ValueError(f"paper spec {self.spec['name']!r}: columns for unknown tables {sorted(unknown)}; "
+                             "expected localisation, faithfulness or trust")  # fmt: skip
+        return {**default, **{str(k): str(v) for k, v in extra.items()}}
+
     def localisation(self) -> tuple[Table, dict[str, list[Run]]]:
         rows = self.evaluations(list(self.spec["explainers"]), "localisation")
-        return metric_table("Table 1 — localisation", rows, LOCALISATION), rows
+        return metric_table("Table 1 — localisation", rows, self.columns("localisation", LOCALISATION)), rows
 
     def faithfulness(self) -> tuple[Table, dict[str, list[Run]]]:
         f = self.spec["faithfulness"]
@@ -370,7 +380,8 @@ class Paper:
             rows[f"{ge}, Grad-ECLIP paper's protocol"] = [
                 self._run("evaluate", over, self.runs_dir / "faithfulness" / "grad-eclip-protocol")
             ]
-        return metric_table("Table 2 — faithfulness (deletion / insertion)", rows, FAITHFULNESS), rows
+        columns = self.columns("faithfulness", FAITHFULNESS)
+        return metric_table("Table 2 — faithfulness (deletion / insertion)", rows, columns), rows
 
     def phrases(self) -> Table:
         p = self.spec["phrases"]
@@ -408,7 +419,8 @@ class Paper:
         t = self.spec["trust"]
         rows = self.evaluations(t["explainers"], "trust", t.get("overrides", []), t.get("limit"))
         table = metric_table("Table 5 — trust: similarity to the original map after full randomisation (lower: "
-                             "the map depends on the model / prompt), prompt specificity", rows, TRUST)  # fmt: skip
+                             "the map depends on the model / prompt), prompt specificity", rows,
+                             self.columns("trust", TRUST))  # fmt: skip
         if self._planning:
             return table, None
         return table, self.sanity_figure(rows, self.results / "figures" / "sanity_curves.png")
