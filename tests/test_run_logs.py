@@ -149,3 +149,35 @@ def test_machine_entry_from_cpuinfo_and_its_key(tmp_path):
     assert missing["cpu_flags"] is None
     facts, k = machine_fingerprint("cpu")
     assert k == machine_key(facts)
+
+
+def _usage_commands() -> list[str]:
+    """The command lines of the README's Usage block (comments cut)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.startswith("python ")]
+
+
+def test_readme_quoting_of_unusual_prompts_parses_as_documented():
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    explain = [c for c in _usage_commands() if c.startswith("python explain.py") and "🐱" in c]
+    assert explain, "the README's Usage shows how to quote a prompt with an emoji"
+    overrides = shlex.split(explain[0])[2:]  # what the shell hands to Hydra
+    prompts = next(o for o in parser.parse_overrides(overrides) if o.key_or_group == "prompts").value()
+    assert prompts == ["a 🐱 on a sofa", "a cat, asleep"]
+    with pytest.raises(Exception, match="token recognition error"):  # unquoted, Hydra's grammar refuses the emoji
+        parser.parse_override("prompts=[a 🐱 on a sofa]")
+
+
+def test_readme_says_how_to_continue_a_killed_training_run():
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    line = next(c for c in _usage_commands() if c.startswith("python train.py ckpt_path="))
+    assert "ckpt_path" in OmegaConf.load(conf / "train.yaml")  # the key the README names exists
+    last = OmegaConf.load(conf / "callbacks" / "default.yaml").last_checkpoint
+    assert line.endswith(f"checkpoints/{last.filename}.ckpt") and last.every_n_epochs == 1  # what a kill leaves

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mmel.utils.machine import machine_fingerprint
 
@@ -122,8 +122,10 @@ def header_lines(task: str, cfg: DictConfig, out: str | os.PathLike, device: str
         split = cfg.get("split") if task == "evaluate" else "train/val/test"
         batch = data.get("batch_size")
         lines.append(f"{task}: data {name}, root {data.get('root')}, split {split}, batch_size {batch}")
-    elif cfg.get("image") is not None:
-        lines.append(f"{task}: image {OmegaConf.select(cfg, 'image', default=None)}")
+    elif OmegaConf.select(cfg, "image", default=None, throw_on_missing=False) is not None:
+        prompts = OmegaConf.select(cfg, "prompts", default=None, throw_on_missing=False)
+        n = len(prompts) if isinstance(prompts, ListConfig | list) else (1 if prompts else 0)
+        lines.append(f"{task}: image {cfg.image}, {n} prompt(s)")
     explainer = cfg.get("explainer")
     if isinstance(explainer, DictConfig) and task != "train":
         opts = _options(explainer, ("_target_", "_partial_", "name"))
