@@ -181,3 +181,17 @@ def test_readme_says_how_to_continue_a_killed_training_run():
     assert "ckpt_path" in OmegaConf.load(conf / "train.yaml")  # the key the README names exists
     last = OmegaConf.load(conf / "callbacks" / "default.yaml").last_checkpoint
     assert line.endswith(f"checkpoints/{last.filename}.ckpt") and last.every_n_epochs == 1  # what a kill leaves
+
+
+def test_pretrainer_builds_its_clip_without_the_initialized_randomly_warning(caplog, monkeypatch):
+    from mmel.pretrain.module import TinyClipPretrainer
+
+    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    with caplog.at_level(logging.INFO):
+        TinyClipPretrainer(arch="mmel-micro")  # trained from scratch: "initialized randomly" is no news
+    assert "initialized randomly" not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv(logs.VERBOSE_ENV, "1")
+    with caplog.at_level(logging.INFO):
+        TinyClipPretrainer(arch="mmel-micro")
+    assert "No pretrained weights loaded for model 'mmel-micro'" in caplog.text  # verbose: open_clip says it
