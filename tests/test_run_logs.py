@@ -61,7 +61,7 @@ def _evaluate(cfg) -> tuple[dict, _Collect, list[str]]:
 
 
 def test_default_run_is_quiet_starts_with_its_header_and_records_truncated_prompts(world, tmp_path, monkeypatch):
-    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(logs.VERBOSE_ENV, "0")  # recorded, so restored after
     out = tmp_path / "quiet"
     over = ["limit=3", "figure_samples=0", "data.batch_size=2", f"data.prompt_template='{LONG_TEMPLATE}'"]
     results, records, warned = _evaluate(cfg_for("evaluate", world, out, over))
@@ -92,7 +92,7 @@ def test_default_run_is_quiet_starts_with_its_header_and_records_truncated_promp
 
 
 def test_verbose_keeps_the_filtered_lines(world, tmp_path, monkeypatch):
-    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)  # restored after the test: the run sets it
+    monkeypatch.setenv(logs.VERBOSE_ENV, "0")  # "0": not verbose; restored (to unset) after the test, which sets it
     cfg = cfg_for("evaluate", world, tmp_path / "loud", ["limit=1", "figure_samples=0", "verbose=true"])
     _, records, warned = _evaluate(cfg)
     assert "litlogger" in records.text()
@@ -186,7 +186,7 @@ def test_readme_says_how_to_continue_a_killed_training_run():
 def test_pretrainer_builds_its_clip_without_the_initialized_randomly_warning(caplog, monkeypatch):
     from mmel.pretrain.module import TinyClipPretrainer
 
-    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(logs.VERBOSE_ENV, "0")  # recorded, so restored after
     with caplog.at_level(logging.INFO):
         TinyClipPretrainer(arch="mmel-micro")  # trained from scratch: "initialized randomly" is no news
     assert "initialized randomly" not in caplog.text
@@ -195,3 +195,37 @@ def test_pretrainer_builds_its_clip_without_the_initialized_randomly_warning(cap
     with caplog.at_level(logging.INFO):
         TinyClipPretrainer(arch="mmel-micro")
     assert "No pretrained weights loaded for model 'mmel-micro'" in caplog.text  # verbose: open_clip says it
+
+
+def test_the_tip_filter_drops_only_lightnings_advertisements(monkeypatch, caplog):
+    from mmel.backbone import load_clip
+
+    logger = logging.getLogger(logs.LIGHTNING_RANK_ZERO)
+    handler = _Collect()
+    logger.addHandler(handler)
+    try:
+        logs.quiet_third_party(False)
+        logger.warning("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/...)")
+        logger.warning("💡 Tip: For seamless cloud uploads ... try installing [litmodels](https://pypi.org/...)")
+        logger.warning("GPU available: False, used: False")
+        logger.warning("a line that mentions litlogger but is no tip")
+        assert handler.text().splitlines() == [
+            "GPU available: False, used: False",
+            "a line that mentions litlogger but is no tip",
+        ]
+        logs.quiet_third_party(True)
+        logger.warning("💡 Tip: ... [litmodels] ...")
+        assert handler.text().splitlines()[-1] == "💡 Tip: ... [litmodels] ..."
+    finally:
+        logs.quiet_third_party(False)
+        logger.removeHandler(handler)
+    # open_clip's "initialized randomly" doubles mmel's own line for a random CLIP: only verbose shows it
+    monkeypatch.setenv(logs.VERBOSE_ENV, "0")  # recorded, so restored after
+    with caplog.at_level(logging.INFO):
+        load_clip("mmel-micro")
+    assert "No pretrained weights loaded" not in caplog.text and "random weights" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv(logs.VERBOSE_ENV, "1")
+    with caplog.at_level(logging.INFO):
+        load_clip("mmel-micro")
+    assert "No pretrained weights loaded for model 'mmel-micro'" in caplog.text

@@ -358,8 +358,9 @@ def load_clip(
                 "See data/README.md."
             ) from e
     else:
-        # weights from a file: the "initialized randomly" line open_clip prints first would be untrue
-        with quiet_open_clip(weights_loaded=weight_file is not None):
+        # weights from a file: the "initialized randomly" line open_clip prints first would be untrue; without
+        # weights it is true but doubles the line logged below, which also names the model's config
+        with quiet_open_clip(weights_loaded=True):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, precision=precision)
         if weight_file is not None:
             _load_file_into(model, weight_file, name)
@@ -380,7 +381,7 @@ def load_clip(
         std=std,
     )
     if tag is None:
-        log.info("CLIP %s: random weights (pretrained=None)", name)
+        log.info("CLIP %s: random weights (pretrained=None: initialized randomly, nothing learned)", name)
     else:
         if weight_file is not None:  # the file's own hash too: the fingerprint covers only a few tensors
             source = f"file {weight_file} (sha256 {file_sha256(weight_file)[:12]}, fingerprint {bundle.fingerprint})"

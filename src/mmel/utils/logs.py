@@ -3,9 +3,10 @@
 Every program (train, evaluate, explain) calls :func:`start_run` first. It
 
 * drops, by logger / warning module and message, the lines that are noise in every run: Lightning's advertising
-  tip ("💡 Tip: For seamless cloud logging ... litlogger") and the ``isinstance(treespec, LeafSpec)`` deprecation
-  warning that Lightning's own ``_pytree`` triggers in torch (nothing a user can act on). Anything else those
-  libraries log passes; open_clip's chatter is handled where models are built (:func:`mmel.backbone.quiet_open_clip`);
+  tips ("💡 Tip: For seamless cloud logging ... litlogger", "... cloud uploads ... litmodels") and the
+  ``isinstance(treespec, LeafSpec)`` deprecation warning that Lightning's own ``_pytree`` triggers in torch
+  (nothing a user can act on). Anything else those libraries log passes; open_clip's chatter is handled where
+  models are built (:func:`mmel.backbone.quiet_open_clip`);
 * keeps all of them visible with ``verbose=true`` (a key of the primary configs) or ``MMEL_VERBOSE=1``; a verbose
   run sets ``MMEL_VERBOSE=1`` so lower layers (the backbone loader, DDP workers) see it too;
 * logs the run header: model and weights (tag or file; the loader's line that follows adds the file and its
@@ -30,9 +31,10 @@ from mmel.utils.machine import machine_fingerprint
 log = logging.getLogger("mmel.run")
 
 VERBOSE_ENV = "MMEL_VERBOSE"
-# Lightning logs the tip through this logger (rank_zero_info) each time a Trainer connects its loggers
+# Lightning logs its tips through this logger (rank_zero_info) when a Trainer connects its loggers / callbacks
 LIGHTNING_RANK_ZERO = "pytorch_lightning.utilities.rank_zero"
-TIP_MARKER = "litlogger"
+# an advertisement: Lightning's tip prefix, naming one of its cloud products
+TIP_PREFIX, TIP_PRODUCTS = "💡 Tip:", ("litlogger", "litmodels")
 # torch deprecates LeafSpec; pytorch_lightning.utilities._pytree still instantiates it (a FutureWarning per run)
 LEAFSPEC_MESSAGE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 LEAFSPEC_MODULE = r"pytorch_lightning\.utilities\._pytree"
@@ -46,10 +48,11 @@ def verbose_requested(cfg: DictConfig | None = None) -> bool:
 
 
 class _DropLightningTip(logging.Filter):
-    """Drops Lightning's advertising tip for its cloud logger; every other Lightning line passes."""
+    """Drops Lightning's advertising tips for its cloud products; every other Lightning line passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return TIP_MARKER not in record.getMessage()
+        message = record.getMessage()
+        return not (message.startswith(TIP_PREFIX) and any(p in message for p in TIP_PRODUCTS))
 
 
 _TIP_FILTER = _DropLightningTip()
