@@ -229,3 +229,18 @@ def test_the_tip_filter_drops_only_lightnings_advertisements(monkeypatch, caplog
     with caplog.at_level(logging.INFO):
         load_clip("mmel-micro")
     assert "No pretrained weights loaded for model 'mmel-micro'" in caplog.text
+
+
+def test_a_split_without_samples_is_an_error_not_a_metrics_file_of_nulls(world, tmp_path, monkeypatch):
+    from mmel.data import ShapesDataModule
+    from mmel.evaluate import run
+
+    class Empty(list):
+        skipped: dict = {}
+        records: list = []
+
+    monkeypatch.setattr(ShapesDataModule, "dataset", lambda self, split: Empty())
+    out = tmp_path / "empty"
+    with pytest.raises(ValueError, match=r"split 'test' of data.root=.* has no samples to score"):
+        run(cfg_for("evaluate", world, out, []))
+    assert not (out / "metrics.json").exists()
