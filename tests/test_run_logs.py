@@ -244,3 +244,16 @@ def test_a_split_without_samples_is_an_error_not_a_metrics_file_of_nulls(world, 
     with pytest.raises(ValueError, match=r"split 'test' of data.root=.* has no samples to score"):
         run(cfg_for("evaluate", world, out, []))
     assert not (out / "metrics.json").exists()
+
+
+def test_resume_on_another_machine_kind_is_logged_not_refused(tmp_path, caplog):
+    from mmel.evaluation.records import check_fingerprint, write_fingerprint
+
+    here = machine("cpu")
+    fp = {"task": "evaluate", "seed": 1}
+    write_fingerprint(tmp_path, fp, here)
+    with caplog.at_level(logging.WARNING, logger="mmel.evaluation.records"):
+        check_fingerprint(tmp_path, fp, dict(here))
+        assert not caplog.records
+        check_fingerprint(tmp_path, fp, {**here, "cpu_capability": "OTHER"})
+    assert "started on another kind of machine" in caplog.text and "OTHER" in caplog.text
