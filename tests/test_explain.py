@@ -132,7 +132,8 @@ def test_empty_prompts_missing_fields_and_bad_resize(png, tmp_path, micro_clip):
         explain_image(png, ["a"], micro_clip, e, out_dir=tmp_path, resize="crop")
 
 
-def test_long_prompt_truncated_is_logged_and_recorded(png, tmp_path, micro_clip, caplog):
+def test_long_prompt_truncated_is_logged_and_recorded(png, tmp_path, micro_clip, caplog, monkeypatch):
+    monkeypatch.setattr("mmel.backbone._TOLD_TRUNCATED", set())  # logged once per process: as if first
     e = build_explainer("grad_eclip", micro_clip)
     long = " ".join(["blue"] * 30)  # micro's context is 16 tokens
     with caplog.at_level(logging.WARNING, logger="mmel.backbone"):

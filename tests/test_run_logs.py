@@ -62,6 +62,7 @@ def _evaluate(cfg) -> tuple[dict, _Collect, list[str]]:
 
 def test_default_run_is_quiet_starts_with_its_header_and_records_truncated_prompts(world, tmp_path, monkeypatch):
     monkeypatch.setenv(logs.VERBOSE_ENV, "0")  # recorded, so restored after
+    monkeypatch.setattr("mmel.backbone._TOLD_TRUNCATED", set())  # truncations are logged once per process
     out = tmp_path / "quiet"
     over = ["limit=3", "figure_samples=0", "data.batch_size=2", f"data.prompt_template='{LONG_TEMPLATE}'"]
     results, records, warned = _evaluate(cfg_for("evaluate", world, out, over))
