@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -131,12 +132,17 @@ def test_empty_prompts_missing_fields_and_bad_resize(png, tmp_path, micro_clip):
         explain_image(png, ["a"], micro_clip, e, out_dir=tmp_path, resize="crop")
 
 
-def test_long_prompt_truncated_with_warning(png, tmp_path, micro_clip):
+def test_long_prompt_truncated_is_logged_and_recorded(png, tmp_path, micro_clip, caplog, monkeypatch):
+    monkeypatch.setattr("mmel.backbone._TOLD_TRUNCATED", set())  # logged once per process: as if first
     e = build_explainer("grad_eclip", micro_clip)
     long = " ".join(["blue"] * 30)  # micro's context is 16 tokens
-    with pytest.warns(UserWarning, match="truncated"):
-        m = explain_image(png, [long], micro_clip, e, out_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mmel.backbone"):
+        m = explain_image(png, [long, "a red circle"], micro_clip, e, out_dir=tmp_path)
+    cut = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(cut) == 1 and "16 of its 32 tokens kept" in cut[0]  # once, though tokenised several times
     assert len(m["prompts"][0]["token_weights"]) == 14  # context minus start and end tokens
+    assert m["prompts"][0]["prompt_tokens"] == {"kept": 16, "total": 32, "truncated": True}
+    assert m["prompts"][1]["prompt_tokens"] == {"kept": 5, "total": 5, "truncated": False}
 
 
 def test_keep_size_rounds_each_side_to_the_patch_grid(micro_clip):

@@ -340,11 +340,13 @@ def test_bad_inputs_give_clear_errors(micro_clip):
         e.explain_text(torch.randn(1, 3, 30, 30), PROMPTS)
 
 
-def test_long_prompt_is_truncated_with_warning(micro_clip):
+def test_long_prompt_is_truncated_and_logged(micro_clip, caplog, monkeypatch):
+    monkeypatch.setattr("mmel.backbone._TOLD_TRUNCATED", set())  # logged once per process: as if first
     e = build_explainer("grad_eclip", micro_clip)
     long = " ".join(["red"] * 40)
-    with pytest.warns(UserWarning, match="truncated"):
+    with caplog.at_level("WARNING", logger="mmel.backbone"):
         maps = e(_images(), [long])
+    assert "truncated to the text tower's context: 16 of its 42 tokens kept" in caplog.text
     assert torch.isfinite(maps).all()
 
 

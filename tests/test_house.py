@@ -3,6 +3,7 @@ CLIP, honest load logs, sparse progress bars off a terminal, and a sweep key tha
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_loading_weights_logs_what_was_loaded_and_not_initialized_randomly(tmp_p
         again = load_clip("mmel-micro", pretrained=str(f))
     assert "initialized randomly" not in caplog.text
     assert "Parsing model identifier" not in caplog.text  # open_clip's INFO chatter stays out of run logs
-    assert f"loaded weights from file {f} (fingerprint {again.fingerprint})" in caplog.text
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+    assert f"loaded weights from file {f} (sha256 {sha}, fingerprint {again.fingerprint})" in caplog.text
     assert again.fingerprint == clip.fingerprint
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -127,4 +129,4 @@ def test_the_tiny_clip_loads_with_one_honest_log_line(caplog):
     assert "initialized randomly" not in caplog.text
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert len(lines) == 1 and lines[0].startswith("CLIP mmel-tiny: loaded weights from file ")
-    assert lines[0].endswith(f"mmel-tiny-shapes.safetensors (fingerprint {clip.fingerprint})")
+    assert lines[0].endswith(f"fingerprint {clip.fingerprint})") and "mmel-tiny-shapes.safetensors (sha256 " in lines[0]

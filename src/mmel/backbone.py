@@ -42,6 +42,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 _registered = False
+# (model name, prompt) of truncated prompts already logged by ClipBundle.tokenize (once each per process)
+_TOLD_TRUNCATED: set[tuple[str, str]] = set()
 # (model name, tag) -> callable(cache_dir) -> path of a weight file, or "module:function" imported on first use
 # (so that loading a backbone does not import the training code that can build the weights).
 _LOCAL_WEIGHTS: dict[tuple[str, str], Callable[[Path], Path] | str] = {
@@ -106,13 +108,40 @@ class ClipBundle:
         return next(self.model.parameters()).device
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Tokens [K, context_length] on the model's device."""
+        """Tokens [K, context_length] on the model's device. A prompt longer than the text tower's context is cut to
+        it (the end token kept); that is logged once per prompt, with how many tokens were kept of how many."""
+        for p in prompts:
+            counts = self.token_counts(p)
+            if counts is not None and counts[0] < counts[1] and (self.name, p) not in _TOLD_TRUNCATED:
+                if len(_TOLD_TRUNCATED) < 10_000:  # bounded: a long evaluation does not grow it without end
+                    _TOLD_TRUNCATED.add((self.name, p))
+                log.warning(
+                    "prompt %r: truncated to the text tower's context: %d of its %d tokens kept (start and end "
+                    "tokens included; the end token is kept)", p[:60] + ("..." if len(p) > 60 else ""), *counts,
+                )  # fmt: skip
         return self.tokenizer(prompts).to(self.device)
+
+    def token_counts(self, prompt: str) -> tuple[int, int] | None:
+        """(tokens kept, tokens of the prompt), start and end tokens included: kept < total when the text tower's
+        context (``model.context_length``) cuts the prompt. None for tokenizers that cannot count (no ``encode``)."""
+        if not hasattr(self.tokenizer, "encode"):
+            return None
+        total = len(self.tokenizer.encode(prompt)) + 2
+        return min(total, int(self.model.context_length)), total
 
     @cached_property
     def fingerprint(self) -> str:
         """:func:`weights_fingerprint` of the loaded weights (computed once; the model is frozen)."""
         return weights_fingerprint(self.model)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -140,6 +169,8 @@ class _QuietOpenClip(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if f"{os.sep}open_clip{os.sep}" not in record.pathname:
             return True
+        if os.environ.get("MMEL_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on"):
+            return True  # verbose=true / MMEL_VERBOSE=1 (mmel.utils.logs): everything open_clip says
         if self.weights_loaded and "initialized randomly" in record.getMessage():
             return False
         return record.levelno >= logging.WARNING
@@ -327,8 +358,9 @@ def load_clip(
                 "See data/README.md."
             ) from e
     else:
-        # weights from a file: the "initialized randomly" line open_clip prints first would be untrue
-        with quiet_open_clip(weights_loaded=weight_file is not None):
+        # weights from a file: the "initialized randomly" line open_clip prints first would be untrue; without
+        # weights it is true but doubles the line logged below, which also names the model's config
+        with quiet_open_clip(weights_loaded=True):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, precision=precision)
         if weight_file is not None:
             _load_file_into(model, weight_file, name)
@@ -349,10 +381,13 @@ def load_clip(
         std=std,
     )
     if tag is None:
-        log.info("CLIP %s: random weights (pretrained=None)", name)
+        log.info("CLIP %s: random weights (pretrained=None: initialized randomly, nothing learned)", name)
     else:
-        source = f"file {weight_file}" if weight_file is not None else f"open_clip tag '{tag}'"
-        log.info("CLIP %s: loaded weights from %s (fingerprint %s)", name, source, bundle.fingerprint)
+        if weight_file is not None:  # the file's own hash too: the fingerprint covers only a few tensors
+            source = f"file {weight_file} (sha256 {file_sha256(weight_file)[:12]}, fingerprint {bundle.fingerprint})"
+        else:
+            source = f"open_clip tag '{tag}' (fingerprint {bundle.fingerprint})"
+        log.info("CLIP %s: loaded weights from %s", name, source)
     return bundle
 
 

@@ -46,7 +46,18 @@ from mmel.evaluation.records import (
     write_fingerprint,
 )
 from mmel.metrics.protocol import outputs_of
-from mmel.utils.runs import announce, build_datamodule, instantiate_group, output_dir, save_metrics
+from mmel.utils.logs import log_items, start_run
+from mmel.utils.machine import machine
+from mmel.utils.runs import (
+    announce,
+    build_datamodule,
+    check_limit,
+    check_loader_keys,
+    instantiate_group,
+    output_dir,
+    run_device,
+    save_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +98,13 @@ def _is_global_zero() -> bool:
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    pl.seed_everything(cfg.seed, workers=True)
     resume = cfg.get("resume")
     out = Path(resume) if resume else output_dir(cfg)
+    device = run_device(cfg)
+    start_run("evaluate", cfg, out, device)  # filters and the header first: every later line is in context
+    check_loader_keys(cfg.data)  # bad numbers are named before anything is loaded
+    limit = check_limit(cfg.get("limit"))
+    pl.seed_everything(cfg.seed, workers=True)
     if resume:
         check_resume_dir(out)  # before anything is built or written
         with open_dict(cfg):  # loggers and the trainer write into the resumed run's dir too
@@ -98,14 +113,20 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     clip = instantiate(cfg.model)
     fp = fingerprint(cfg, clip)
     if (out / RUN).is_file():
-        check_fingerprint(out, fp)
+        check_fingerprint(out, fp, machine(device))
     elif _is_global_zero():
-        write_fingerprint(out, fp)
+        write_fingerprint(out, fp, machine(device))
 
     datamodule = build_datamodule(cfg, clip)
     datamodule.prepare_data()
     split = cfg.get("split", "test")
     dataset = datamodule.dataset(split)
+    log_items("evaluate", split, len(dataset), limit)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"evaluate: split {split!r} of data.root={cfg.data.get('root')} has no samples to score (after the "
+            "skips logged above); check data.root and split=, or the subset / min_box_area settings of data="
+        )
     factory = instantiate(cfg.explainer)
     explainer = factory(clip=clip)
     metrics = build_metrics(cfg.metrics, clip)
@@ -114,9 +135,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     size = int(cfg.data.get("batch_size", 32))
     all_chunks = list(enumerate(chunks(range(len(dataset)), size)))
     chunk_sizes = {c: len(idx) for c, idx in all_chunks}
-    limit = cfg.get("limit")
     if limit is not None:
-        all_chunks = [(c, [i for i in idx if i < int(limit)]) for c, idx in all_chunks]
+        all_chunks = [(c, [i for i in idx if i < limit]) for c, idx in all_chunks]
         all_chunks = [(c, idx) for c, idx in all_chunks if idx]
     done: set[int] = set()
     if resume and _is_global_zero():
@@ -189,6 +209,7 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
         results.update(_scalars(f"{split}/{name}", m.compute()))
     results["outputs"] = outputs_of(metrics, split)  # what each key means (the paper tables read it)
     scored = [r for r in records if "skip" not in r]
+    truncated = {r["prompt"]: r["prompt_tokens"] for r in scored if r.get("prompt_tokens")}
     skipped = Counter(dict(dataset.skipped))  # found when indexing (per file / box)
     for r in records:
         if "skip" in r:
@@ -204,6 +225,8 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
             "skipped": dict(skipped),
             "per_category": per_category,
             "items": str(out / ITEMS),
+            # prompts cut to the text tower's context: {prompt: {"kept": n, "total": m}} (tokens, start/end included)
+            "truncated_prompts": truncated,
             "code": fp["code"],
         }
     )

@@ -5,8 +5,9 @@ writes into the run directory, for K prompts:
   * ``overlay_<k>.png`` — the heat map over the image (original size), one per prompt;
   * ``grid.png``        — the image and all overlays side by side, titled with prompt and cosine score;
   * ``tokens.png``      — the text-side token weights per prompt (explainers with a text side: Grad-ECLIP);
-  * ``metrics.json``    — the files, the per-prompt scores (unscaled cosine at the explained input size) and the
-                          token weights.
+  * ``metrics.json``    — the files, the per-prompt scores (unscaled cosine at the explained input size), the
+                          token weights and ``prompt_tokens`` (tokens kept of the prompt's, when the text tower's
+                          context cuts a long prompt; the cut is also logged).
 :func:`explain_image` does the same from Python; :func:`explain_maps` only computes (maps, scores, token weights).
 
 Images are read and transformed by :mod:`mmel.data` — the same decoding (EXIF orientation, every PIL mode),
@@ -43,7 +44,8 @@ from mmel.data.base import load_image as decode_image
 from mmel.data.transforms import BoxTransform, keep_size, normalize
 from mmel.explainers.base import check_prompts
 from mmel.metrics import ClipScorer
-from mmel.utils.runs import announce, output_dir, save_metrics
+from mmel.utils.logs import start_run
+from mmel.utils.runs import announce, output_dir, run_device, save_metrics
 
 log = logging.getLogger(__name__)
 RESIZE_MODES = ("model", "keep", "auto")
@@ -247,7 +249,11 @@ def explain_image(
         name = f"overlay_{k}_{_slug(p)}.png"
         ov.save(out / name)
         overlays.append(ov)
-        entries.append({"prompt": p, "score": s, "overlay": name})
+        entry = {"prompt": p, "score": s, "overlay": name}
+        counts = clip.token_counts(p) if hasattr(clip, "token_counts") else None
+        if counts is not None:  # tokens the text tower saw of the prompt's (fewer when its context cut it)
+            entry["prompt_tokens"] = {"kept": counts[0], "total": counts[1], "truncated": counts[0] < counts[1]}
+        entries.append(entry)
     _grid_figure(img, overlays, prompts, scores, out / "grid.png")
     files = {"grid": "grid.png", "overlays": [e["overlay"] for e in entries]}
 
@@ -287,10 +293,11 @@ def run(cfg: DictConfig) -> tuple[dict, dict]:
         prompts = OmegaConf.to_container(prompts)
     elif isinstance(prompts, str):
         prompts = [prompts]  # prompts="a cat" on the command line means one prompt
+    out = output_dir(cfg)
+    start_run("explain", cfg, out, run_device(cfg))  # filters and the header first: every later line is in context
     torch.manual_seed(int(cfg.get("seed", 0)))
     clip = instantiate(cfg.model)
     explainer = instantiate(cfg.explainer)(clip=clip)  # keyword: the partial already binds name=
-    out = output_dir(cfg)
     metrics = explain_image(
         image,
         prompts,

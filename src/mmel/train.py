@@ -20,7 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmel.hsrm import save_hsrm
 from mmel.hsrm.features import CachedFeatureDataModule
-from mmel.utils.runs import announce, build_datamodule, instantiate_group, output_dir, save_metrics
+from mmel.utils.logs import start_run
+from mmel.utils.runs import (
+    announce,
+    build_datamodule,
+    check_loader_keys,
+    instantiate_group,
+    output_dir,
+    run_device,
+    save_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +40,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "train: the HSRM is trained on native Grad-ECLIP evidence; an `explainer` setting has no effect here. "
             "Remove it (choose explainers with evaluate.py; the HSRM's own settings are hsrm.*)."
         )
-    pl.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
+    start_run("train", cfg, out, run_device(cfg))  # filters and the header first: every later line is in context
+    check_loader_keys(cfg.data)  # bad numbers are named before anything is loaded
+    pl.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
     clip = instantiate(cfg.model)
     datamodule = build_datamodule(cfg, clip)

@@ -190,8 +190,9 @@ class ModelCache:
     (its explainers share its modules); explanations of different backbones run in parallel.
     """
 
-    def __init__(self, specs: dict[str, BackboneSpec] | None = None) -> None:
+    def __init__(self, specs: dict[str, BackboneSpec] | None = None, policy: Any = None) -> None:
         self.specs = specs if specs is not None else backbone_specs()
+        self.policy = policy  # a mmel.app.paths.PathPolicy: which typed paths may be opened (None: any)
         self._objects: dict[tuple, Any] = {}
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -217,6 +218,8 @@ class ModelCache:
             raise InputError(f"Backbone: unknown config '{backbone}'; choose one of {sorted(self.specs)}.")
         spec = self.specs[backbone]
         weights = (weights or "").strip() or None
+        if self.policy is not None:  # served beyond localhost: only the start-up weights folder
+            weights = self.policy.weights(weights)
         why = missing_weights(spec, weights)
         if why:
             raise InputError(why)
@@ -244,6 +247,8 @@ class ModelCache:
         name, checkpoint = parse_explainer_choice(choice)
         if name not in available():
             raise InputError(f"Explainer: unknown '{name}'; available: {available()}.")
+        if self.policy is not None:  # served beyond localhost: only the checkpoints offered at start-up
+            checkpoint = self.policy.checkpoint(checkpoint)
         clip = self.clip(backbone, weights)
         weights = (weights or "").strip() or None
 

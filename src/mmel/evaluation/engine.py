@@ -196,6 +196,7 @@ class EvalModule(pl.LightningModule):
         self.items_per_second: float | None = None
         self.live: dict[str, Any] = {}
         self.needs = needs_of(metrics)
+        self._token_counts: dict[str, tuple[int, int] | None] = {}  # prompt -> (kept, total) tokens, see _truncation
         clip = getattr(explainer, "clip", None)
         if "randomised" in self.needs and (explainer_factory is None or clip is None):
             raise ValueError("evaluate: model randomisation needs the explainer factory and the model")
@@ -308,6 +309,7 @@ class EvalModule(pl.LightningModule):
                     else 0,
                     "peak": {"y": pk[j][0], "x": pk[j][1]},
                     "metrics": values[j],
+                    **self._truncation(prompts[j]),
                 }
             )
             if self.save_maps:
@@ -316,6 +318,14 @@ class EvalModule(pl.LightningModule):
             self._write_maps(chunk, saved)
         replay(self.metrics, out)  # the live, per-process torchmetrics (synced at the end)
         return out
+
+    def _truncation(self, prompt: str) -> dict[str, Any]:
+        """``{"prompt_tokens": {"kept": n, "total": m}}`` for a prompt the text tower's context cuts, else {}."""
+        if prompt not in self._token_counts:
+            counter = getattr(self.explainer.clip, "token_counts", None)
+            self._token_counts[prompt] = counter(prompt) if counter else None
+        counts = self._token_counts[prompt]
+        return {"prompt_tokens": {"kept": counts[0], "total": counts[1]}} if counts and counts[0] < counts[1] else {}
 
     def _explain(self, images: list[Tensor], prompts: list[list[str]], explainer=None) -> list[Tensor]:
         """Explain images (possibly of different sizes: one explain_batch per size) -> maps [K_b, h_b, w_b]

@@ -6,7 +6,8 @@
   a line cut by the kill is dropped when the file is read back.
 * ``run.json``: the fingerprint of everything that determines the numbers (explainer and options, model and
   weights, data, split, metrics, seed, code version). A resume with a different fingerprint is refused, naming the
-  keys that differ.
+  keys that differ. It also records the ``machine`` the run started on (:func:`mmel.utils.machine.machine`), outside
+  the fingerprint: a resume on another kind of machine is allowed but logged (its last digits may differ).
 
 Work is done in *chunks*: ``batch_size`` consecutive samples of the split, a fixed partition of the split whatever
 was done before or how many processes share the work. So every sample is explained in the same company in an
@@ -29,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import mmel
+from mmel.utils.machine import machine_key
 from mmel.utils.runs import git_state
 
 log = logging.getLogger(__name__)
@@ -177,8 +179,9 @@ def check_resume_dir(out: Path) -> None:
     raise ValueError(f"resume={out}: {what}; it has no {RUN}, so it cannot be resumed (its files are left untouched)")
 
 
-def check_fingerprint(out: Path, current: dict[str, Any]) -> None:
-    """Refuse to mix runs: raise naming every key where ``out``'s recorded fingerprint differs from ``current``."""
+def check_fingerprint(out: Path, current: dict[str, Any], machine: dict[str, Any] | None = None) -> None:
+    """Refuse to mix runs: raise naming every key where ``out``'s recorded fingerprint differs from ``current``.
+    ``machine``: this process's :func:`mmel.utils.machine.machine`; another kind of machine is logged, not refused."""
     recorded = json.loads((out / RUN).read_text())
     if recorded.get("task") != "evaluate":
         raise ValueError(f"resume={out}: {RUN} is not an evaluate run's fingerprint (task={recorded.get('task')!r})")
@@ -188,12 +191,25 @@ def check_fingerprint(out: Path, current: dict[str, Any]) -> None:
             f"resume={out}: this run was made with different settings, refusing to mix results; differing keys: "
             + ", ".join(diff)
         )
+    if machine is not None and recorded.get("machine") and machine_key(recorded["machine"]) != machine_key(machine):
+        log.warning(
+            "resume=%s: started on another kind of machine (%s) than this one (%s): the numbers may differ from an "
+            "uninterrupted run in the last digits", out, _machine_text(recorded["machine"]), _machine_text(machine),
+        )  # fmt: skip
 
 
-def write_fingerprint(out: Path, fp: dict[str, Any]) -> None:
-    """Write ``run.json`` atomically."""
+def _machine_text(m: dict[str, Any]) -> str:
+    where = m.get("gpu") or m.get("device")
+    return f"{m.get('cpu_model')}, {m.get('cpu_capability')}, {m.get('threads')} threads, {where}"
+
+
+def write_fingerprint(out: Path, fp: dict[str, Any], machine: dict[str, Any] | None = None) -> None:
+    """Write ``run.json`` atomically (with ``machine``, the :func:`mmel.utils.machine.machine` facts, when given)."""
     tmp = out / (RUN + ".tmp")
-    tmp.write_text(json.dumps({"task": "evaluate", "fingerprint": fp}, indent=2, sort_keys=True) + "\n")
+    doc: dict[str, Any] = {"task": "evaluate", "fingerprint": fp}
+    if machine is not None:
+        doc["machine"] = {**machine, "key": machine_key(machine)}
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / RUN)
 
 

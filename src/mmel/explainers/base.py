@@ -16,7 +16,6 @@ image b's k-th prompt; padding rows select a zero score). Any other explainer ge
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -102,18 +101,8 @@ def _defining_class(cls: type, attr: str) -> type | None:
 
 
 def tokenize(clip, prompts: Sequence[str]) -> Tensor:
-    """Tokens [K, context_length] on the model's device; warns (naming the prompt) when one is truncated."""
-    tok = clip.tokenizer
-    ctx = clip.model.context_length
-    if hasattr(tok, "encode"):
-        for p in prompts:
-            n = len(tok.encode(p)) + 2  # + start and end tokens
-            if n > ctx:
-                warnings.warn(
-                    f"prompt {p[:60]!r} has {n} tokens, more than the model's context of {ctx}: truncated "
-                    "(the end token is kept).",
-                    stacklevel=3,
-                )
+    """Tokens [K, context_length] on the model's device; a truncated prompt is logged by ``clip.tokenize`` (how many
+    tokens were kept of how many; :meth:`mmel.backbone.ClipBundle.token_counts`)."""
     return clip.tokenize(list(prompts))
 
 

@@ -8,7 +8,7 @@ import open_clip
 import pytorch_lightning as pl
 import torch
 
-from mmel.backbone import register_model_configs
+from mmel.backbone import quiet_open_clip, register_model_configs
 from mmel.pretrain.loss import caption_matches, category_spread_loss, multi_positive_contrastive_loss
 from mmel.pretrain.quality import category_prompts, top1_present, zero_shot_scores
 
@@ -34,8 +34,11 @@ class TinyClipPretrainer(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         register_model_configs()
-        self.model = open_clip.create_model(arch, pretrained=None)
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        # trained from scratch here, or filled from a Lightning checkpoint right after: open_clip's "No pretrained
+        # weights loaded ... initialized randomly" warning would be noise (verbose=true / MMEL_VERBOSE=1 shows it)
+        with quiet_open_clip(weights_loaded=True):
+            self.model = open_clip.create_model(arch, pretrained=None)
+            self.tokenizer = open_clip.get_tokenizer(arch)
         self.register_buffer("prompt_tokens", self.tokenizer(category_prompts()), persistent=False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from mmel.utils.machine import machine_fingerprint
+
 log = logging.getLogger(__name__)
 
 
@@ -73,14 +75,32 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "pytorch-lightning", "tor
 def provenance(cfg: DictConfig) -> dict[str, Any]:
     """What someone needs to reproduce a run's numbers: the run's ``seed`` (every random choice of training),
     ``data_seed`` (the world's / subset's seed), the versions of :data:`PACKAGES` and python, and the git commit
-    of the mmel checkout with a ``dirty`` flag (tracked files modified; null values outside a git checkout)."""
+    of the mmel checkout with a ``dirty`` flag (tracked files modified; null values outside a git checkout), and
+    the ``machine`` (:func:`mmel.utils.machine.machine`: CPU model and kernel flags, torch's CPU capability and
+    thread count, device and GPU) with its ``key`` (equal keys: same machine kind, the numbers agree to the bit)."""
     data = cfg.get("data") or {}
+    facts, key = machine_fingerprint(run_device(cfg))
     return {
         "seed": cfg.get("seed"),
         "data_seed": data.get("seed") if hasattr(data, "get") else None,
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "git": git_state(Path(__file__).resolve().parents[3]),
+        "machine": {**facts, "key": key},
     }
+
+
+def run_device(cfg: DictConfig) -> str:
+    """Where a run computes: ``cuda`` when its trainer's accelerator (or, without a trainer, its model's device) asks
+    for a GPU, else ``cpu``."""
+    trainer = cfg.get("trainer") or {}
+    accel = str(trainer.get("accelerator", "") if hasattr(trainer, "get") else "")
+    model = cfg.get("model") or {}
+    device = str(model.get("device", "cpu") if hasattr(model, "get") else "cpu")
+    if accel in ("gpu", "cuda") or (not accel and device.startswith("cuda")):
+        return "cuda"
+    if accel == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
 
 
 def _version(distribution: str) -> str | None:
@@ -110,6 +130,33 @@ def git_state(root: Path) -> dict[str, Any]:
 def announce(directory: str | os.PathLike) -> None:
     """Print the run directory (the last line a program prints; scripts grep for it)."""
     print(f"run dir: {directory}", flush=True)
+
+
+def _int_key(key: str, value: Any, minimum: int, meaning: str, example: str) -> int:
+    """``value`` as an int >= ``minimum``, else a ValueError naming ``key``, what it means and an example."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().lstrip("-").isdigit():
+        raise ValueError(f"{key}={value!r}: expected an integer >= {minimum} ({meaning}), e.g. {key}={example}")
+    if int(value) < minimum:
+        raise ValueError(f"{key}={value}: expected an integer >= {minimum} ({meaning}), e.g. {key}={example}")
+    return int(value)
+
+
+def check_loader_keys(data: Any) -> None:
+    """``data.batch_size`` >= 1 and ``data.num_workers`` >= 0, checked before anything is built (a zero batch size
+    would otherwise fail deep in the chunking as "range() arg 3 must not be zero")."""
+    if data is None or not hasattr(data, "get"):
+        return
+    if data.get("batch_size") is not None:
+        _int_key("data.batch_size", data.get("batch_size"), 1, "samples per batch", "32")
+    if data.get("num_workers") is not None:
+        _int_key("data.num_workers", data.get("num_workers"), 0, "loader processes; 0 = in the main process", "2")
+
+
+def check_limit(limit: Any) -> int | None:
+    """``limit``: null (the whole split) or an int >= 1 (the first N samples); anything else is a clear error."""
+    if limit is None:
+        return None
+    return _int_key("limit", limit, 1, "score the first N samples of the split; null = all of them", "100")
 
 
 def build_datamodule(cfg: DictConfig, clip) -> Any:
