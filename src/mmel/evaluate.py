@@ -46,7 +46,7 @@ from mmel.evaluation.records import (
     write_fingerprint,
 )
 from mmel.metrics.protocol import outputs_of
-from mmel.utils.logs import log_items, start_run
+from mmel.utils.logs import log_items
 from mmel.utils.machine import machine
 from mmel.utils.runs import (
     announce,
@@ -54,10 +54,10 @@ from mmel.utils.runs import (
     check_limit,
     check_loader_keys,
     instantiate_group,
-    output_dir,
     run_device,
     save_metrics,
 )
+from mmel.utils.task import task
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,12 @@ def _is_global_zero() -> bool:
     return int(env.get("LOCAL_RANK", 0)) == 0 and int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) == 0
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+@task("evaluate")
+def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     resume = cfg.get("resume")
-    out = Path(resume) if resume else output_dir(cfg)
     device = run_device(cfg)
-    start_run("evaluate", cfg, out, device)  # filters and the header first: every later line is in context
     check_loader_keys(cfg.data)  # bad numbers are named before anything is loaded
     limit = check_limit(cfg.get("limit"))
-    pl.seed_everything(cfg.seed, workers=True)
     if resume:
         check_resume_dir(out)  # before anything is built or written
         with open_dict(cfg):  # loggers and the trainer write into the resumed run's dir too
@@ -182,7 +180,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         results["seconds"] = _seconds(out, time.perf_counter() - t0)
         save_metrics(results, out, cfg=cfg)
         announce(out)
-    _finish_wandb()
     return results, {"clip": clip, "datamodule": datamodule, "explainer": explainer, "metrics": metrics,
                      "trainer": trainer, "module": module}  # fmt: skip
 
@@ -259,13 +256,3 @@ def _log(loggers: list, results: dict[str, Any], per_category: dict[str, float],
             for key, path in paths.items():
                 lg.log_image(key=f"figures/{key}", images=[str(path)])
         lg.save()
-
-
-def _finish_wandb() -> None:
-    """Close a wandb run so the next job of a sweep starts its own (no-op without wandb)."""
-    try:
-        import wandb
-    except ImportError:  # pragma: no cover - wandb is a dependency
-        return
-    if wandb.run is not None:
-        wandb.finish()

@@ -44,8 +44,8 @@ from mmel.data.base import load_image as decode_image
 from mmel.data.transforms import BoxTransform, keep_size, normalize
 from mmel.explainers.base import check_prompts
 from mmel.metrics import ClipScorer
-from mmel.utils.logs import start_run
-from mmel.utils.runs import announce, output_dir, run_device, save_metrics
+from mmel.utils.runs import announce, save_metrics
+from mmel.utils.task import task
 
 log = logging.getLogger(__name__)
 RESIZE_MODES = ("model", "keep", "auto")
@@ -285,17 +285,15 @@ def _cfg_value(cfg: DictConfig, key: str, hint: str):
         raise ValueError(f"{key}: missing; pass {hint} on the command line") from None
 
 
-def run(cfg: DictConfig) -> tuple[dict, dict]:
-    """Hydra entry: build model + explainer from ``cfg``, explain ``cfg.image`` for ``cfg.prompts``."""
+@task("explain")
+def run(cfg: DictConfig, out: Path) -> tuple[dict, dict]:
+    """Hydra entry (``run(cfg)``): build model + explainer from ``cfg``, explain ``cfg.image`` for ``cfg.prompts``."""
     image = _cfg_value(cfg, "image", "image=PATH")
     prompts = _cfg_value(cfg, "prompts", "'prompts=[a red circle, a blue square]'")
     if isinstance(prompts, ListConfig):
         prompts = OmegaConf.to_container(prompts)
     elif isinstance(prompts, str):
         prompts = [prompts]  # prompts="a cat" on the command line means one prompt
-    out = output_dir(cfg)
-    start_run("explain", cfg, out, run_device(cfg))  # filters and the header first: every later line is in context
-    torch.manual_seed(int(cfg.get("seed", 0)))
     clip = instantiate(cfg.model)
     explainer = instantiate(cfg.explainer)(clip=clip)  # keyword: the partial already binds name=
     metrics = explain_image(

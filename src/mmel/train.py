@@ -20,30 +20,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmel.hsrm import save_hsrm
 from mmel.hsrm.features import CachedFeatureDataModule
-from mmel.utils.logs import start_run
 from mmel.utils.runs import (
     announce,
     build_datamodule,
     check_loader_keys,
     instantiate_group,
-    output_dir,
-    run_device,
     save_metrics,
 )
+from mmel.utils.task import task
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+@task("train")
+def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("explainer") is not None:  # e.g. `+explainer=legrad`: it would be silently ignored
         raise ValueError(
             "train: the HSRM is trained on native Grad-ECLIP evidence; an `explainer` setting has no effect here. "
             "Remove it (choose explainers with evaluate.py; the HSRM's own settings are hsrm.*)."
         )
-    out = output_dir(cfg)
-    start_run("train", cfg, out, run_device(cfg))  # filters and the header first: every later line is in context
     check_loader_keys(cfg.data)  # bad numbers are named before anything is loaded
-    pl.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
     clip = instantiate(cfg.model)
     datamodule = build_datamodule(cfg, clip)
@@ -75,7 +71,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics["skipped"] = skip_counts(datamodule)
         save_metrics(metrics, out, cfg=cfg)
         announce(out)
-    _finish_wandb()
     return metrics, {"clip": clip, "datamodule": datamodule, "module": module, "trainer": trainer}
 
 
@@ -123,13 +118,3 @@ def cached_features(cfg: DictConfig, clip, datamodule, module):
         dtype=fc.get("dtype", "auto"),
         shard_size=fc.get("shard_size", 256),
     )
-
-
-def _finish_wandb() -> None:
-    """Close a wandb run so the next job of a sweep starts its own (no-op without wandb)."""
-    try:
-        import wandb
-    except ImportError:  # pragma: no cover - wandb is a dependency; stay robust if it is absent
-        return
-    if wandb.run is not None:
-        wandb.finish()
