@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from mmel.evaluate import build_metrics
@@ -28,7 +29,9 @@ def test_metric_configs_build_every_metric(name, micro_clip):
     built = build_metrics(cfg)
     types = {"pointing_game": PointingGame, "energy_pointing_game": EnergyPointingGame}
     types |= {"saliency_iou": SaliencyIoU, "deletion_insertion": DeletionInsertion}
-    assert {k: type(v) for k, v in built.items()} == types
+    assert {k: type(built[k]) for k in types} == types
+    for key, m in built.items():  # and any metric added since: the class its config entry names
+        assert type(m) is get_class(cfg[key]._target_), key
     scorer = ClipScorer(micro_clip, ["a red circle", "a blue square"], kind=cfg.scorer)
     maps = torch.rand(2, 4, 4)
     boxes = [torch.tensor([[0.0, 0.0, 16.0, 16.0]])] * 2
@@ -45,4 +48,6 @@ def test_metric_configs_build_every_metric(name, micro_clip):
 
 
 def test_deletion_insertion_is_off_by_default():
-    assert set(build_metrics(metrics_cfg("default"))) == {"pointing_game", "energy_pointing_game", "saliency_iou"}
+    built = set(build_metrics(metrics_cfg("default")))
+    assert "deletion_insertion" not in built  # (2 / step + 1) forwards per pair: on only when asked
+    assert {"pointing_game", "energy_pointing_game", "saliency_iou", "saliency_ap"} <= built
