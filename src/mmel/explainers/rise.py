@@ -85,7 +85,8 @@ class RISE(Explainer):
         mh = reflect_linear_matrix(self.cells, (self.cells + 1) * ch).to(grid)  # [up_h, cells]
         mw = reflect_linear_matrix(self.cells, (self.cells + 1) * cw).to(grid)  # [up_w, cells]
         up = mh @ grid @ mw.T  # [n, up_h, up_w]
-        return torch.stack([up[i, y : y + H, x : x + W] for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))])
+        shifts = zip(dy.tolist(), dx.tolist(), strict=True)
+        return torch.stack([up[i, y : y + H, x : x + W] for i, (y, x) in enumerate(shifts)])
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
         text = F.normalize(self.text_features(prompts), dim=-1)  # [K, E]
