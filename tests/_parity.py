@@ -307,9 +307,9 @@ CASES: list[Case] = [
     Case(
         "RISE",
         "rise",
-        {"n_masks": 128, "batch_size": 32},
+        {"n_masks": 64, "batch_size": 32},
         rise_ref,
-        {"n_masks": 128},
+        {"n_masks": 64},
         "Petsiuk et al., BMVC 2018",
         "eclique/RISE, `explanations.py` (`generate_masks`); Grad-ECLIP's copy",
         "reflect-border linear upsampling, random-shift crop, Σ score·mask / (N p); changes: torch generator "
