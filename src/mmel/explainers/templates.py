@@ -17,13 +17,13 @@ order of a list does not matter (a mean).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor
 
+from mmel.explainers.base import tokenize
 from mmel.explainers.vit import encode_text
 
 TEMPLATE_CHOICES = ("none", "authors")
@@ -49,20 +49,10 @@ def resolve_templates(choice: str, method: str) -> tuple[str, ...] | None:
 def ensemble_text_features(clip, prompts: Sequence[str], templates: Sequence[str]) -> Tensor:
     """[K, E] unit-norm embeddings: per prompt, the normalised mean of its normalised templated embeddings.
 
-    All K·T filled prompts are encoded in one pass. Filled prompts longer than the model's context are truncated
-    (end token kept, as open_clip's tokenizer does) with one warning for the call."""
+    All K·T filled prompts are encoded in one pass; one longer than the model's context is truncated and logged
+    by the tokenizer, like any prompt (:func:`mmel.explainers.base.tokenize`)."""
     filled = [t.format(p) for p in prompts for t in templates]
-    tok = clip.tokenizer
-    ctx = clip.model.context_length
-    if hasattr(tok, "encode"):
-        long = [f for f in filled if len(tok.encode(f)) + 2 > ctx]
-        if long:
-            warnings.warn(
-                f"{len(long)} templated prompt(s) exceed the model's context of {ctx} tokens and are truncated, "
-                f"e.g. {long[0][:60]!r}",
-                stacklevel=3,
-            )
-    feats = F.normalize(encode_text(clip.model, clip.tokenize(filled)), dim=-1)  # [K*T, E]
+    feats = F.normalize(encode_text(clip.model, tokenize(clip, filled)), dim=-1)  # [K*T, E]
     return F.normalize(feats.view(len(prompts), len(templates), -1).mean(dim=1), dim=-1)
 
 
