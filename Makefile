@@ -26,10 +26,13 @@ help: ## list the targets
 # --require-hashes: every package must be in the lock with a matching sha256 (an incomplete lock fails here).
 # mmel itself: --no-deps (the lock has them) and --no-build-isolation (built with the locked setuptools, so the
 # build backend is not an unpinned download either).
-$(STAMP): pyproject.toml $(LOCK)
+# requirements/test-nodeps.txt: test-only references (the LeGrad authors' package) that pin an old open_clip, installed
+# hashed and without their dependencies (the file says why).
+$(STAMP): pyproject.toml $(LOCK) requirements/test-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
 	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements/test-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -221,10 +221,10 @@ def test_clearclip_dense_features_are_qq_attention_without_residual_or_ffn(micro
 
 # ---------------------------------------------------------------------------------------------------- M2IB
 def test_m2ib_map_is_the_bottleneck_capacity_per_token(micro_clip):
-    """With one step the map is the capacity at the start (lambda = sigmoid(5)): the KL of N(lambda h / sigma,
-    (1 - lambda)^2) to the N(0, 1) prior, summed over channels, per patch token (the paper's capacity), computed
-    here from the stock blocks' outputs."""
-    e = build_explainer("m2ib", micro_clip, steps=1, var=2.0)
+    """With one step the map is the capacity at the start (lambda = sigmoid(5)): the KL of N(lambda h,
+    (1 - lambda)^2) to the N(0, 1) prior, summed over channels, per patch token (the paper's capacity; the block's
+    output h is not rescaled, as in the authors' bottleneck), computed here from the stock blocks' outputs."""
+    e = build_explainer("m2ib", micro_clip, steps=1)
     images = _images((1, 3, 32, 32))
     visual = micro_clip.model.visual
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_m2ib_map_is_the_bottleneck_capacity_per_token(micro_clip):
         for blk in visual.transformer.resblocks[: e.layer + 1]:
             x = blk(x)
     lam = torch.sigmoid(torch.tensor(5.0))
-    mu, var = lam * x[0, 1:] / 2.0**0.5, (1 - lam) ** 2
+    mu, var = lam * x[0, 1:], (1 - lam) ** 2
     expected = (-0.5 * (1 + torch.log(var) - mu**2 - var)).sum(-1).view(1, 1, *visual.grid_size)
     raw = e.raw_maps(images, PROMPTS[:1])
     torch.testing.assert_close(raw, expected, atol=1e-4, rtol=1e-5)

@@ -219,6 +219,7 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
             f"{split}/samples": len(scored),
             f"{split}/skipped_samples": len(records) - len(scored),
             "explainer": OmegaConf.to_container(cfg.explainer, resolve=True),
+            "explainer_label": getattr(explainer, "label", cfg.explainer.get("name")),  # e.g. gradcam[variant=...]
             "skipped": dict(skipped),
             "per_category": per_category,
             "items": str(out / ITEMS),

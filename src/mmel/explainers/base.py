@@ -128,6 +128,17 @@ class Explainer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={getattr(self.clip, 'name', '?')!r})"
 
+    def label_options(self) -> dict[str, object]:
+        """The options that change which method this is (a variant, a prompt-template set), for :attr:`label`."""
+        return {}
+
+    @property
+    def label(self) -> str:
+        """What this explainer computes, for tables and records: the registered name, then the options that change
+        the method, e.g. ``gradcam[variant=grad_eclip_paper]`` or ``clearclip[templates=authors]``."""
+        opts = self.label_options()
+        return f"{self.name}[{', '.join(f'{k}={v}' for k, v in opts.items())}]" if opts else self.name
+
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """images [B, 3, H, W] normalised, prompts list of K strings -> maps [B, K, H, W] in [0, 1]."""
         images, prompts = self._prepare(images, prompts, grad=self.needs_grad)

@@ -13,6 +13,9 @@ i.e. query-query attention replaces query-key attention, and the residual connec
 block are dropped (the authors' ``custom_attn(model_type="ClearCLIP")`` with ``ignore_residual=True``,
 github.com/mc-lan/ClearCLIP). The map is cos(dense_i, t_k). No gradients; prompts only enter the final cosine,
 so K prompts batched equal K single calls.
+
+``templates``: none (each prompt as it is) | authors (the authors' ensemble of OpenAI's 80 ImageNet templates, see
+mmel.explainers.templates); recorded in ``label``.
 """
 
 from __future__ import annotations
@@ -22,14 +25,19 @@ from torch import Tensor
 
 from mmel.explainers import register
 from mmel.explainers.base import Explainer
+from mmel.explainers.templates import TemplatedText
 from mmel.explainers.vit import trace_image
 
 
 @register("clearclip")
-class ClearCLIP(Explainer):
+class ClearCLIP(TemplatedText, Explainer):
     """Dense patch-text cosine from the last block's q-q attention without residual or FFN."""
 
     name = "clearclip"
+
+    def __init__(self, clip, templates: str = "none") -> None:
+        super().__init__(clip)
+        self._init_templates(templates)
 
     def dense_features(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Dense patch embeddings [B, N, E] (unnormalised) and the patch grid."""

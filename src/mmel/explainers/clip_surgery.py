@@ -22,6 +22,9 @@ prompts explained together differ from K single calls, and a single prompt would
 map). So one prompt alone falls back to the ``empty`` variant, as the authors' demo does for one query.
 
 ``layers=None`` is min(6, depth): the authors operate on the last 6 blocks of every ViT.
+
+``templates``: none (each prompt as it is) | authors (the authors' 85-template ensemble, for the prompts and for
+the "" of ``surgery="empty"``, as their demo; see mmel.explainers.templates); recorded in ``label``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from mmel.explainers import register
 from mmel.explainers.base import Explainer
+from mmel.explainers.templates import TemplatedText
 from mmel.explainers.vit import image_embeds, last_layers
 
 SURGERY = ("prompts", "empty", "none")
@@ -64,13 +68,14 @@ def feature_surgery(patches: Tensor, cls: Tensor, text: Tensor) -> Tensor:
 
 
 @register("clip_surgery")
-class CLIPSurgery(Explainer):
+class CLIPSurgery(TemplatedText, Explainer):
     """CLIP Surgery: v-v attention path in the last ``layers`` blocks + feature surgery (see module docstring)."""
 
     name = "clip_surgery"
 
-    def __init__(self, clip, layers: int | None = None, surgery: str = "prompts") -> None:
+    def __init__(self, clip, layers: int | None = None, surgery: str = "prompts", templates: str = "none") -> None:
         super().__init__(clip)
+        self._init_templates(templates)
         if surgery not in SURGERY:
             raise ValueError(f"clip_surgery: surgery={surgery!r}; expected one of {SURGERY}")
         self.layers = last_layers(min(6, self.depth) if layers is None else layers, self.depth)

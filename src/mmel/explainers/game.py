@@ -1,8 +1,12 @@
 """Chefer et al. 2021 ("Generic Attention-model Explainability", GAME) for CLIP's image tower.
 
 For each block l from ``start_layer`` to the last: Ā_l = mean_h ReLU(∇A_l ⊙ A_l) (A: softmax attention, ∇A: its
-gradient from S = cos(f_image, f_text)), and R ← R + Ā_l R starting from R = I; the map is R[CLS, patches].
-The default start_layer = -1 (last block only) follows the authors' CLIP notebook. The gradients of all K
+gradient from the authors' score S = logit_scale · cos(f_image, f_text), CLIP's logit for the pair), and
+R ← R + Ā_l R starting from R = I; the map is R[CLS, patches]. The scale matters across several blocks: R = I +
+Ā_l + Ā_l' Ā_l + ... mixes first and second powers of the gradient, so a plain cosine would weight the identity
+differently (for one block it only rescales R − I, the map is the same). The default start_layer = -1 (last block
+only) follows the authors' CLIP notebook (github.com/hila-chefer/Transformer-MM-Explainability, ``CLIP_explainability
+.ipynb``, ``interpret``). The gradients of all K
 prompts w.r.t. every attention matrix come from one batched vector-Jacobian product.
 """
 
@@ -34,7 +38,8 @@ class GAME(Explainer):
         layers = list(range(self.start, self.depth))
         trace = trace_image(self.model, images, layers)
         attns = [trace.records[i].attn for i in layers]
-        grads = batched_vjp(cosine_scores(trace.features, text), attns)  # each [K, B, H, T, T]
+        scale = self.model.logit_scale.detach().exp() if getattr(self.model, "logit_scale", None) is not None else 1.0
+        grads = batched_vjp(scale * cosine_scores(trace.features, text), attns)  # each [K, B, H, T, T]
         B, _, T, _ = attns[0].shape
         R = torch.eye(T, dtype=attns[0].dtype, device=attns[0].device).expand(B, grads[0].shape[0], T, T)
         for a, g in zip(attns, grads, strict=True):

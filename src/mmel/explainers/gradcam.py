@@ -4,6 +4,14 @@ The feature map is the token sequence entering block ``layer`` (default: the las
 second-to-last block, as the official comparison code). Channel weights are the gradient of S = cos(f_image,
 f_text) averaged over all tokens; the map is ReLU(Σ_c weight_c · x_i,c) over the patch tokens. All K prompts
 share one forward and one batched vector-Jacobian product.
+
+Two variants, each labelled (``label``), differ only in the model the gradient runs through:
+  * ``native`` (default): the unmodified CLIP (its own heads);
+  * ``grad_eclip_paper``: the Grad-ECLIP paper's baseline (github.com/Cyang-Zhao/Grad-Eclip, ``generate_emap.py``:
+    ``clip_encode_dense`` then ``grad_cam(c, last_input, ...)``): the last block is recomputed with ONE head over
+    the full width (scale 1/√C), the same modified block as Grad-ECLIP's ``official`` mode, and S is the cosine of
+    that modified model's embedding. Their code takes the input of the last block, so this variant needs
+    ``layer=-1``.
 """
 
 from __future__ import annotations
@@ -12,26 +20,36 @@ import torch
 from torch import Tensor
 
 from mmel.explainers import register
+from mmel.explainers.attention import check_variant
 from mmel.explainers.base import Explainer, batched_vjp, cosine_scores
 from mmel.explainers.vit import resolve_layers, trace_image
 
 
 @register("gradcam")
 class GradCAM(Explainer):
-    """Grad-CAM on the tokens entering block ``layer``."""
+    """Grad-CAM on the tokens entering block ``layer``; ``variant``: native | grad_eclip_paper (module docstring)."""
 
     name = "gradcam"
     needs_grad = True
 
-    def __init__(self, clip, layer: int = -1) -> None:
+    def __init__(self, clip, layer: int = -1, variant: str = "native") -> None:
         super().__init__(clip)
         (self.layer,) = resolve_layers([layer], self.depth, "gradcam.layer")
+        self.variant = check_variant(variant, "gradcam")
+        if self.variant == "grad_eclip_paper" and self.layer != self.depth - 1:
+            raise ValueError(
+                f"gradcam: variant='grad_eclip_paper' takes the input of the last block (layer=-1), got layer={layer}"
+            )
+
+    def label_options(self) -> dict[str, object]:
+        return {"variant": self.variant}
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
         return self.raw_maps_text(images, self.text_features(prompts))
 
     def raw_maps_text(self, images: Tensor, text: Tensor) -> Tensor:
-        trace = trace_image(self.model, images, [self.layer])
+        heads = 1 if self.variant == "grad_eclip_paper" else None  # the paper's single-head last block
+        trace = trace_image(self.model, images, [self.layer], heads=heads)
         x = trace.records[self.layer].x_in  # [B, T, C], the leaf of the graph
         (g,) = batched_vjp(cosine_scores(trace.features, text), [x])  # [K, B, T, C]
         weights = g.mean(dim=2)  # [K, B, C]

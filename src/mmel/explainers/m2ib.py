@@ -2,22 +2,24 @@
 Information Bottleneck Attribution"): a per-sample optimised information bottleneck in the vision tower.
 
 Read from the authors' code (github.com/YingWANGG/M2IB, ``scripts/information_bottleneck/IBA.py`` and
-``scripts/methods.py``) and written here for open_clip's ViT. The tokens h [T, C] leaving block ``layer`` are
-replaced by a noisy copy: with h normalised by the prior N(0, var) (the authors' estimator: mean 0, variance
-``var``), a damping λ = sigmoid(α) per token and channel (α starts at 5, λ ≈ 1),
+``scripts/methods.py``; the loss is ``calc_loss`` in ``scripts/iba.py``) and written here for open_clip's ViT. The
+tokens h [T, C] leaving block ``layer`` are replaced by a noisy copy: with a damping λ = sigmoid(α) per token and
+channel (α starts at 5, λ ≈ 1),
 
-    z = λ · h/σ + (1 − λ) · ε,  ε ~ N(0, 1),  t = σ · z          (σ = √var)
+    t = λ · h + (1 − λ) · ε,  ε ~ N(0, 1)
 
-and the rest of the tower runs on t. The capacity of each element is KL(N(λ·h/σ, (1 − λ)²) ‖ N(0, 1)) =
-−½ (1 + log (1 − λ)² − (λ h/σ)² − (1 − λ)²). α is optimised, per (image, prompt), by Adam (lr ``lr``) for
-``steps`` steps on
+and the rest of the tower runs on t. The capacity of each element is KL(N(λ·h, (1 − λ)²) ‖ N(0, 1)) =
+−½ (1 + log (1 − λ)² − (λ h)² − (1 − λ)²). α is optimised, per (image, prompt), by Adam (lr ``lr``) for
+``steps`` steps on the authors' loss
 
-    mean capacity − β · mean_s cos(image embedding of t with noise sample s, text embedding),
+    β · mean capacity − mean_s cos(image embedding of t with noise sample s, text embedding),
 
-over ``samples`` noise samples per step (the authors' batch of 10). The map is the capacity of the last step's
-forward summed over channels, per patch token (CLS dropped). Defaults are the authors' demo settings (β = 0.1,
-var = 1, 10 steps, lr 1, 10 samples, the block 3 below the top: 9 of ViT-B's 12). Only the image side is
-explained here (the method also explains text tokens).
+over ``samples`` noise samples per step (the authors' batch of 10): β weights the compression, the fit is
+unweighted. The map is the capacity of the last step's forward summed over channels, per patch token (CLS
+dropped). Defaults are the authors' demo settings (β = 0.1, 10 steps, lr 1, 10 samples, the block 3 below the top:
+9 of ViT-B's 12). The authors' ``var`` (the variance of their prior estimator) is never read by their bottleneck's
+forward, so the features are used as they are and ``var`` is not an option here. Only the image side is explained
+here (the method also explains text tokens).
 
 Cost: per image, ``steps`` forward and backward passes of K · ``samples`` copies through the blocks above
 ``layer`` (K prompts are optimised together: their parameters and losses are independent, so Adam's
@@ -48,7 +50,6 @@ class M2IB(Explainer):
         clip,
         layer: int | None = None,
         beta: float = 0.1,
-        var: float = 1.0,
         steps: int = 10,
         lr: float = 1.0,
         samples: int = 10,
@@ -58,11 +59,9 @@ class M2IB(Explainer):
         layer = max(0, self.depth - 3) if layer is None else int(layer)
         if not 0 <= layer < self.depth - 1:
             raise ValueError(f"m2ib: layer={layer} must leave at least one block above it (depth {self.depth})")
-        if steps < 1 or samples < 1 or var <= 0 or lr <= 0:
-            raise ValueError(
-                f"m2ib: need steps >= 1, samples >= 1, var > 0, lr > 0; got {steps}, {samples}, {var}, {lr}"
-            )
-        self.layer, self.beta, self.var = layer, float(beta), float(var)
+        if steps < 1 or samples < 1 or lr <= 0:
+            raise ValueError(f"m2ib: need steps >= 1, samples >= 1, lr > 0; got {steps}, {samples}, {lr}")
+        self.layer, self.beta = layer, float(beta)
         self.steps, self.lr, self.samples, self.seed = int(steps), float(lr), int(samples), int(seed)
 
     def __repr__(self) -> str:
@@ -83,8 +82,7 @@ class M2IB(Explainer):
                 x = blk(x)
         B, T, C = x.shape
         K, S = text.shape[0], self.samples
-        sigma = self.var**0.5
-        h = (x.float() / sigma)[:, None].expand(B, K, T, C)  # normalised by the prior N(0, var)
+        h = x.float()[:, None].expand(B, K, T, C)  # the block's output as it is (the authors never rescale it)
         alpha = torch.full((B, K, T, C), 5.0, device=x.device, requires_grad=True)
         opt = torch.optim.Adam([alpha], lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
@@ -96,10 +94,11 @@ class M2IB(Explainer):
             capacity = -0.5 * (1 + torch.log(var) - mu**2 - var)  # [B, K, T, C]
             eps = torch.randn((S, T, C), generator=gen).to(x.device)  # the same draws for every (image, prompt)
             z = mu[:, :, None] + (1 - lam)[:, :, None] * eps
-            emb = self._head((z * sigma).to(x.dtype).reshape(B * K * S, T, C)).view(B, K, S, -1)
+            emb = self._head(z.to(x.dtype).reshape(B * K * S, T, C)).view(B, K, S, -1)
             fit = (F.normalize(emb.float(), dim=-1) * text[None, :, None]).sum(-1).mean(-1)  # [B, K]
-            # per (image, prompt): mean capacity - beta * mean fit; summed, so each alpha sees its own loss only
-            loss = (capacity.mean(dim=(-1, -2)) - self.beta * fit).sum()
+            # per (image, prompt): beta * mean capacity - mean fit (iba.py's calc_loss); summed over (image,
+            # prompt), so each alpha sees its own loss only
+            loss = (self.beta * capacity.mean(dim=(-1, -2)) - fit).sum()
             loss.backward()
             opt.step()
         sal = capacity.detach().sum(-1)[..., 1:]  # [B, K, N]: summed over channels, CLS dropped

@@ -3,6 +3,9 @@
 The last block's query-key attention is skipped: each patch's value, out-projected, goes through the block's
 residual and MLP, ln_post and the projection as if it were the CLS token, giving a dense embedding per patch;
 the map is its cosine with the prompt's text embedding. No gradients.
+
+``templates``: none (each prompt as it is) | authors (the authors' 85-template ensemble, see
+mmel.explainers.templates); recorded in ``label``.
 """
 
 from __future__ import annotations
@@ -12,14 +15,19 @@ from torch import Tensor
 
 from mmel.explainers import register
 from mmel.explainers.base import Explainer
+from mmel.explainers.templates import TemplatedText
 from mmel.explainers.vit import block_rest, trace_image
 
 
 @register("maskclip")
-class MaskCLIP(Explainer):
+class MaskCLIP(TemplatedText, Explainer):
     """Dense patch-text cosine through the value path of the last block."""
 
     name = "maskclip"
+
+    def __init__(self, clip, templates: str = "none") -> None:
+        super().__init__(clip)
+        self._init_templates(templates)
 
     def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
         text = F.normalize(self.text_features(prompts), dim=-1)  # [K, E]
