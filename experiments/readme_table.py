@@ -44,7 +44,29 @@ def from_summary(summary: dict, commit: str) -> dict:
         "cells": t["cells"],
         "significance": summary.get("significance", {}),
         "samples": summary.get("samples"),
+        "machine": summary.get("machine"),
     }
+
+
+def describe(m: dict | None) -> str:
+    """A machine entry (mmel.utils.machine, plus its ``key``) in a few words."""
+    if not m:
+        return "an unrecorded machine"
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m.get('cpu_model') or 'unknown CPU'} (torch CPU kernels {m.get('cpu_capability')}, "
+            f"{m.get('threads')} threads{gpu}; machine key `{m.get('key')}`)")  # fmt: skip
+
+
+def machine_note(made_on: dict | None, recorded: dict | None) -> str:
+    """ "" when the demo ran on the kind of machine that made the README's table (every digit must agree), else the
+    sentence that says it did not and what to expect."""
+    if made_on and recorded and made_on.get("key") == recorded.get("key"):
+        return ""
+    return (
+        f"This run was made on {describe(made_on)}; the README's table was made on {describe(recorded)}. "
+        "Another kind of machine sums floats in another order: expect differences in the last digits, within "
+        "the intervals shown (training, and so the MMEL rows, moves more than the training-free rows)."
+    )
 
 
 def render(results: dict) -> str:
@@ -72,6 +94,12 @@ def render(results: dict) -> str:
         f"`python -m experiments.readme_table` at commit `{_short(results['commit'])}`. Values: mean ± std over "
         f"training seeds where there are several, [95 % bootstrap interval over items]; bold: best per column."
     )
+    lines += [
+        "",
+        f"Made on {describe(results.get('machine'))}. A fresh clone's `make demo` reproduces every digit on a "
+        "machine of the same key (same CPU kernels and thread count); on another CPU or a GPU the values move within "
+        "their intervals, and `make demo` says so next to its Table 1 (report and log).",
+    ]
     return "\n".join(lines)
 
 

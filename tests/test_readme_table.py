@@ -39,3 +39,21 @@ def test_render_from_a_summary_shows_spreads_missing_values_bold_and_the_test():
     assert "| B | 0.500 [0.400, 0.600] | — |" in text
     assert "30 vs 4 (p = 1e-05)" in text and "+0.100 [+0.050, +0.150]" in text
     assert "`0123456789ab-dirty`" in text and "`make demo`" in text
+
+
+def test_the_readme_says_which_machine_reproduces_every_digit():
+    """The committed results record the machine that made them; the README names it and what reproduces how."""
+    results = json.loads(RESULTS.read_text())
+    assert results["machine"]["key"] and results["machine"]["cpu_model"]
+    block = readme_block((ROOT / "README.md").read_text())
+    assert f"machine key `{results['machine']['key']}`" in block and "reproduces every digit" in block
+
+
+def test_a_demo_on_another_machine_says_so():
+    from experiments.readme_table import machine_note
+
+    here = {"key": "aaaa", "cpu_model": "CPU A", "cpu_capability": "AVX512", "threads": 2}
+    assert machine_note(here, dict(here)) == ""
+    note = machine_note(here, {**here, "key": "bbbb", "cpu_model": "CPU B", "cpu_capability": "AVX2"})
+    assert "CPU A" in note and "CPU B" in note and "within the intervals" in note
+    assert "unrecorded machine" in machine_note(here, None)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from experiments.stats import bootstrap_ci, mcnemar, mean_std, paired_bootstrap
 from experiments.tables import Cell, Column, Table
 from mmel.metrics.protocol import output_of
+from mmel.utils.machine import machine_fingerprint
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -354,6 +355,13 @@ class Paper:
             self._trained = self.trainings()
         return self._trained
 
+    def _machine_note(self, made_on: dict) -> str:
+        """Next to Table 1: whether this machine is the kind that made the README's table (only for its spec)."""
+        from experiments.readme_table import RESULTS, machine_note
+
+        recorded = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        return machine_note(made_on, recorded.get("machine")) if recorded.get("spec") == self.spec["name"] else ""
+
     # ------------------------------------------------------------------------------------------- tables
     def columns(self, table: str, default: dict[str, str]) -> dict[str, str]:
         """A table's columns: the defaults, then the spec's ``columns: {<table>: {label: output}}`` (a metric's
@@ -559,13 +567,22 @@ class Paper:
         tables_dir.mkdir(parents=True, exist_ok=True)
         fig_dir.mkdir(parents=True, exist_ok=True)
         sections: list[Section] = []
-        summary: dict[str, Any] = {"spec": self.spec["name"], "commit": git_commit(ROOT)}
+        facts, key = machine_fingerprint()
+        summary: dict[str, Any] = {
+            "spec": self.spec["name"],
+            "commit": git_commit(ROOT),
+            "machine": {**facts, "key": key},
+        }
 
         t1, loc_rows = self.localisation()
         a, b = self.spec.get("compare", [None, None])
         sig = significance(loc_rows[a], loc_rows[b]) if a in loc_rows and b in loc_rows else None
         summary["significance"] = {"a": a, "b": b, **(sig or {})}
         note = _significance_note(a, b, sig, len(self.spec["seeds"]))
+        differs = self._machine_note(summary["machine"])
+        if differs:
+            log.warning("%s", differs)
+            note = f"{differs} {note}".strip()
         figs = []
         cat = self.category_figure(
             loc_rows, self.spec.get("grid", {}).get("explainers", []), fig_dir / "categories.png"
