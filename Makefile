@@ -18,10 +18,10 @@ LOCK_ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test test-all lint format demo shapes bench clean app
+.PHONY: help install lock test test-all lint format demo shapes bench clean app wheel-check
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 # --require-hashes: every package must be in the lock with a matching sha256 (an incomplete lock fails here).
 # mmel itself: --no-deps (the lock has them) and --no-build-isolation (built with the locked setuptools, so the
@@ -54,6 +54,11 @@ lint: install ## ruff lint + format check + the import-layer contract (docs/arch
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# The wheel as a user gets it: built here, installed into a fresh venv from the lock, run from an empty folder
+# (.ci/wheel-check says what it asserts). CI runs it after test and lint.
+wheel-check: install ## build the wheel, install it in a clean venv, run mmel-explain / mmel-evaluate in an empty dir
+	PYTHON=$(PYTHON) BUILD_PYTHON=$(BIN)/python PIP_VERSION=$(PIP_VERSION) .ci/wheel-check
 
 format: install ## ruff format + autofix
 	$(BIN)/ruff format .

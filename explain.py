@@ -1,22 +1,12 @@
-"""Explain one image: python explain.py image=PATH 'prompts=[a red circle, a blue square]' (see README)."""
+"""Explain one image: python explain.py image=PATH 'prompts=[a red circle, a blue square]' (or: mmel-explain)."""
 
 import os
 
-import hydra
-from omegaconf import DictConfig
+from mmel.cli import program  # imports mmel first: its config resolvers are registered before Hydra composes
 
-import mmel  # noqa: F401 - registers the config resolvers before Hydra composes (also for --cfg job --resolve)
-
-os.environ.setdefault("MMEL_ROOT", os.path.dirname(os.path.abspath(__file__)))
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
-def main(cfg: DictConfig) -> float | None:
-    from mmel.explain import run
-    from mmel.utils.runs import optimized_value
-
-    return optimized_value(run(cfg)[0], cfg.get("optimized_metric"))  # what a sweep optimises
-
+ROOT = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("MMEL_ROOT", ROOT)  # runs write under the checkout, as always
+main = program("explain", config_path=os.path.join(ROOT, "conf"))  # this checkout's conf/
 
 if __name__ == "__main__":
     main()

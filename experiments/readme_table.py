@@ -19,8 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from experiments.report import git_commit
-from experiments.tables import Cell, Column, Table
+from .report import git_commit
+from .tables import Cell, Column, Table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "readme_table.json"

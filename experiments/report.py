@@ -19,8 +19,9 @@ from html import escape
 from importlib import metadata
 from pathlib import Path
 
-from experiments.tables import Table
 from mmel.utils.runs import git_state
+
+from .tables import Table
 
 PACKAGES = ("mmel", "torch", "torchvision", "open_clip_torch", "pytorch-lightning", "torchmetrics", "numpy", "scipy")
 

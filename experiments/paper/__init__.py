@@ -25,13 +25,17 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments.stats import bootstrap_ci, mcnemar, mean_std, paired_bootstrap
-from experiments.tables import Cell, Column, Table
+from mmel.locations import config_dir, work_root
 from mmel.metrics.protocol import output_of
 from mmel.utils.machine import machine_fingerprint
 
+from ..stats import bootstrap_ci, mcnemar, mean_std, paired_bootstrap
+from ..tables import Cell, Column, Table
+
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
+# where results/, data/ and .cache/ go: $MMEL_ROOT, else the current directory (`make demo` runs in the checkout);
+# never this file's folder, which is site-packages/mmel/experiments when installed
+ROOT = work_root()
 SPECS = Path(__file__).resolve().parent
 RUN_RECORD = "paper_run.json"
 
@@ -63,7 +67,7 @@ def config_hash(cfg: DictConfig) -> str:
 def compose_run(program: str, overrides: Sequence[str], out: Path) -> DictConfig:
     """Compose ``conf/<program>.yaml`` with ``overrides`` and its run dir at ``out``."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(program, overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
@@ -357,7 +361,7 @@ class Paper:
 
     def _machine_note(self, made_on: dict) -> str:
         """Next to Table 1: whether this machine is the kind that made the README's table (only for its spec)."""
-        from experiments.readme_table import RESULTS, machine_note
+        from ..readme_table import RESULTS, machine_note
 
         recorded = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
         return machine_note(made_on, recorded.get("machine")) if recorded.get("spec") == self.spec["name"] else ""
@@ -561,7 +565,7 @@ class Paper:
     # ---------------------------------------------------------------------------------------- everything
     def build(self) -> Path:
         """Make every missing run, then write tables, figures, summary.json and report.html; returns the report."""
-        from experiments.report import Provenance, Section, git_commit, write_report
+        from ..report import Provenance, Section, git_commit, write_report
 
         tables_dir, fig_dir = self.results / "tables", self.results / "figures"
         tables_dir.mkdir(parents=True, exist_ok=True)
@@ -570,7 +574,7 @@ class Paper:
         facts, key = machine_fingerprint()
         summary: dict[str, Any] = {
             "spec": self.spec["name"],
-            "commit": git_commit(ROOT),
+            "commit": git_commit(),  # the code's checkout
             "machine": {**facts, "key": key},
         }
 

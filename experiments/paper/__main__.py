@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from experiments.paper import ROOT, Paper, load_spec, per_backbone
+from . import ROOT, Paper, load_spec, per_backbone
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """mmel: explain where CLIP-style models look (Grad-ECLIP, baselines) and learn better-localising maps (HSRM).
 
-Library code lives here; the programs (`train`, `evaluate`, `explain`) are thin Hydra entry points at the repo root.
+Library code lives here; the programs (`train`, `evaluate`, `explain`) run as the console scripts `mmel-train`, ...
+(:mod:`mmel.cli`) or through the thin Hydra shims at the repo root.
 """
 
 from omegaconf import OmegaConf

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from mmel.backbone import is_project_tag, looks_like_path
 from mmel.data.base import as_displayed
 from mmel.explain import _slug, explain_maps, load_image, overlay
+from mmel.locations import config_dir, work_root
 
 MAX_SIDE = 1024  # larger uploads are downscaled (with a note): maps are computed at the model's size anyway
 DISPLAY_MIN_SIDE = 256  # small images (the shapes world is 64 px) are enlarged for display, pixels kept sharp
@@ -100,23 +101,19 @@ class BackboneSpec:
 
 
 def repo_root() -> Path:
-    """The checkout the app runs from: ``$MMEL_ROOT``, else the current directory if it holds ``conf/``, else the
-    source tree around this file (editable install)."""
-    if os.environ.get("MMEL_ROOT"):
-        return Path(os.environ["MMEL_ROOT"]).expanduser()
-    if (Path.cwd() / "conf" / "model").is_dir():
-        return Path.cwd()
-    return Path(__file__).resolve().parents[3]
+    """Where the app keeps ``data/shapes`` and ``.cache/``: ``$MMEL_ROOT``, else the current directory (never the
+    installed package: see :mod:`mmel.locations`)."""
+    return work_root()
 
 
 def backbone_specs(conf_dir: str | os.PathLike | None = None) -> dict[str, BackboneSpec]:
     """Every ``conf/model/*.yaml`` as a spec, the tiny default first; ``paths.cache_dir`` resolved like the programs.
 
-    Without a ``conf/`` directory (a non-editable install) only the tiny default is offered.
+    ``conf_dir``: a config folder; default the one mmel ships (the checkout's ``conf/`` or ``mmel.conf``).
     """
     from omegaconf import OmegaConf
 
-    conf = Path(conf_dir) if conf_dir else repo_root() / "conf"
+    conf = Path(conf_dir) if conf_dir else config_dir()
     files = sorted((conf / "model").glob("*.yaml"))
     cache = os.environ.get("MMEL_CACHE_DIR") or str(repo_root() / ".cache")
     specs = {}
@@ -387,7 +384,7 @@ def pointing_tolerance(conf_dir: str | os.PathLike | None = None, default: float
     """The shapes world's pointing tolerance in pixels (``conf/metrics/shapes.yaml``), else ``default``."""
     from omegaconf import OmegaConf
 
-    f = Path(conf_dir or repo_root() / "conf") / "metrics" / "shapes.yaml"
+    f = Path(conf_dir or config_dir()) / "metrics" / "shapes.yaml"
     if f.is_file():
         v = OmegaConf.select(OmegaConf.load(f), "pointing_game.tolerance")
         if v is not None:

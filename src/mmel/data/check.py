@@ -10,7 +10,6 @@ generated.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -19,14 +18,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from mmel.locations import config_dir
+
 
 def conf_dir() -> Path:
-    """The repo's ``conf/`` ($MMEL_ROOT/conf, else relative to this file in a source checkout)."""
-    root = os.environ.get("MMEL_ROOT")
-    path = Path(root) / "conf" if root else Path(__file__).resolve().parents[3] / "conf"
-    if not path.is_dir():
-        raise FileNotFoundError(f"config folder not found: {path} (set MMEL_ROOT to the repository root)")
-    return path
+    """The Hydra configs mmel ships: the checkout's ``conf/``, or the installed package ``mmel.conf``."""
+    return config_dir()
 
 
 def main(argv: list[str] | None = None) -> int:
