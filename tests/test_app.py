@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmel.app import core
-from mmel.app.core import BackboneSpec, InputError, ModelCache
+from mmel.app import core, inputs, models
+from mmel.app import samples as sample_sets
+from mmel.app.inputs import InputError
+from mmel.app.models import BackboneSpec, ModelCache
 from mmel.app.ui import run_request
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -38,33 +40,33 @@ def image():
 
 
 def test_parse_prompts_one_per_line_and_errors():
-    assert core.parse_prompts("  a red circle \n\n a blue square\n") == PROMPTS
+    assert inputs.parse_prompts("  a red circle \n\n a blue square\n") == PROMPTS
     for bad in ("", "  \n \n", None):
         with pytest.raises(InputError, match="at least one prompt"):
-            core.parse_prompts(bad)
+            inputs.parse_prompts(bad)
     with pytest.raises(InputError, match="at most"):
-        core.parse_prompts("\n".join(f"p{i}" for i in range(core.MAX_PROMPTS + 1)))
+        inputs.parse_prompts("\n".join(f"p{i}" for i in range(inputs.MAX_PROMPTS + 1)))
 
 
 def test_read_upload_reads_images_and_names_bad_files(tmp_path):
     rgba = tmp_path / "x.png"
     Image.new("RGBA", (10, 8), (255, 0, 0, 0)).save(rgba)
-    img = core.read_upload(rgba)
+    img = inputs.read_upload(rgba)
     assert img.mode == "RGB" and img.size == (10, 8)
     assert img.getpixel((0, 0)) == (255, 255, 255)  # transparent -> composited on white (the library's loader)
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     with pytest.raises(InputError, match="'notes.txt' is not a readable image"):
-        core.read_upload(text)
+        inputs.read_upload(text)
     with pytest.raises(InputError, match="none given"):
-        core.read_upload(None)
+        inputs.read_upload(None)
 
 
 def test_fit_image_downscales_only_large_images_and_says_so():
     big = Image.new("RGB", (3000, 1500), (10, 20, 30))
-    small, note = core.fit_image(big, max_side=600)
+    small, note = inputs.fit_image(big, max_side=600)
     assert small.size == (600, 300) and "3000×1500" in note and "600×300" in note
-    same, note = core.fit_image(Image.new("L", (64, 48)), max_side=600)
+    same, note = inputs.fit_image(Image.new("L", (64, 48)), max_side=600)
     assert same.size == (64, 48) and same.mode == "RGB" and note is None
 
 
@@ -92,15 +94,15 @@ def test_item_metrics_on_hand_made_maps():
     boxes = np.array([[10, 10, 20, 20]], np.float32)
     inside = np.zeros((32, 32), np.float32)
     inside[10:20, 10:20] = 1.0  # exactly the box
-    m = core.item_metrics(inside, boxes, tolerance=0)
+    m = sample_sets.item_metrics(inside, boxes, tolerance=0)
     assert m == pytest.approx({"pointing": 1.0, "energy": 1.0, "iou": 1.0})
     outside = np.zeros((32, 32), np.float32)
     outside[0:5, 25:32] = 1.0
-    m = core.item_metrics(outside, boxes, tolerance=2)
+    m = sample_sets.item_metrics(outside, boxes, tolerance=2)
     assert m["pointing"] == 0.0 and m["energy"] == 0.0 and m["iou"] == 0.0
     half = np.zeros((32, 32), np.float32)
     half[10:20, 10:30] = 1.0  # twice the box: half of the mass inside
-    assert core.item_metrics(half, boxes, tolerance=0)["energy"] == pytest.approx(0.5)
+    assert sample_sets.item_metrics(half, boxes, tolerance=0)["energy"] == pytest.approx(0.5)
 
 
 def test_explain_reuses_cached_models_and_matches_the_library(cache, image):
@@ -149,29 +151,29 @@ def test_checkpoint_errors_are_input_errors(cache, tmp_path):
     from mmel.explainers import build_explainer
 
     with pytest.raises(InputError, match="Checkpoint:.*not found"):
-        cache.explainer("micro", f"mmel{core.CHECKPOINT_SEP}{tmp_path / 'nope' / 'hsrm.pt'}")
+        cache.explainer("micro", f"mmel{models.CHECKPOINT_SEP}{tmp_path / 'nope' / 'hsrm.pt'}")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="Checkpoint:.*junk.pt"):
-        cache.explainer("micro", f"mmel{core.CHECKPOINT_SEP}{junk}")
+        cache.explainer("micro", f"mmel{models.CHECKPOINT_SEP}{junk}")
     e = build_explainer("mmel", cache.clip("micro"))
     ckpt = tmp_path / "hsrm.pt"
     config = {"backbone": "mmel-micro", "layers": e.layers, "scales": [1, 2, 4], "tau": 0.1}
     torch.save({"hsrm": e.hsrm.state_dict(), "config": config}, ckpt)
-    assert cache.explainer("micro", f"mmel{core.CHECKPOINT_SEP}{ckpt}") is not None  # its own backbone: fine
+    assert cache.explainer("micro", f"mmel{models.CHECKPOINT_SEP}{ckpt}") is not None  # its own backbone: fine
     with pytest.raises(InputError, match="Checkpoint:.*mmel-micro"):
-        cache.explainer("microq", f"mmel{core.CHECKPOINT_SEP}{ckpt}")
+        cache.explainer("microq", f"mmel{models.CHECKPOINT_SEP}{ckpt}")
 
 
 def test_explainer_choices_follow_the_registry(monkeypatch, tmp_path):
     import mmel.explainers as ex
 
     monkeypatch.setitem(ex._REGISTRY, "zz_later", object)  # registered after the app module was imported
-    choices = core.explainer_choices([tmp_path / "a" / "hsrm.pt"])
+    choices = models.explainer_choices([tmp_path / "a" / "hsrm.pt"])
     assert set(ex.available()) <= set(choices) and "zz_later" in choices
     assert choices[-1] == f"mmel @ {tmp_path / 'a' / 'hsrm.pt'}"
-    assert core.parse_explainer_choice(choices[-1]) == ("mmel", str(tmp_path / "a" / "hsrm.pt"))
-    assert core.parse_explainer_choice("grad_eclip") == ("grad_eclip", None)
+    assert models.parse_explainer_choice(choices[-1]) == ("mmel", str(tmp_path / "a" / "hsrm.pt"))
+    assert models.parse_explainer_choice("grad_eclip") == ("grad_eclip", None)
 
 
 def test_find_checkpoints_newest_first(tmp_path):
@@ -183,23 +185,23 @@ def test_find_checkpoints_newest_first(tmp_path):
         p.write_bytes(b"x")
         os.utime(p, (1000 + i, 1000 + i))
     (tmp_path / "train/runs/a/other.pt").write_bytes(b"x")
-    assert core.find_checkpoints(tmp_path) == [b, a]
-    assert core.find_checkpoints(tmp_path / "missing") == []
+    assert models.find_checkpoints(tmp_path) == [b, a]
+    assert models.find_checkpoints(tmp_path / "missing") == []
 
 
 def test_backbone_specs_and_missing_weights(tmp_path):
-    specs = core.backbone_specs()
+    specs = models.backbone_specs()
     assert next(iter(specs)) == "tiny"
     assert (specs["tiny"].name, specs["tiny"].pretrained) == ("mmel-tiny", "shapes")
     assert specs["tiny"].cache_dir.endswith("weights")
     assert specs["vitb16"].name == "ViT-B-16-quickgelu"
-    assert core.missing_weights(specs["tiny"]) is None  # the committed weights
-    assert core.missing_weights(SPECS["micro"]) is None  # random init
+    assert models.missing_weights(specs["tiny"]) is None  # the committed weights
+    assert models.missing_weights(SPECS["micro"]) is None  # random init
     offline = BackboneSpec("vitb16", "ViT-B-16-quickgelu", "openai", str(tmp_path / "empty"))
-    assert "not on this machine" in core.missing_weights(offline)
-    assert "not found" in core.missing_weights(offline, str(tmp_path / "w.safetensors"))
+    assert "not on this machine" in models.missing_weights(offline)
+    assert "not found" in models.missing_weights(offline, str(tmp_path / "w.safetensors"))
     (tmp_path / "w.safetensors").write_bytes(b"")
-    assert core.missing_weights(offline, str(tmp_path / "w.safetensors")) is None
+    assert models.missing_weights(offline, str(tmp_path / "w.safetensors")) is None
     with pytest.raises(InputError, match="not on this machine"):
         ModelCache({"vitb16": offline}).clip("vitb16")  # refused at once, no minute-long download retries
     with pytest.raises(InputError, match="unknown config"):
@@ -207,7 +209,7 @@ def test_backbone_specs_and_missing_weights(tmp_path):
 
 
 def test_shapes_samples_generate_only_into_an_empty_root(tmp_path):
-    s = core.ShapesSamples(tmp_path / "shapes", n_train=0, n_val=0, n_test=3)
+    s = sample_sets.ShapesSamples(tmp_path / "shapes", n_train=0, n_val=0, n_test=3)
     assert "Generated" in s.ensure() and s.ensure() is None
     assert s.count("test") == 3
     sample = s.sample("test", 1)
@@ -220,14 +222,14 @@ def test_shapes_samples_generate_only_into_an_empty_root(tmp_path):
     partial.mkdir()
     (partial / "MANIFEST.json").write_text("{}")
     with pytest.raises(InputError, match="incomplete"):
-        core.ShapesSamples(partial).ensure()
+        sample_sets.ShapesSamples(partial).ensure()
     assert (partial / "MANIFEST.json").read_text() == "{}"  # nothing deleted, nothing written
 
 
 def test_overlays_zip_holds_every_overlay_and_the_scores(cache, image, tmp_path):
     rs = [core.explain(cache, "micro", n, image, PROMPTS) for n in ("grad_eclip", "rollout")]
     boxes = {PROMPTS[0]: np.array([[0, 0, 10, 10]], np.float32)}
-    metrics = {(r.explainer, PROMPTS[0]): core.item_metrics(r.maps[0], boxes[PROMPTS[0]], 4) for r in rs}
+    metrics = {(r.explainer, PROMPTS[0]): sample_sets.item_metrics(r.maps[0], boxes[PROMPTS[0]], 4) for r in rs}
     path = core.overlays_zip(image, rs, 0.7, tmp_path / "o.zip", boxes, metrics)
     with zipfile.ZipFile(path) as z:
         pngs = [n for n in z.namelist() if n.endswith(".png")]

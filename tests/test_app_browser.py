@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from mmel.app.core import ShapesSamples
+    from mmel.app.samples import ShapesSamples
 
     samples = ShapesSamples(tmp_path_factory.mktemp("shapes"), n_train=0, n_val=0, n_test=4)
     samples.ensure()

@@ -1,6 +1,6 @@
 """The explorer served beyond localhost opens only the paths named at start-up (mmel.app.paths); on localhost any.
 
-No browser: the policy itself, then through :class:`mmel.app.core.ModelCache` (what the page's boxes reach), then
+No browser: the policy itself, then through :class:`mmel.app.models.ModelCache` (what the page's boxes reach), then
 the command line that builds it."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import os
 import pytest
 import torch
 
-from mmel.app import core
-from mmel.app.core import BackboneSpec, InputError, ModelCache
+from mmel.app import models
+from mmel.app.inputs import InputError
+from mmel.app.models import BackboneSpec, ModelCache
 from mmel.app.paths import PathPolicy, is_exposed
 
 SPECS = {"micro": BackboneSpec("micro", "mmel-micro", None)}
@@ -117,13 +118,13 @@ def test_the_page_reaches_files_only_through_the_policy(micro_files, tmp_path):
     with pytest.raises(InputError, match="Weights file: .* not a file in this server's weights folder"):
         exposed.clip("micro", str(weights))
     with pytest.raises(InputError, match="Checkpoint: .* not one of the checkpoints"):
-        exposed.explainer("micro", f"mmel{core.CHECKPOINT_SEP}{ckpt}")
+        exposed.explainer("micro", f"mmel{models.CHECKPOINT_SEP}{ckpt}")
     assert not any(k[0] != "clip" or k[2] is not None for k in exposed.loaded())  # nothing was opened
     local = ModelCache(dict(SPECS), policy=PathPolicy.for_server("127.0.0.1", False))
     assert local.clip("micro", str(weights)).fingerprint  # the same file loads on localhost
-    assert local.explainer("micro", f"mmel{core.CHECKPOINT_SEP}{ckpt}") is not None
+    assert local.explainer("micro", f"mmel{models.CHECKPOINT_SEP}{ckpt}") is not None
     offered = ModelCache(dict(SPECS), policy=PathPolicy.for_server("0.0.0.0", False, [ckpt]))
-    assert offered.explainer("micro", f"mmel{core.CHECKPOINT_SEP}{ckpt}") is not None  # offered at start-up
+    assert offered.explainer("micro", f"mmel{models.CHECKPOINT_SEP}{ckpt}") is not None  # offered at start-up
 
 
 def test_command_line_builds_the_policy_from_host_share_and_weights_dir(monkeypatch, tmp_path):
@@ -134,7 +135,7 @@ def test_command_line_builds_the_policy_from_host_share_and_weights_dir(monkeypa
     built = {}
     monkeypatch.setattr(ui, "build_app", lambda cache, **kw: built.setdefault("cache", cache))
     monkeypatch.setattr(ui, "serve", lambda *a, **kw: None)
-    monkeypatch.setattr(core, "backbone_specs", lambda *a, **kw: dict(SPECS))
+    monkeypatch.setattr(models, "backbone_specs", lambda *a, **kw: dict(SPECS))
     wdir = tmp_path / "w"
     wdir.mkdir()
     args = ["--logs", str(tmp_path / "no-logs"), "--data-root", str(tmp_path / "shapes")]

@@ -7,7 +7,8 @@ import argparse
 import os
 import sys
 
-from mmel.app import core
+from mmel.app import inputs, models
+from mmel.app import samples as sample_sets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="served beyond localhost (--host not loopback, --share): the only folder whose files the "
                    "page's weights / checkpoint boxes may name (on localhost any path is taken)")  # fmt: skip
     p.add_argument("--data-root", default=None, help="shapes world for samples (default data/shapes; made if absent)")
-    p.add_argument("--max-side", type=int, default=core.MAX_SIDE, help="larger uploads are downscaled to this")
+    p.add_argument("--max-side", type=int, default=inputs.MAX_SIDE, help="larger uploads are downscaled to this")
     p.add_argument("--concurrency", type=int, default=4, help="requests computed at once (default 4)")
     return p.parse_args(argv)
 
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmel.app.paths import PathPolicy
     from mmel.app.ui import build_app, serve
 
-    root = args.data_root or core.repo_root() / "data" / "shapes"
-    offered = [*args.checkpoint, *core.find_checkpoints(args.logs)]  # what the page lists (as build_app finds them)
+    root = args.data_root or models.repo_root() / "data" / "shapes"
+    offered = [*args.checkpoint, *models.find_checkpoints(args.logs)]  # what the page lists (as build_app finds them)
     try:
         policy = PathPolicy.for_server(args.host, args.share, offered, args.weights_dir)
     except NotADirectoryError as e:
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Reachable from other machines: typed paths are limited to the {len(policy.checkpoints)} offered "
               f"checkpoint(s) and {where}.", file=sys.stderr)  # fmt: skip
     demo = build_app(
-        core.ModelCache(policy=policy),
-        samples=core.ShapesSamples(root),
+        models.ModelCache(policy=policy),
+        samples=sample_sets.ShapesSamples(root),
         logs=args.logs,
         checkpoints=args.checkpoint,
         max_side=args.max_side,

@@ -1,6 +1,6 @@
-"""The explorer's page (Gradio): wires :mod:`mmel.app.core` to components; no computing of its own.
+"""The explorer's page (Gradio): wires the app's logic modules to components; no computing of its own.
 
-Handlers never raise: :class:`~mmel.app.core.InputError` (and, as a last resort, any other exception of one
+Handlers never raise: :class:`~mmel.app.inputs.InputError` (and, as a last resort, any other exception of one
 request) becomes a message in the status box, so a bad request cannot take the server down. Each element a
 test or a user script needs has an ``elem_id``.
 """
@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmel.app import core
-from mmel.app.core import InputError
+from mmel.app import core, inputs, models
+from mmel.app import samples as sample_sets
+from mmel.app.inputs import InputError
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,17 @@ def _warn(text: str) -> str:
 def load_upload(path: str | None, max_side: int) -> tuple[dict | None, Any, str]:
     """Upload handler: (source state, preview image, status text)."""
     try:
-        img = core.read_upload(path)
+        img = inputs.read_upload(path)
     except InputError as e:
         return None, None, _warn(str(e))
-    img, note = core.fit_image(img, max_side)
+    img, note = inputs.fit_image(img, max_side)
     src = {"image": img, "label": Path(path).name, "boxes": None, "note": note}
     return src, core.enlarge(img), note or f"Loaded {Path(path).name} ({img.width}×{img.height})."
 
 
-def load_sample(samples: core.ShapesSamples, split: str, index: float | None) -> tuple[dict | None, Any, Any, str]:
+def load_sample(
+    samples: sample_sets.ShapesSamples, split: str, index: float | None
+) -> tuple[dict | None, Any, Any, str]:
     """Sample handler: (source state, preview, prompts text, status text)."""
     import gradio as gr
 
@@ -128,7 +131,7 @@ def _metrics(state: dict, tolerance: float) -> dict[tuple[str, str], dict] | Non
     if not boxes:
         return None
     return {
-        (r.explainer, p): core.item_metrics(r.maps[k], boxes[p], tolerance)
+        (r.explainer, p): sample_sets.item_metrics(r.maps[k], boxes[p], tolerance)
         for r in state["results"]
         for k, p in enumerate(r.prompts)
         if p in boxes
@@ -136,7 +139,7 @@ def _metrics(state: dict, tolerance: float) -> dict[tuple[str, str], dict] | Non
 
 
 def run_request(
-    cache: core.ModelCache,
+    cache: models.ModelCache,
     source: dict | None,
     prompts_text: str,
     choices: Sequence[str] | None,
@@ -153,9 +156,9 @@ def run_request(
     try:
         if source is None:
             raise InputError("Image: none given; upload an image or load a sample from the shapes world.")
-        prompts = core.parse_prompts(prompts_text)
+        prompts = inputs.parse_prompts(prompts_text)
         extra = [line.strip() for line in (extra_checkpoints or "").splitlines() if line.strip()]
-        chosen = list(choices or []) + [f"mmel{core.CHECKPOINT_SEP}{p}" for p in extra]
+        chosen = list(choices or []) + [f"mmel{models.CHECKPOINT_SEP}{p}" for p in extra]
         if not chosen:
             raise InputError("Explainers: choose at least one (or give an HSRM checkpoint path).")
         cache.clip(backbone, weights)  # a backbone problem is one message, not one per explainer
@@ -188,27 +191,27 @@ def run_request(
 
 
 def build_app(
-    cache: core.ModelCache | None = None,
-    samples: core.ShapesSamples | None = None,
+    cache: models.ModelCache | None = None,
+    samples: sample_sets.ShapesSamples | None = None,
     *,
     logs: str | Path = "logs",
     checkpoints: Sequence[str | Path] = (),
-    max_side: int = core.MAX_SIDE,
+    max_side: int = inputs.MAX_SIDE,
     tolerance: float | None = None,
     workdir: str | Path | None = None,
 ):
     """The page as a ``gr.Blocks`` (not launched). Models load on first use, once, into ``cache``."""
     import gradio as gr
 
-    cache = cache or core.ModelCache()
-    samples = samples or core.ShapesSamples(core.repo_root() / "data" / "shapes")
-    tolerance = core.pointing_tolerance() if tolerance is None else tolerance
+    cache = cache or models.ModelCache()
+    samples = samples or sample_sets.ShapesSamples(models.repo_root() / "data" / "shapes")
+    tolerance = sample_sets.pointing_tolerance() if tolerance is None else tolerance
     if workdir is None:  # the zips of this process; removed when it exits
         workdir = tempfile.mkdtemp(prefix="mmel-app-")
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     out_dir = Path(workdir)
-    found = [str(p) for p in checkpoints] + [str(p) for p in core.find_checkpoints(logs)]
-    choices = core.explainer_choices(dict.fromkeys(found))
+    found = [str(p) for p in checkpoints] + [str(p) for p in models.find_checkpoints(logs)]
+    choices = models.explainer_choices(dict.fromkeys(found))
     backbones = [(s.label, k) for k, s in cache.specs.items()]
 
     with gr.Blocks(title="mmel explorer", analytics_enabled=False) as demo:
@@ -233,7 +236,7 @@ def build_app(
                 prompts = gr.Textbox(label="Prompts (one per line)", lines=3, elem_id="prompts")
                 explainers = gr.CheckboxGroup(choices, value=["grad_eclip"], label="Explainers", elem_id="explainers")
                 extra = gr.Textbox(label="HSRM checkpoints (hsrm.pt paths, one per line)", lines=1, elem_id="ckpts")
-                backbone = gr.Dropdown(backbones, value=core.DEFAULT_BACKBONE, label="Backbone", elem_id="backbone")
+                backbone = gr.Dropdown(backbones, value=models.DEFAULT_BACKBONE, label="Backbone", elem_id="backbone")
                 weights = gr.Textbox(label="Weights file (optional; replaces the config's weights)", elem_id="weights")
                 boxes_mode = gr.Checkbox(label="Boxes mode: ground truth + per-item metrics", elem_id="boxes")
                 run = gr.Button("Explain", variant="primary", elem_id="run")
