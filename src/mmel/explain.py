@@ -117,13 +117,16 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(clip, explainer, size: tuple[int, int], k: int) -> None:
-    """Refuse, before allocating, a call whose estimated memory exceeds what the device has free."""
-    need, free = estimate_bytes(clip, explainer, size, k), available_bytes(clip.device)
+def check_memory(clip, explainer, size: tuple[int, int], k: int, batch: int = 1) -> None:
+    """Refuse, before allocating, a call for ``batch`` images whose estimated memory exceeds what the device has
+    free."""
+    need, free = estimate_bytes(clip, explainer, size, k, batch), available_bytes(clip.device)
     if free is not None and need > free:
+        what = f"{batch} images of a" if batch > 1 else "a"
         raise MemoryError(
-            f"explaining a {size[0]}x{size[1]} input for {k} prompt(s) needs about {need / 2**30:.1f} GiB, but "
+            f"explaining {what} {size[0]}x{size[1]} input for {k} prompt(s) needs about {need / 2**30:.1f} GiB, but "
             f"{clip.device} has {free / 2**30:.1f} GiB free: lower max_side=, use resize=model, or give fewer prompts"
+            + (" or a smaller batch_size=" if batch > 1 else "")
         )
 
 
@@ -281,7 +284,9 @@ def _cfg_value(cfg: DictConfig, key: str, hint: str):
 
 def run(cfg: DictConfig) -> tuple[dict, dict]:
     """Hydra entry: build model + explainer from ``cfg``, explain ``cfg.image`` for ``cfg.prompts``."""
-    image = _cfg_value(cfg, "image", "image=PATH")
+    if cfg.get("images") is not None:  # the folder mode lives a layer above (mmel.explain_folder.run dispatches)
+        raise ValueError("images= is the folder mode: run it with mmel.explain_folder.run (what explain.py calls)")
+    image = _cfg_value(cfg, "image", "image=PATH (or images=DIR for a folder of images)")
     prompts = _cfg_value(cfg, "prompts", "'prompts=[a red circle, a blue square]'")
     if isinstance(prompts, ListConfig):
         prompts = OmegaConf.to_container(prompts)

@@ -177,11 +177,12 @@ def check_resume_dir(out: Path) -> None:
     raise ValueError(f"resume={out}: {what}; it has no {RUN}, so it cannot be resumed (its files are left untouched)")
 
 
-def check_fingerprint(out: Path, current: dict[str, Any]) -> None:
-    """Refuse to mix runs: raise naming every key where ``out``'s recorded fingerprint differs from ``current``."""
+def check_fingerprint(out: Path, current: dict[str, Any], task: str = "evaluate") -> None:
+    """Refuse to mix runs: raise naming every key where ``out``'s recorded fingerprint differs from ``current``
+    (``task``: the program whose run dir it must be)."""
     recorded = json.loads((out / RUN).read_text())
-    if recorded.get("task") != "evaluate":
-        raise ValueError(f"resume={out}: {RUN} is not an evaluate run's fingerprint (task={recorded.get('task')!r})")
+    if recorded.get("task") != task:
+        raise ValueError(f"resume={out}: {RUN} is not a {task} run's fingerprint (task={recorded.get('task')!r})")
     diff = differing_keys(recorded.get("fingerprint", {}), current)
     if diff:
         raise ValueError(
@@ -190,10 +191,10 @@ def check_fingerprint(out: Path, current: dict[str, Any]) -> None:
         )
 
 
-def write_fingerprint(out: Path, fp: dict[str, Any]) -> None:
-    """Write ``run.json`` atomically."""
+def write_fingerprint(out: Path, fp: dict[str, Any], task: str = "evaluate") -> None:
+    """Write ``run.json`` atomically (``task``: the program that made the run)."""
     tmp = out / (RUN + ".tmp")
-    tmp.write_text(json.dumps({"task": "evaluate", "fingerprint": fp}, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps({"task": task, "fingerprint": fp}, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / RUN)
 
 

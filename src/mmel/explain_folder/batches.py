@@ -1,0 +1,233 @@
+"""Folder mode's work: images explained ``batch_size`` at a time (one ``explain_batch`` call per batch of one input
+size), each batch's maps (npz), overlays (PNG) and records (the journal ``items.jsonl``) written by a background
+thread, and the results table rebuilt from the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmel.evaluation.records import ITEMS, ItemWriter, read_items
+from mmel.explain import RESIZE_MODES, _slug, check_memory, overlay, preprocess
+from mmel.explain_folder.inputs import Entry, decode
+from mmel.metrics import ClipScorer
+
+log = logging.getLogger(__name__)
+TABLE = "results"  # results.parquet and results.csv
+COLUMNS = (  # the table's columns, in order
+    ("image", "string"), ("path", "string"), ("prompt", "string"), ("index", "int64"), ("score", "float64"),
+    ("peak_y", "int64"), ("peak_x", "int64"), ("map_h", "int64"), ("map_w", "int64"), ("image_h", "int64"),
+    ("image_w", "int64"), ("tokens", "int64"), ("tokens_kept", "int64"), ("status", "string"), ("error", "string"),
+    ("maps_file", "string"), ("overlay", "string"), ("batch", "string"),
+)  # fmt: skip
+
+
+def _token_counts(clip, prompt: str) -> tuple[int | None, int | None]:
+    """(real tokens of the prompt, tokens the model keeps: at most its context minus start and end)."""
+    tok = clip.tokenizer
+    if not hasattr(tok, "encode"):
+        return None, None
+    n = len(tok.encode(prompt))
+    return n, min(n, clip.model.context_length - 2)
+
+
+# ------------------------------------------------------------------------------------------------ the work
+@dataclass
+class _Item:
+    entry: Entry
+    image: Image.Image
+    x: torch.Tensor  # [3, H, W] normalised model input
+    prompts: list[str]
+
+
+class FolderExplainer:
+    """Explains entries batch by batch into ``out`` (see the module docstring); the writing of a batch's files
+    and records runs in one background thread while the next batch is computed."""
+
+    def __init__(self, clip, explainer, out: Path, *, resize: str, max_side: int | None, batch_size: int,
+                 overlays: bool = True, alpha: float = 0.5) -> None:  # fmt: skip
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected a positive number of images per batch")
+        if resize == "auto":
+            resize = "keep" if getattr(explainer, "mode", None) == "official" else "model"
+        self.clip, self.explainer, self.out = clip, explainer, out
+        self.resize, self.max_side, self.batch_size = resize, max_side, batch_size
+        self.overlays, self.alpha = overlays, alpha
+        self._scorer: ClipScorer | None = None
+        self._tokens: dict[str, tuple[int | None, int | None]] = {}
+        self._pending: list[dict[str, Any]] = []  # skip records waiting for the next write
+        self._future: Future | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain-writer")
+        self._writer = ItemWriter(out / ITEMS)
+        self.attempt = 0
+        self.n_batches = 0
+
+    def run(self, entries: list[Entry], prompts: dict[str, Any], bar=None) -> Counter:
+        """Explain ``entries`` (prompts[key]: the image's prompt list or None); returns this run's counts."""
+        counts: Counter = Counter()
+        buckets: dict[tuple[int, int], list[_Item]] = {}
+        try:
+            for e in entries:
+                img, reason, msg = decode(e) if prompts.get(e.key) else (None, "no_prompts", "no prompts given")
+                if img is None:
+                    self._pending.append(_skip_record(e, reason, msg))
+                    counts[f"skipped/{reason}"] += 1
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                x = preprocess(img, self.clip, self.resize, self.max_side)
+                bucket = buckets.setdefault(tuple(x.shape[-2:]), [])
+                bucket.append(_Item(e, img, x, prompts[e.key]))
+                if len(bucket) == self.batch_size:
+                    counts["done"] += self._flush(buckets.pop(tuple(x.shape[-2:])), bar)
+                elif sum(map(len, buckets.values())) > 4 * self.batch_size:  # many sizes: bound the memory held
+                    counts["done"] += self._flush(buckets.pop(max(buckets, key=lambda s: len(buckets[s]))), bar)
+            for size in list(buckets):
+                counts["done"] += self._flush(buckets.pop(size), bar)
+            self._submit([], None)  # skip records after the last batch
+        finally:
+            self.close()
+        return counts
+
+    def close(self) -> None:
+        """Wait for the writes in flight (their errors surface here) and close the journal."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+        self._pool.shutdown(wait=True)
+        self._writer.close()
+
+    def _flush(self, items: list[_Item], bar) -> int:
+        H, W = items[0].x.shape[-2:]
+        check_memory(self.clip, self.explainer, (H, W), max(len(it.prompts) for it in items), batch=len(items))
+        xs = torch.stack([it.x for it in items]).to(self.clip.device)  # [B, 3, H, W]
+        maps = self.explainer.explain_batch(xs, [it.prompts for it in items])  # B x [K_b, H, W]
+        scores = self._scores(xs, [it.prompts for it in items])
+        self._submit(items, (maps, scores))
+        if bar is not None:
+            bar.update(len(items))
+        return len(items)
+
+    def _scores(self, xs: torch.Tensor, prompts: list[list[str]]) -> list[list[float]]:
+        """The unscaled cosine of each image with each of its prompts (the CLIP's own, as explain_maps reports)."""
+        distinct = list(dict.fromkeys(p for ps in prompts for p in ps))
+        if self._scorer is None or self._scorer.prompts != distinct:  # shared prompts: text encoded once per run
+            self._scorer = ClipScorer(self.clip, distinct)
+        cos = self._scorer.cosines(xs).cpu()  # [B, U]
+        return [[float(cos[b, self._scorer.index(p)]) for p in ps] for b, ps in enumerate(prompts)]
+
+    def _submit(self, items: list[_Item], result) -> None:
+        if self._future is not None:  # at most one batch waits to be written: memory stays bounded
+            self._future.result()
+        skips, self._pending = self._pending, []
+        name = f"batch_{self.attempt:03d}_{self.n_batches:05d}"
+        self.n_batches += 1
+        self._future = self._pool.submit(self._write, name, items, result, skips)
+
+    def _write(self, name: str, items: list[_Item], result, skips: list[dict[str, Any]]) -> None:
+        """The batch's npz, then its overlays, then its records: a recorded image has its files."""
+        records = [{**r, "batch": name} for r in skips]
+        if items:
+            maps, scores = result
+            maps_file = f"maps/{name}.npz"
+            (self.out / "maps").mkdir(exist_ok=True)
+            tmp = self.out / f"maps/{name}.tmp.npz"
+            np.savez(
+                tmp, **{it.entry.key: m.cpu().numpy().astype(np.float32) for it, m in zip(items, maps, strict=True)}
+            )
+            os.replace(tmp, self.out / maps_file)
+            for it, m, s in zip(items, maps, scores, strict=True):
+                records += self._records(it, m, s, maps_file, name)
+        self._writer.write(records)
+
+    def _records(self, it: _Item, m: torch.Tensor, scores: list[float], maps_file: str, name: str) -> list[dict]:
+        K, h, w = m.shape
+        W0, H0 = it.image.size
+        peaks = m.flatten(1).argmax(1).tolist()  # first maximum in raster order, on the map's own grid
+        if self.overlays:  # the one-image path's overlay: the map resized to the image and blended over it
+            full = torch.nn.functional.interpolate(m[None].cpu(), size=(H0, W0), mode="bilinear", align_corners=False)
+            full = full[0].clamp(0, 1)
+        out = []
+        for k, p in enumerate(it.prompts):
+            if p not in self._tokens:
+                self._tokens[p] = _token_counts(self.clip, p)
+            ov = None
+            if self.overlays:
+                ov = f"overlays/{_safe(it.entry.key)}/overlay_{k}_{_slug(p)}.png"
+                (self.out / ov).parent.mkdir(parents=True, exist_ok=True)
+                overlay(it.image, full[k], self.alpha).save(self.out / ov)
+            n, kept = self._tokens[p]
+            out.append({
+                "image": it.entry.key, "path": it.entry.path, "prompt": p, "index": k, "score": scores[k],
+                "peak_y": peaks[k] // w, "peak_x": peaks[k] % w, "map_h": h, "map_w": w, "image_h": H0,
+                "image_w": W0, "tokens": n, "tokens_kept": kept, "status": "ok", "error": None,
+                "maps_file": maps_file, "overlay": ov, "batch": name,
+            })  # fmt: skip
+        return out
+
+
+def _skip_record(e: Entry, reason: str, message: str) -> dict[str, Any]:
+    return {**{c: None for c, _ in COLUMNS}, "image": e.key, "path": e.path, "status": reason, "error": message}
+
+
+def _safe(key: str) -> str:
+    """A key as a relative folder inside the run dir (no absolute part, no '..')."""
+    parts = [p if p not in ("..", ".") else "_" for p in PurePosixPath(key.lstrip("/")).parts]
+    return "/".join(parts) or "_"
+
+
+# ------------------------------------------------------------------------------------------------ records
+def latest_records(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per image key, its records of the last batch that wrote it (a re-run's records supersede older ones)."""
+    per_image: dict[str, list[dict[str, Any]]] = {}
+    for r in read_items(out / ITEMS):
+        rows = per_image.setdefault(r["image"], [])
+        if rows and rows[0]["batch"] != r["batch"]:
+            rows.clear()
+        rows.append(r)
+    return per_image
+
+
+def repair_journal(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so that appending after it keeps every line whole."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        log.warning("%s: dropping a truncated last line (an interrupted write)", path)
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def is_done(rows: list[dict[str, Any]], prompts: list[str] | None) -> bool:
+    """An image is done when its latest records are complete and ok for exactly these prompts."""
+    got = sorted((r["index"], r["prompt"]) for r in rows if r["status"] == "ok")
+    return bool(prompts) and got == list(enumerate(prompts))
+
+
+def write_table(out: Path, per_image: dict[str, list[dict[str, Any]]]) -> int:
+    """``results.parquet`` and ``results.csv`` (atomically) from the records; returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = [r for key in sorted(per_image) for r in sorted(per_image[key], key=lambda r: r["index"] or 0)]
+    schema = pa.schema([(c, getattr(pa, t)()) for c, t in COLUMNS])
+    table = pa.Table.from_pylist([{c: r.get(c) for c, _ in COLUMNS} for r in rows], schema=schema)
+    for suffix, write in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
+        tmp = out / f"{TABLE}.tmp{suffix}"
+        write(table, str(tmp))
+        os.replace(tmp, out / f"{TABLE}{suffix}")
+    return len(rows)
