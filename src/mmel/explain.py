@@ -8,6 +8,8 @@ writes into the run directory, for K prompts:
   * ``metrics.json``    — the files, the per-prompt scores (unscaled cosine at the explained input size) and the
                           token weights.
 :func:`explain_image` does the same from Python; :func:`explain_maps` only computes (maps, scores, token weights).
+A folder, a list of paths or a Hugging Face imagefolder (``images=DIR``, batched, resumable, one results table)
+is the folder mode, :mod:`mmel.explain_folder`, which reuses this module's decoding, transform and overlay.
 
 Images are read and transformed by :mod:`mmel.data` — the same decoding (EXIF orientation, every PIL mode),
 keep-size rounding and normalisation as the datasets — so a photo gets the same map here as in evaluate.py.
