@@ -199,3 +199,19 @@ def test_errors_name_what_is_wrong(folder, tmp_path):
         run(compose_cfg([f"images={folder}"], tmp_path))
     with pytest.raises(ValueError, match="for one image use image="):
         run(compose_cfg([f"images={folder / 'a.png'}", "prompts=[a]"], tmp_path))
+
+
+def test_a_batch_too_big_for_the_device_is_split_and_an_image_too_big_alone_is_skipped(folder, tmp_path, tiny_clip,
+                                                                                       monkeypatch):  # fmt: skip
+    import mmel.explain
+
+    # memory model for the test: batch x pixels bytes, 6000 free -> 64x64 images fit one at a time, 80x80 never
+    monkeypatch.setattr(mmel.explain, "estimate_bytes", lambda clip, e, size, k, batch=1: batch * size[0] * size[1])
+    monkeypatch.setattr(mmel.explain, "available_bytes", lambda device: 6000)
+    e = build_explainer("grad_eclip", tiny_clip)
+    entries = list_images(str(folder))
+    res = explain_folder(entries, prompts_of(entries, PROMPTS, {}), tiny_clip, e, tmp_path / "o", resize="keep",
+                         batch_size=4, progress=False)  # fmt: skip
+    assert res["images"]["done"] == 4 and res["images"]["skipped_by_reason"]["too_large"] == 1
+    assert res["images"]["skipped_files"]["too_large"] == ["c_rgba.png"]  # the 80 px one
+    assert len({r["batch"] for r in _journal(tmp_path / "o") if r["status"] == "ok"}) == 4  # one image per batch

@@ -22,7 +22,18 @@ image's own size; ``overlays=false`` skips them), ``results.parquet`` and ``resu
 cannot be explained (not an image, truncated, unreadable, no prompts) are skipped and counted by reason, never
 abort the run. Re-running into the same dir (``resume=DIR``, or the same explicit ``hydra.run.dir``) skips the
 images whose records are complete for the same prompts; a killed run loses only the batch in flight.
+
+Table columns: ``image`` (the key), ``path``, ``prompt``, ``index`` (its place in the image's prompt list),
+``score`` (the CLIP's unscaled cosine at the explained input, as the one-image path reports), ``peak_y``/``peak_x``
+(the map's maximum, first in raster order, on its own ``map_h`` x ``map_w`` grid), ``image_h``/``image_w``,
+``tokens``/``tokens_kept`` (the prompt's tokens and those the context keeps), ``status`` (``ok`` or the reason:
+``not_an_image``, ``corrupt_image``, ``missing``, ``unreadable``, ``no_prompts``, ``too_large``: more memory than
+the device has, even alone), ``error``, ``maps_file``,
+``overlay``, ``batch``. ``metrics.json``: ``images`` (total, done, done_this_run, done_before, skipped,
+skipped_by_reason, the first skipped files per reason), ``items``, ``images_per_s`` (this run), the settings.
 """
+
+from __future__ import annotations
 
 import logging
 import os
@@ -36,7 +47,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from mmel.evaluation.records import ITEMS, RUN, check_fingerprint, write_fingerprint
+from mmel.evaluation.records import ITEMS, RUN, check_fingerprint, read_items, write_fingerprint
 from mmel.explain import DEFAULT_MAX_SIDE
 from mmel.explain_folder.batches import TABLE, FolderExplainer, is_done, latest_records, repair_journal, write_table
 from mmel.explain_folder.inputs import Entry, list_images, prompts_of, read_prompts_file
@@ -133,9 +144,9 @@ def explain_folder(entries: list[Entry], prompts: dict[str, Any], clip, explaine
     todo = [e for e in entries if not is_done(before.get(e.key, []), prompts.get(e.key))]
     if len(todo) < len(entries):
         log.info("%s: %d of %d images already done, %d to do", out, len(entries) - len(todo), len(entries), len(todo))
+    attempt = 1 + max((int(r["batch"].split("_")[1]) for r in read_items(out / ITEMS)), default=-1)
     worker = FolderExplainer(clip, explainer, out, resize=resize, max_side=max_side, batch_size=batch_size,
-                             overlays=overlays, alpha=alpha)  # fmt: skip
-    worker.attempt = len({r[0]["batch"].rsplit("_", 1)[0] for r in before.values() if r})
+                             overlays=overlays, alpha=alpha, attempt=attempt)  # fmt: skip
     t0 = time.perf_counter()
     terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
     bar = tqdm(total=len(todo), unit="img", desc="explain", disable=not progress or not todo, dynamic_ncols=True,

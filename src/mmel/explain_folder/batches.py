@@ -55,7 +55,7 @@ class FolderExplainer:
     and records runs in one background thread while the next batch is computed."""
 
     def __init__(self, clip, explainer, out: Path, *, resize: str, max_side: int | None, batch_size: int,
-                 overlays: bool = True, alpha: float = 0.5) -> None:  # fmt: skip
+                 overlays: bool = True, alpha: float = 0.5, attempt: int = 0) -> None:  # fmt: skip
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
         if batch_size < 1:
@@ -71,7 +71,7 @@ class FolderExplainer:
         self._future: Future | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain-writer")
         self._writer = ItemWriter(out / ITEMS)
-        self.attempt = 0
+        self.attempt = attempt  # batch names batch_<attempt>_<n>: a re-run never reuses an earlier run's files
         self.n_batches = 0
 
     def run(self, entries: list[Entry], prompts: dict[str, Any], bar=None) -> Counter:
@@ -96,7 +96,8 @@ class FolderExplainer:
                     counts["done"] += self._flush(buckets.pop(max(buckets, key=lambda s: len(buckets[s]))), bar)
             for size in list(buckets):
                 counts["done"] += self._flush(buckets.pop(size), bar)
-            self._submit([], None)  # skip records after the last batch
+            if self._pending:
+                self._submit([], None)  # skip records after the last batch
         finally:
             self.close()
         return counts
@@ -110,8 +111,21 @@ class FolderExplainer:
         self._writer.close()
 
     def _flush(self, items: list[_Item], bar) -> int:
+        """Explain one batch (images of one input size) and hand it to the writer; returns the images explained.
+
+        A batch the device cannot hold is split in halves; one image that alone does not fit is skipped
+        (``too_large``, with the memory estimate), not the end of the run."""
         H, W = items[0].x.shape[-2:]
-        check_memory(self.clip, self.explainer, (H, W), max(len(it.prompts) for it in items), batch=len(items))
+        try:
+            check_memory(self.clip, self.explainer, (H, W), max(len(it.prompts) for it in items), batch=len(items))
+        except MemoryError as e:
+            if len(items) > 1:
+                half = len(items) // 2
+                return self._flush(items[:half], bar) + self._flush(items[half:], bar)
+            self._pending.append(_skip_record(items[0].entry, "too_large", str(e)))
+            if bar is not None:
+                bar.update(1)
+            return 0
         xs = torch.stack([it.x for it in items]).to(self.clip.device)  # [B, 3, H, W]
         maps = self.explainer.explain_batch(xs, [it.prompts for it in items])  # B x [K_b, H, W]
         scores = self._scores(xs, [it.prompts for it in items])

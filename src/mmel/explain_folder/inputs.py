@@ -27,7 +27,8 @@ IMAGEFOLDER = "imagefolder:"
 
 @dataclass(frozen=True)
 class Entry:
-    """One file to explain: ``key`` names it in the table and in prompts_file; ``source`` is a path or bytes."""
+    """One file to explain: ``key`` names it in the table and in prompts_file; ``path`` is where it is read from,
+    unless ``data`` holds its bytes (an imagefolder row stored in the dataset)."""
 
     key: str
     path: str
@@ -49,7 +50,7 @@ def list_images(spec: str, exclude: Path | None = None, cache_dir: str | None = 
     if path.is_file():
         entries, seen = [], set()
         for line in path.read_text(encoding="utf-8").splitlines():
-            key = line.strip()
+            key = PurePosixPath(line.strip()).as_posix() if line.strip() else ""  # "./a.png" is "a.png"
             if key and not key.startswith("#") and key not in seen:
                 seen.add(key)
                 p = Path(key).expanduser()
