@@ -49,6 +49,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from mmel.evaluation.records import ITEMS, RUN, check_fingerprint, read_items, write_fingerprint
 from mmel.explain import DEFAULT_MAX_SIDE
+from mmel.explain import run as run_one
 from mmel.explain_folder.batches import TABLE, FolderExplainer, is_done, latest_records, repair_journal, write_table
 from mmel.explain_folder.inputs import Entry, list_images, prompts_of, read_prompts_file
 from mmel.explainers.base import check_prompts
@@ -83,8 +84,6 @@ def run(cfg: DictConfig) -> tuple[dict, dict]:
     """The explain program: folder mode when ``images=`` is given, else the one-image :func:`mmel.explain.run`."""
     images = cfg.get("images")
     if images is None:
-        from mmel.explain import run as run_one
-
         return run_one(cfg)
     if not OmegaConf.is_missing(cfg, "image") and cfg.get("image") is not None:
         raise ValueError(f"image={cfg.image} and images={images} are both given; give one (image= for one file)")
