@@ -132,8 +132,8 @@ class FolderExplainer:
         xs = torch.stack([it.x for it in items]).to(self.clip.device)  # [B, 3, H, W]
         maps = [m.detach().cpu() for m in self.explainer.explain_batch(xs, [it.prompts for it in items])]  # [K_b, H, W]
         scores = self._scores(xs, [it.prompts for it in items])
-        # every torch op here, none in the writer thread: a second thread's torch ops start a second OpenMP team
-        # whose spinning threads slow this thread's next batch (measured: the whole program ran ~1.5x slower)
+        # every torch op here, none in the writer thread: torch ops from a second thread get their own OpenMP team,
+        # which competes with this thread's for the cores (explain_batch ran slower in the program than alone)
         peaks = [m.flatten(1).argmax(1).tolist() for m in maps]  # first maximum in raster order, on the map's grid
         full = [self._at_image_size(m, it.image) if self.overlays else None for m, it in zip(maps, items, strict=True)]
         self._submit(items, (maps, scores, peaks, full))
@@ -145,9 +145,8 @@ class FolderExplainer:
     def _at_image_size(m: torch.Tensor, image: Image.Image) -> torch.Tensor:
         """maps [K, h, w] -> [K, H0, W0] at the image's size, as the one-image path resizes them for its overlays."""
         W0, H0 = image.size
-        return torch.nn.functional.interpolate(m[None], size=(H0, W0), mode="bilinear", align_corners=False)[0].clamp(
-            0, 1
-        )
+        full = torch.nn.functional.interpolate(m[None], size=(H0, W0), mode="bilinear", align_corners=False)
+        return full[0].clamp(0, 1)
 
     def _scores(self, xs: torch.Tensor, prompts: list[list[str]]) -> list[list[float]]:
         """The unscaled cosine of each image with each of its prompts (the CLIP's own, as explain_maps reports)."""
