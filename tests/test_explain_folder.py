@@ -163,9 +163,14 @@ def test_imagefolder(folder, tmp_path, tiny_clip):
     assert res["images"]["done"] == 5 and res["images"]["skipped"] == 3
 
 
-@pytest.mark.parametrize("resize", ["model", "keep"])
-def test_maps_equal_the_one_image_path(folder, tmp_path, tiny_clip, resize):
-    e = build_explainer("grad_eclip", tiny_clip)
+@pytest.mark.parametrize(
+    ("name", "kw", "resize"),
+    [("grad_eclip", {}, "model"), ("grad_eclip", {}, "keep"), ("grad_eclip", {"mode": "official"}, "keep"),
+     ("maskclip", {}, "model")],
+)  # fmt: skip
+def test_maps_and_scores_equal_the_one_image_path(folder, tmp_path, tiny_clip, name, kw, resize):
+    # official Grad-ECLIP and MaskCLIP alter the forward: their scores must still be the stock CLIP's
+    e = build_explainer(name, tiny_clip, **kw)
     entries = [x for x in list_images(str(folder)) if x.key in GOOD]
     prompts = {x.key: PROMPTS[: 1 + i % 2] for i, x in enumerate(entries)}  # ragged: 1 or 2 prompts per image
     explain_folder(entries, prompts, tiny_clip, e, tmp_path / "o", resize=resize, batch_size=4, progress=False)
@@ -180,7 +185,10 @@ def test_maps_equal_the_one_image_path(folder, tmp_path, tiny_clip, resize):
         full = torch.nn.functional.interpolate(stored[None], size=one["maps"].shape[-2:], mode="bilinear")[0]
         # batched and one-image forwards differ only in float rounding (explain_batch's own test: 1e-5)
         torch.testing.assert_close(full.clamp(0, 1), one["maps"], atol=1e-5, rtol=0)
-        assert r["score"] == pytest.approx(one["scores"][0], abs=1e-5)
+        for k, score in enumerate(one["scores"]):  # 1e-5: the forwards differ by float rounding only
+            assert next(q for q in rows if q["image"] == x.key and q["index"] == k)["score"] == pytest.approx(
+                score, abs=1e-5
+            )
 
 
 def test_errors_name_what_is_wrong(folder, tmp_path):
