@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from mmel.locations import CONFIG_SEARCH_PATH
 
 PROGRAMS = ("train", "evaluate", "explain")
+# the module whose run(cfg) each program calls (explain: the folder mode dispatches one image to mmel.explain)
+RUNS = {"train": "mmel.train", "evaluate": "mmel.evaluate", "explain": "mmel.explain_folder"}
 
 
 def program(name: str, config_path: str = CONFIG_SEARCH_PATH) -> Callable[[], float | None]:
@@ -32,7 +34,7 @@ def program(name: str, config_path: str = CONFIG_SEARCH_PATH) -> Callable[[], fl
     def main(cfg: DictConfig) -> float | None:
         from mmel.utils.runs import optimized_value  # imported at run time: `--help` stays fast
 
-        run = importlib.import_module(f"mmel.{name}").run
+        run = importlib.import_module(RUNS[name]).run
         return optimized_value(run(cfg)[0], cfg.get("optimized_metric"))  # what a sweep optimises
 
     return main

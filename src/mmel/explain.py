@@ -9,6 +9,8 @@ writes into the run directory, for K prompts:
                           token weights and ``prompt_tokens`` (tokens kept of the prompt's, when the text tower's
                           context cuts a long prompt; the cut is also logged).
 :func:`explain_image` does the same from Python; :func:`explain_maps` only computes (maps, scores, token weights).
+A folder, a list of paths or a Hugging Face imagefolder (``images=DIR``, batched, resumable, one results table)
+is the folder mode, :mod:`mmel.explain_folder`, which reuses this module's decoding, transform and overlay.
 
 Images are read and transformed by :mod:`mmel.data` — the same decoding (EXIF orientation, every PIL mode),
 keep-size rounding and normalisation as the datasets — so a photo gets the same map here as in evaluate.py.
@@ -119,13 +121,16 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(clip, explainer, size: tuple[int, int], k: int) -> None:
-    """Refuse, before allocating, a call whose estimated memory exceeds what the device has free."""
-    need, free = estimate_bytes(clip, explainer, size, k), available_bytes(clip.device)
+def check_memory(clip, explainer, size: tuple[int, int], k: int, batch: int = 1) -> None:
+    """Refuse, before allocating, a call for ``batch`` images whose estimated memory exceeds what the device has
+    free."""
+    need, free = estimate_bytes(clip, explainer, size, k, batch), available_bytes(clip.device)
     if free is not None and need > free:
+        what = f"{batch} images of a" if batch > 1 else "a"
         raise MemoryError(
-            f"explaining a {size[0]}x{size[1]} input for {k} prompt(s) needs about {need / 2**30:.1f} GiB, but "
+            f"explaining {what} {size[0]}x{size[1]} input for {k} prompt(s) needs about {need / 2**30:.1f} GiB, but "
             f"{clip.device} has {free / 2**30:.1f} GiB free: lower max_side=, use resize=model, or give fewer prompts"
+            + (" or a smaller batch_size=" if batch > 1 else "")
         )
 
 
@@ -288,7 +293,9 @@ def _cfg_value(cfg: DictConfig, key: str, hint: str):
 @task("explain")
 def run(cfg: DictConfig, out: Path) -> tuple[dict, dict]:
     """Hydra entry (``run(cfg)``): build model + explainer from ``cfg``, explain ``cfg.image`` for ``cfg.prompts``."""
-    image = _cfg_value(cfg, "image", "image=PATH")
+    if cfg.get("images") is not None:  # the folder mode lives a layer above (mmel.explain_folder.run dispatches)
+        raise ValueError("images= is the folder mode: run it with mmel.explain_folder.run (what explain.py calls)")
+    image = _cfg_value(cfg, "image", "image=PATH (or images=DIR for a folder of images)")
     prompts = _cfg_value(cfg, "prompts", "'prompts=[a red circle, a blue square]'")
     if isinstance(prompts, ListConfig):
         prompts = OmegaConf.to_container(prompts)

@@ -179,12 +179,15 @@ def check_resume_dir(out: Path) -> None:
     raise ValueError(f"resume={out}: {what}; it has no {RUN}, so it cannot be resumed (its files are left untouched)")
 
 
-def check_fingerprint(out: Path, current: dict[str, Any], machine: dict[str, Any] | None = None) -> None:
-    """Refuse to mix runs: raise naming every key where ``out``'s recorded fingerprint differs from ``current``.
-    ``machine``: this process's :func:`mmel.utils.machine.machine`; another kind of machine is logged, not refused."""
+def check_fingerprint(
+    out: Path, current: dict[str, Any], machine: dict[str, Any] | None = None, task: str = "evaluate"
+) -> None:
+    """Refuse to mix runs: raise naming every key where ``out``'s recorded fingerprint differs from ``current``
+    (``task``: the program whose run dir it must be). ``machine``: this process's :func:`mmel.utils.machine.machine`;
+    another kind of machine is logged, not refused."""
     recorded = json.loads((out / RUN).read_text())
-    if recorded.get("task") != "evaluate":
-        raise ValueError(f"resume={out}: {RUN} is not an evaluate run's fingerprint (task={recorded.get('task')!r})")
+    if recorded.get("task") != task:
+        raise ValueError(f"resume={out}: {RUN} is not a {task} run's fingerprint (task={recorded.get('task')!r})")
     diff = differing_keys(recorded.get("fingerprint", {}), current)
     if diff:
         raise ValueError(
@@ -203,10 +206,13 @@ def _machine_text(m: dict[str, Any]) -> str:
     return f"{m.get('cpu_model')}, {m.get('cpu_capability')}, {m.get('threads')} threads, {where}"
 
 
-def write_fingerprint(out: Path, fp: dict[str, Any], machine: dict[str, Any] | None = None) -> None:
-    """Write ``run.json`` atomically (with ``machine``, the :func:`mmel.utils.machine.machine` facts, when given)."""
+def write_fingerprint(
+    out: Path, fp: dict[str, Any], machine: dict[str, Any] | None = None, task: str = "evaluate"
+) -> None:
+    """Write ``run.json`` atomically (``task``: the program that made the run; with ``machine``, the
+    :func:`mmel.utils.machine.machine` facts, when given)."""
     tmp = out / (RUN + ".tmp")
-    doc: dict[str, Any] = {"task": "evaluate", "fingerprint": fp}
+    doc: dict[str, Any] = {"task": task, "fingerprint": fp}
     if machine is not None:
         doc["machine"] = {**machine, "key": machine_key(machine)}
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
