@@ -8,30 +8,26 @@ from pathlib import Path
 
 import numpy as np
 
+from mmel.evaluation.figures import category_bars, curves_panels, save
+
 from .columns import HIT, MR, item_getter
 from .runs import Run
 
 
 def curves_figure(rows: dict[str, list[Run]], path: Path) -> Path | None:
-    """Mean deletion and insertion curves of every method, AUCs in the legend."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn = False
-    for ax, mode in zip(axes, ("deletion", "insertion"), strict=True):
-        for label, runs in rows.items():
-            curves = [r["metrics"]["deletion_insertion"][f"{mode}_curve"] for run in runs for r in run.items()
-                      if f"{mode}_curve" in r.get("metrics", {}).get("deletion_insertion", {})]  # fmt: skip
-            if not curves:
-                continue
-            mean = np.mean(np.asarray(curves, dtype=float), axis=0)
-            x = np.linspace(0, 1, len(mean))
-            auc = float(np.trapezoid(mean, x))
-            ax.plot(x, mean, label=f"{label} (AUC {auc:.3f})")
-            drawn = True
-        ax.set_title(f"{mode} (mean over items)")
-        ax.set_xlabel("fraction of pixels " + ("removed" if mode == "deletion" else "inserted"))
-        ax.legend(fontsize=7)
-    return _save(fig, path) if drawn else None
+    """Mean deletion and insertion curves of every method, AUCs in the legend (drawn as an evaluate run draws its
+    own: :func:`mmel.evaluation.figures.curves_panels`)."""
+    means: dict[str, dict[str, np.ndarray]] = {}
+    for label, runs in rows.items():
+        for mode in ("deletion", "insertion"):
+            cs = [r["metrics"]["deletion_insertion"][f"{mode}_curve"] for run in runs for r in run.items()
+                  if f"{mode}_curve" in r.get("metrics", {}).get("deletion_insertion", {})]  # fmt: skip
+            if cs:
+                means.setdefault(label, {})[mode] = np.mean(np.asarray(cs, dtype=float), axis=0)
+    if not means:
+        return None
+    n = len(next(iter(next(iter(means.values())).values())))
+    return curves_panels(means, np.linspace(0, 1, n), path)
 
 
 def sanity_figure(rows: dict[str, list[Run]], path: Path) -> Path | None:
@@ -75,19 +71,7 @@ def category_figure(rows: dict[str, list[Run]], labels: Sequence[str], path: Pat
                 if hit(r) is not None:
                     by_cat.setdefault(str(r.get("category")), []).append(hit(r))
         acc[label] = {c: float(np.mean(v)) for c, v in by_cat.items()}
-    cats = sorted({c for a in acc.values() for c in a})
-    if not cats:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(cats) * max(1, len(acc)) / 2), 4))
-    w = 0.8 / max(1, len(acc))
-    for i, (label, a) in enumerate(acc.items()):
-        ax.bar(np.arange(len(cats)) + i * w, [a.get(c, np.nan) for c in cats], w, label=label)
-    ax.set_xticks(np.arange(len(cats)) + 0.4 - w / 2, cats, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("pointing game")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return category_bars(acc, path)
 
 
 def _plt():
@@ -100,7 +84,4 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
+    return save(fig, path, dpi=110)

@@ -62,7 +62,7 @@ def write_all(
     paths: dict[str, Path] = {}
     cats = per_category(records, metrics)
     if cats:
-        paths["per_category"] = category_bars(cats, folder / "per_category.png")
+        paths["per_category"] = category_bars({"this run": cats}, folder / "per_category.png")
     # the metric that keeps perturbation curves (it declares ``curves``): deletion / insertion
     di_name = next((k for k, m in metrics.items() if hasattr(m, "curves")), None)
     di = metrics[di_name] if di_name is not None else None
@@ -76,35 +76,61 @@ def write_all(
     return paths
 
 
-def category_bars(acc: dict[str, float], path: Path) -> Path:
+def category_bars(acc: dict[str, dict[str, float]], path: Path, ylabel: str = "pointing game") -> Path | None:
+    """Grouped bars: per category (x) one bar per label, ``acc`` = {label: {category: accuracy}} (the evaluate run's
+    figure has one label, the paper's several). None when there is no category."""
+    cats = sorted({c for a in acc.values() for c in a})
+    if not cats:
+        return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(acc) + 1.2))
-    names = list(acc)
-    ax.barh(names, [acc[k] for k in names], color="tab:blue")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("pointing-game accuracy")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cats) * max(1, len(acc)) / 2), 4))
+    w = 0.8 / max(1, len(acc))
+    for i, (label, a) in enumerate(acc.items()):
+        ax.bar(np.arange(len(cats)) + i * w, [a.get(c, np.nan) for c in cats], w, label=label)
+    ax.set_xticks(np.arange(len(cats)) + 0.4 - w / 2, cats, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    if len(acc) > 1:
+        ax.legend(fontsize=7)
+    return save(fig, path)
 
 
-def curves(scored, name: str, metric, path: Path) -> Path:
+def curves_panels(
+    curves: dict[str, dict[str, np.ndarray]], x: np.ndarray, path: Path, n_items: str = ""
+) -> Path | None:
+    """Deletion / insertion: one panel per mode, one mean curve per label with its AUC (trapezoid over ``x``, the
+    fraction of the area perturbed) in the legend; ``curves`` = {label: {mode: mean curve [S + 1]}}."""
+    modes = [m for m in ("deletion", "insertion") if any(m in c for c in curves.values())]
+    if not modes:
+        return None
     plt = _plt()
-    x = (metric.fractions / metric.fractions[-1]).numpy()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode in metric.options.modes:
-        c = np.array([r["metrics"][name][f"{mode}_curve"] for r in scored])
-        a = np.mean([r["metrics"][name][f"{mode}_auc"] for r in scored])
-        ax.plot(x, c.mean(0), marker=".", label=f"{mode} (AUC {a:.3f})")
-    ax.set_xlabel("fraction of pixels perturbed")
-    ax.set_ylabel("score")
-    ax.set_title(f"mean over {len(scored)} items")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for label, by_mode in curves.items():
+            if mode in by_mode:
+                auc = float(np.trapezoid(by_mode[mode], x))
+                ax.plot(x, by_mode[mode], marker=".", label=f"{label} (AUC {auc:.3f})")
+        ax.set_title(f"{mode} (mean over {n_items or 'the'} items)")
+        ax.set_xlabel("fraction of pixels " + ("removed" if mode == "deletion" else "inserted"))
+        ax.set_ylabel("score")
+        ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def curves(scored, name: str, metric, path: Path) -> Path | None:
+    """The run's mean deletion / insertion curves (the metric that keeps curves, ``name``)."""
+    mean = {
+        mode: np.mean([r["metrics"][name][f"{mode}_curve"] for r in scored], axis=0) for mode in metric.options.modes
+    }
+    x = (metric.fractions / metric.fractions[-1]).numpy()  # the metric's AUC axis (auc()): legend AUC = its value
+    return curves_panels({"this run": mean}, x, path, str(len(scored)))
+
+
+def save(fig, path: Path, dpi: int = 100) -> Path:
+    """Write and close a figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
     return path
 
 
