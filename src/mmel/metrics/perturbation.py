@@ -311,6 +311,9 @@ class DeletionInsertion(Metric):
     def item_values(self, ctx: ItemContext) -> list[dict[str, Any]]:
         """Per item {"<mode>_curve": score after each step [S + 1], "<mode>_auc": its area} for each mode; the
         scorer's target is the item's prompt (``ctx.scorer.index``)."""
+        if ctx.images is None and ctx.maps is not None and ctx.scorer is not None:  # the old engine's clearer message
+            raise ValueError(f"{_NAME}: needs the items' images stacked, and these items' images differ in size "
+                             "(keep-size evaluation); score deletion / insertion at a fixed input size")  # fmt: skip
         ctx.require(self.needs, _NAME)
         targets = torch.tensor([ctx.scorer.index(p) for p in ctx.prompts])
         curves = _deletion_insertion_update(ctx.maps, ctx.images, ctx.scorer, targets, self.options)
