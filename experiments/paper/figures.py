@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmel.evaluation.figures import category_bars, curves_panels, save
+from mmel.evaluation.figures import category_bars, curves_panels, overlay, save
 
 from .columns import HIT, MR, item_getter
 from .runs import Run, compose_run
@@ -132,16 +132,12 @@ def grid_figure(grid: GridSpec, rows: dict[str, list[Run]], path: Path) -> Path 
     fig, axes = plt.subplots(len(records), len(maps) + 1, figsize=(1.9 * (len(maps) + 1), 2.0 * len(records)),
                              squeeze=False)  # fmt: skip
     for r, (rec, (img, boxes)) in enumerate(zip(records, views, strict=True)):
-        axes[r][0].imshow(img)
-        for x0, y0, x1, y1 in boxes:
-            axes[r][0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5))
+        overlay(axes[r][0], img, None, boxes)
         axes[r][0].set_title(rec["prompt"], fontsize=6)
         for c, (label, ms) in enumerate(maps.items(), start=1):
             m = ms[rec["sample_id"]]
-            axes[r][c].imshow(img)
-            axes[r][c].imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            y, x = np.unravel_index(int(np.argmax(m)), m.shape)
-            axes[r][c].plot([x], [y], marker="x", color="white", ms=6, mew=2)
+            peak = np.unravel_index(int(np.argmax(m)), m.shape)
+            overlay(axes[r][c], img, m, [], (int(peak[0]), int(peak[1])), alpha=0.5, ms=6)
             if r == 0:
                 axes[r][c].set_title(label, fontsize=6)
     for ax in axes.flat:
