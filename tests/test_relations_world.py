@@ -74,3 +74,22 @@ def test_objects_span_several_patches_and_unknown_kinds_are_refused():
     assert min(b[2] - b[0] for b in rows) >= 5 * 8
     with pytest.raises(ValueError, match="unknown relation kind 'under'"):
         sample_relational_scene(np.random.default_rng(0), kind="under")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_counterfactual_image_lacks_only_the_look_alike(kind):
+    """hide_for=k: the same scene with referral k's look-alike unpainted — every other pixel identical (noise
+    included), so its words are true of the image and the swapped words are not."""
+    from mmel.data.shapes.relations import look_alikes
+
+    i = KINDS.index(kind)
+    full = relational_scene(3, "test", i)
+    for k, r in enumerate(full.referrals):
+        cf = relational_scene(3, "test", i, hide_for=k)
+        hidden = look_alikes(full.referrals, r)
+        assert cf.hidden == frozenset(hidden) and cf.referrals == full.referrals and r.referent not in hidden
+        covered = full.scene.masks[list(hidden)].sum(0) > 0
+        same = np.all(cf.scene.pixels == full.scene.pixels, axis=-1)
+        assert same[~covered].all() and not same[covered].all()
+        assert (cf.scene.masks[list(hidden)] == 0).all()
+        assert np.array_equal(cf.scene.masks[r.referent], full.scene.masks[r.referent])

@@ -86,9 +86,12 @@ class Referral:
 
 @dataclass(frozen=True)
 class RelationalScene:
+    """A scene, its kind and its two referrals; ``hidden``: objects left unpainted (a counterfactual image)."""
+
     scene: Scene
     kind: str
     referrals: tuple[Referral, ...]
+    hidden: frozenset[int] = frozenset()
 
     def referent_box(self, r: Referral) -> tuple[int, int, int, int]:
         return r.box if r.box is not None else self.scene.objects[r.referent].box
@@ -98,6 +101,12 @@ class RelationalScene:
         if other is not None and other.box is not None:
             return other.box
         return self.scene.objects[r.distractor].box
+
+
+def look_alikes(referrals: tuple[Referral, ...], r: Referral) -> tuple[int, ...]:
+    """The objects of ``r``'s look-alike: one object, or a whole row when the look-alike is the row."""
+    other = next((x for x in referrals if x.referent == r.distractor and x is not r), None)
+    return other.members if other is not None and other.members else (r.distractor,)
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -239,26 +248,32 @@ def _box_of(sq: Square) -> tuple[int, int, int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ rendering
-def _render(rng: np.random.Generator, size: int, drawn: list[tuple[str, str, Square]], noise: float) -> Scene:
-    """Objects in drawing order (a container before what it holds); each mask is its visible coverage."""
-    img = _background(rng, size)
-    covs = []
-    for colour, shape, sq in drawn:
-        rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3)
-        m = _object_mask(shape, sq, size)
-        img = img * (1.0 - m[..., None]) + rgb * m[..., None]
-        covs.append(m)
+def _shapes(size: int, drawn: list[tuple[str, str, Square]]) -> tuple[tuple[ShapeObject, ...], np.ndarray]:
+    """The objects (tight boxes of their own outlines: an inside-anchor's box includes what it holds) and each
+    one's visible coverage [n, H, W] (what later objects cover is not its own); no randomness involved."""
+    covs = [_object_mask(shape, sq, size) for _, shape, sq in drawn]
     visible = []
-    for i, m in enumerate(covs):  # what later objects cover is not this object's
+    for i, m in enumerate(covs):
         v = m.copy()
         for later in covs[i + 1 :]:
             v = v * (1.0 - later)
         visible.append(v)
-    # each box is the tight box of the object's own outline (an inside-anchor's box includes what it holds)
-    objects = [ShapeObject(c, sh, sq, _tight_box(m)) for (c, sh, sq), m in zip(drawn, covs, strict=True)]
+    objects = tuple(ShapeObject(c, sh, sq, _tight_box(m)) for (c, sh, sq), m in zip(drawn, covs, strict=True))
+    return objects, np.stack(visible)
+
+
+def _paint(rng: np.random.Generator, size: int, drawn: list[tuple[str, str, Square]], noise: float,
+           hidden: frozenset[int] = frozenset()) -> np.ndarray:  # fmt: skip
+    """The pixels: background, the objects in drawing order, pixel noise. A ``hidden`` object is not painted but
+    its random draws are made, so the rest of the image is the same, pixel for pixel, with or without it."""
+    img = _background(rng, size)
+    for i, (colour, shape, sq) in enumerate(drawn):
+        rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3)
+        if i not in hidden:
+            m = _object_mask(shape, sq, size)
+            img = img * (1.0 - m[..., None]) + rgb * m[..., None]
     img = img + rng.normal(0.0, noise, size=img.shape)
-    pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return Scene(pixels=pixels, objects=tuple(objects), masks=np.stack(visible))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def _words(colour: str, shape: str) -> str:
@@ -272,9 +287,14 @@ def sample_relational_scene(
     size_range: tuple[float, float] = (0.16, 0.30),
     clutter: int = 2,
     noise: float = 6.0,
+    hide_for: int | None = None,
 ) -> RelationalScene:
     """One scene of ``kind`` (drawn uniformly from :data:`KINDS` when None) with its two referrals and up to
-    ``clutter`` objects of other categories; retried until its geometry is exact."""
+    ``clutter`` objects of other categories; retried until its geometry is exact.
+
+    ``hide_for=k``: the counterfactual image in which referral k's look-alike is not painted (everything else,
+    noise included, identical): its words are then true of the image and the swapped words false — what
+    :func:`model_knows`-style checks score the CLIP on."""
     kind = kind if kind is not None else str(rng.choice(KINDS))
     lo, hi = size_range
     for _ in range(200):
@@ -312,16 +332,20 @@ def sample_relational_scene(
                 drawn.append((colour, shape, sq))
                 taken.append(sq)
                 used.add((colour, shape))
-        scene = _render(rng, size, drawn, noise)
-        refs = _referrals(kind, scene, first, len(squares), pc, ps, ac, ash, lay)
-        if refs is not None:
-            return RelationalScene(scene, kind, refs)
+        objects, masks = _shapes(size, drawn)
+        refs = _referrals(kind, objects, first, len(squares), pc, ps, ac, ash, lay)
+        if refs is None:
+            continue
+        hide = frozenset(look_alikes(refs, refs[hide_for])) if hide_for is not None else frozenset()
+        pixels = _paint(rng, size, drawn, noise, hide)
+        masks = masks.copy()
+        masks[list(hide)] = 0.0
+        return RelationalScene(Scene(pixels=pixels, objects=objects, masks=masks), kind, refs, hide)
     raise RuntimeError(f"relational world: could not place a {kind!r} scene at {size} px in 200 tries")
 
 
-def _referrals(kind, scene: Scene, first: int, n_pair: int, pc, ps, ac, ash, lay) -> tuple[Referral, ...] | None:
+def _referrals(kind, objs, first: int, n_pair: int, pc, ps, ac, ash, lay) -> tuple[Referral, ...] | None:
     """The two referrals of a scene, or None when the rendered boxes break the relation (the scene is redrawn)."""
-    objs = scene.objects
     a, b = first, first + n_pair - 1  # the referent side (a row: its first member) and the look-alike
     anchor = objs[0].box if first == 1 else None
     target = _words(pc, ps)
@@ -354,5 +378,6 @@ def _referrals(kind, scene: Scene, first: int, n_pair: int, pc, ps, ac, ash, lay
 
 def relational_scene(seed: int, split: str, index: int, **kwargs) -> RelationalScene:
     """The scene of one image of a relational world: depends only on (seed, split, index) and the settings; the
-    kinds cycle with the index so every split holds each kind equally often."""
+    kinds cycle with the index so every split holds each kind equally often. ``hide_for=k``: the same scene
+    without referral k's look-alike (see :func:`sample_relational_scene`)."""
     return sample_relational_scene(image_rng(seed, split, index), kind=KINDS[index % len(KINDS)], **kwargs)
