@@ -9,7 +9,8 @@ kind          the referent                                              swapped 
 ============  ========================================================  ===========================================
 left / right  "the red circle left of the blue square" (anchor mentioned)  "... right of the blue square"
 above / below "the red circle above the blue square"                    "... below the blue square"
-size          "the bigger red circle" (sides differ by ≥ 1.6 ×)         "the smaller red circle"
+size          "the red circle bigger than the blue square" (≥ 1.5 × its   "... smaller than the blue square"
+              side; the look-alike ≤ 1 / 1.5 ×)
 inside        "the red circle inside the green square" (a large anchor,  "the red circle outside the green square"
               the referent drawn within it)
 next to       "the red circle next to the blue square" (gap ≤ 3 px)     "the red circle far from the blue square"
@@ -54,8 +55,8 @@ SWAP = {
     "right of": "left of",
     "above": "below",
     "below": "above",
-    "bigger": "smaller",
-    "smaller": "bigger",
+    "bigger than": "smaller than",
+    "smaller than": "bigger than",
     "inside": "outside",
     "outside": "inside",
     "next to": "far from",
@@ -64,7 +65,7 @@ SWAP = {
     "single": "row",
 }
 NEAR, FAR = 3, 10  # "next to": box gap ≤ NEAR px; "far from": box gap ≥ FAR px
-SIZE_RATIO = 1.6  # "bigger": the side of the drawing square ≥ 1.6 × the other's
+SIZE_RATIO = 1.5  # "bigger than": the side of the drawing square ≥ 1.5 × the anchor's ("smaller than": ≤ 1 / 1.5 ×)
 CONTAINERS = ("square", "circle", "diamond")  # anchors that can hold an object inside
 
 
@@ -79,6 +80,8 @@ class Referral:
     relation: str
     referent: int
     distractor: int
+    target: tuple[str, str]  # (colour, shape) of the referent
+    anchor: tuple[str, str] | None = None  # (colour, shape) of the mentioned context object
     context: tuple[int, ...] = ()
     members: tuple[int, ...] = ()  # a row: the objects of the group (referent is the first)
     box: tuple[int, int, int, int] | None = None  # a row: the union box of the group
@@ -117,14 +120,12 @@ def gap(a: tuple[int, ...], b: tuple[int, ...]) -> float:
     return float(max(dx, dy))
 
 
-def holds(relation: str, a: tuple[int, ...], b: tuple[int, ...] | None = None, side_a: float = 0.0,
-          side_b: float = 0.0) -> bool:  # fmt: skip
-    """Whether ``a relation b`` holds for the tight boxes a, b (xyxy, x1/y1 exclusive). bigger / smaller compare the
-    drawing-square sides; row / single are properties of the referral, not of two boxes."""
-    if relation in ("bigger", "smaller"):
-        big, small = (side_a, side_b) if relation == "bigger" else (side_b, side_a)
-        return big >= SIZE_RATIO * small
-    assert b is not None
+def holds(relation: str, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether ``a relation b`` holds for the tight boxes a, b (xyxy, x1/y1 exclusive); sizes compare the boxes'
+    longer sides. (row / single are properties of a group, see :func:`describes`.)"""
+    if relation in ("bigger than", "smaller than"):
+        sa, sb = max(a[2] - a[0], a[3] - a[1]), max(b[2] - b[0], b[3] - b[1])
+        return sa >= SIZE_RATIO * sb if relation == "bigger than" else sb >= SIZE_RATIO * sa
     if relation == "left of":
         return a[2] <= b[0]
     if relation == "right of":
@@ -191,11 +192,13 @@ def _layout(rng: np.random.Generator, kind: str, size: int, lo: float, hi: float
         if not _free(pair[0], [anchor, pair[1]]) or not _free(pair[1], [anchor]):
             return None
         return {"pair": pair, "anchor": anchor}
-    if kind == "size":
-        big, small = s, _q(s / rng.uniform(SIZE_RATIO + 0.1, 2.2))
-        a = _random_square(rng, size, big, [])
-        b = _random_square(rng, size, small, [a]) if a else None
-        return {"pair": [a, b], "anchor": None} if a and b else None
+    if kind == "size":  # the anchor between the two: one look-alike ≥ 1.6 × its side, the other ≤ 1 / 1.6 ×
+        mid = _q(size * rng.uniform(0.15, 0.19))
+        big, small = _q(mid * rng.uniform(1.65, 1.95)), _q(mid / rng.uniform(1.65, 1.95))
+        anchor = _random_square(rng, size, mid, [])
+        a = _random_square(rng, size, big, [anchor]) if anchor else None
+        b = _random_square(rng, size, small, [anchor, a]) if a else None
+        return {"pair": [a, b], "anchor": anchor} if b else None
     if kind == "inside":
         outer = _q(rng.uniform(0.50, 0.62) * size)
         inner = _q(outer * rng.uniform(0.30, 0.38))
@@ -356,24 +359,57 @@ def _referrals(kind, objs, first: int, n_pair: int, pc, ps, ac, ash, lay) -> tup
         if gap(union, objs[b].box) < FAR:
             return None
         plural = f"{ps}es" if ps == "cross" else f"{ps}s"
-        row = Referral(f"the row of {pc} {plural}", f"the single {target}", "row", a, b, (), members, union)
-        single = Referral(f"the single {target}", f"the row of {pc} {plural}", "single", b, a)
+        row = Referral(f"the row of {pc} {plural}", f"the single {target}", "row", a, b, (pc, ps), None, (), members,
+                       union)  # fmt: skip
+        single = Referral(f"the single {target}", f"the row of {pc} {plural}", "single", b, a, (pc, ps))
         return row, single
-    if kind == "size":
-        sa, sb = lay["pair"][0][2], lay["pair"][1][2]
-        if not holds("bigger", (), None, sa, sb):
-            return None
-        return (Referral(f"the bigger {target}", f"the smaller {target}", "bigger", a, b),
-                Referral(f"the smaller {target}", f"the bigger {target}", "smaller", b, a))  # fmt: skip
     rel = {"left": ("left of", "right of"), "above": ("above", "below"), "inside": ("inside", "outside"),
-           "next to": ("next to", "far from")}[kind]  # fmt: skip
+           "next to": ("next to", "far from"), "size": ("bigger than", "smaller than")}[kind]  # fmt: skip
     out = []
     for ref, dis, r in ((a, b, rel[0]), (b, a, rel[1])):
         if not holds(r, objs[ref].box, anchor) or holds(r, objs[dis].box, anchor):
             return None
         out.append(Referral(f"the {target} {r} the {_words(ac, ash)}", f"the {target} {SWAP[r]} the {_words(ac, ash)}",
-                            r, ref, dis, (0,)))  # fmt: skip
+                            r, ref, dis, (pc, ps), (ac, ash), (0,)))  # fmt: skip
     return tuple(out)
+
+
+def _rows(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, ...]]:
+    """Groups of ≥ 3 boxes in a horizontal row: linked when two overlap vertically and lie within FAR px."""
+    group = list(range(len(boxes)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i, a in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
+            if min(a[3], b[3]) > max(a[1], b[1]) and gap(a, b) < FAR:
+                group[root(j)] = root(i)
+    members: dict[int, list[int]] = {}
+    for i in range(len(boxes)):
+        members.setdefault(root(i), []).append(i)
+    return [tuple(m) for m in members.values() if len(m) >= 3]
+
+
+def describes(rs: RelationalScene, r: Referral) -> bool:
+    """Whether ``r``'s words are true of the image ``rs`` shows (hidden objects are not in it): some visible object
+    of its target category stands in its relation to the visible object of its anchor category (a row: three
+    of them in a row; single: one in no row). Used for exact matches between images and expressions."""
+    visible = [i for i in range(len(rs.scene.objects)) if i not in rs.hidden]
+    objs = rs.scene.objects
+    targets = [i for i in visible if (objs[i].colour, objs[i].shape) == r.target]
+    if r.relation in ("row", "single"):
+        rows = _rows([objs[i].box for i in targets])
+        if r.relation == "row":
+            return bool(rows)
+        in_rows = {targets[j] for g in rows for j in g}
+        return any(i not in in_rows and all(gap(objs[i].box, objs[k].box) >= FAR for k in targets if k != i)
+                   for i in targets)  # fmt: skip
+    anchors = [i for i in visible if (objs[i].colour, objs[i].shape) == r.anchor]
+    return any(holds(r.relation, objs[i].box, objs[k].box) for i in targets for k in anchors)
 
 
 def relational_scene(seed: int, split: str, index: int, **kwargs) -> RelationalScene:
