@@ -398,18 +398,23 @@ def describes(rs: RelationalScene, r: Referral) -> bool:
     """Whether ``r``'s words are true of the image ``rs`` shows (hidden objects are not in it): some visible object
     of its target category stands in its relation to the visible object of its anchor category (a row: three
     of them in a row; single: one in no row). Used for exact matches between images and expressions."""
-    visible = [i for i in range(len(rs.scene.objects)) if i not in rs.hidden]
-    objs = rs.scene.objects
-    targets = [i for i in visible if (objs[i].colour, objs[i].shape) == r.target]
-    if r.relation in ("row", "single"):
-        rows = _rows([objs[i].box for i in targets])
-        if r.relation == "row":
+    visible = [o for i, o in enumerate(rs.scene.objects) if i not in rs.hidden]
+    return true_of([((o.colour, o.shape), o.box) for o in visible], r.relation, r.target, r.anchor)
+
+
+def true_of(objects: list[tuple[tuple[str, str], tuple[int, ...]]], relation: str, target: tuple[str, str],
+            anchor: tuple[str, str] | None = None) -> bool:  # fmt: skip
+    """:func:`describes` on plain data: ``objects`` the image's visible ((colour, shape), box) pairs."""
+    targets = [tuple(box) for cat, box in objects if tuple(cat) == tuple(target)]
+    if relation in ("row", "single"):
+        rows = _rows(targets)
+        if relation == "row":
             return bool(rows)
-        in_rows = {targets[j] for g in rows for j in g}
-        return any(i not in in_rows and all(gap(objs[i].box, objs[k].box) >= FAR for k in targets if k != i)
-                   for i in targets)  # fmt: skip
-    anchors = [i for i in visible if (objs[i].colour, objs[i].shape) == r.anchor]
-    return any(holds(r.relation, objs[i].box, objs[k].box) for i in targets for k in anchors)
+        in_rows = {j for g in rows for j in g}
+        return any(j not in in_rows and all(gap(b, o) >= FAR for k, o in enumerate(targets) if k != j)
+                   for j, b in enumerate(targets))  # fmt: skip
+    anchors = [tuple(box) for cat, box in objects if anchor is not None and tuple(cat) == tuple(anchor)]
+    return any(holds(relation, t, a) for t in targets for a in anchors)
 
 
 def relational_scene(seed: int, split: str, index: int, **kwargs) -> RelationalScene:
