@@ -271,3 +271,29 @@ def test_the_qualitative_grid_is_drawn_from_the_runs_saved_maps_without_the_mode
     (rows["attention"][0].out / "maps" / "chunk_000000.npz").unlink()
     with pytest.raises(FileNotFoundError, match="save_maps=true"):
         saved_maps(rows["attention"][0], [records[0]["sample_id"]])
+
+
+def test_a_table_of_variants_has_a_column_per_variant_and_can_be_one_backbones(tmp_path):
+    """`variants: {column: [overrides]}` (e.g. a benchmark's splits) makes one run set per (explainer, variant)
+    and a column per variant showing `output`; `backbones:` limits the table to those backbones."""
+    from experiments.paper import SpecError, per_backbone
+
+    table = {"title": "Table 6 — splits", "explainers": ["attention", "MMEL"], "output": "pointing_game/accuracy",
+             "variants": {"val": ["split=val"], "test": ["split=test"]}, "backbones": ["B"]}  # fmt: skip
+    spec = {**SPEC, "backbones": {"A": ["model=micro"], "B": ["model=micro"]}, "tables": {"splits": table}}
+    (a, _), (b, out) = per_backbone(PaperSpec.parse(spec), tmp_path)
+    assert not a.tables and set(b.tables) == {"splits"}
+    calls: list = []
+    Paper(b, out, runner=fake_runner(calls)).build()
+    t6 = json.loads((out / "summary.json").read_text())["table-6"]
+    assert t6["columns"] == ["val", "test"] and t6["rows"] == ["attention", "MMEL"]
+    for v in ("val", "test"):
+        run = json.loads((out / "runs" / "splits" / v / "attention" / "metrics.json").read_text())
+        assert t6["cells"][0][t6["columns"].index(v)]["value"] == pytest.approx(run["test/pointing_game/accuracy"])
+    mmel = [json.loads((out / "runs" / "splits" / "val" / "mmel" / f"seed{s}" / "metrics.json").read_text())
+            for s in (0, 1)]  # fmt: skip
+    assert t6["cells"][1][0]["value"] == pytest.approx(np.mean([m["test/pointing_game/accuracy"] for m in mmel]))
+    with pytest.raises(SpecError, match="needs `output`"):
+        PaperSpec.parse({**SPEC, "tables": {"x": {"explainers": ["MMEL"], "variants": {"v": []}}}})
+    with pytest.raises(SpecError, match="backbones: \\['C'\\]"):
+        PaperSpec.parse({**spec, "tables": {"splits": {**table, "backbones": ["C"]}}})

@@ -150,10 +150,19 @@ class Paper:
         return table, sanity_figure(rows, self.results / "figures" / "sanity_curves.png")
 
     def extra_table(self, name: str) -> tuple[Table, dict[str, list[Run]]]:
-        """A ``tables:`` entry: its rows, with the columns it names (Table 1's when it names none)."""
+        """A ``tables:`` entry: its rows, with the columns it names (Table 1's when it names none); a table of
+        variants has a column per variant showing its ``output``."""
         t = self.spec.tables[name]
-        rows = self.rows(name)
-        return metric_table(t.title, rows, dict(t.columns) or LOCALISATION), rows
+        if not t.variants:
+            rows = self.rows(name)
+            return metric_table(t.title, rows, dict(t.columns) or LOCALISATION), rows
+        grid = {v: {label: [self._make(p) for p in runs] for label, runs in by_label.items()}
+                for v, by_label in self.plan_.variant_tables[name].items()}  # fmt: skip
+        every = [run for by_label in grid.values() for runs in by_label.values() for run in runs]
+        hib = (declared(every, t.output) or {}).get("higher_is_better")
+        cells = [[cell(grid[v][label], t.output) for v in grid] for label in t.explainers]
+        rows = {label: [run for v in grid for run in grid[v][label]] for label in t.explainers}
+        return Table(t.title, list(t.explainers), [Column(v, hib) for v in grid], cells), rows
 
     # ---------------------------------------------------------------------------------------- everything
     def build(self) -> Path:

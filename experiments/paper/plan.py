@@ -38,13 +38,16 @@ class Plan:
     trainings: dict[int, PlannedRun]
     ablations: dict[str, PlannedRun] = field(default_factory=dict)
     tables: dict[str, dict[str, list[PlannedRun]]] = field(default_factory=dict)
+    # tables of variants: table -> variant (column) -> row label -> runs
+    variant_tables: dict[str, dict[str, dict[str, list[PlannedRun]]]] = field(default_factory=dict)
 
     def runs(self) -> list[PlannedRun]:
         """Every distinct run, trainings first (the MMEL evaluations read their checkpoints)."""
         seen: dict[Path, PlannedRun] = {}
         for run in [*self.trainings.values(), *self.ablations.values()]:
             seen.setdefault(run.out, run)
-        for rows in self.tables.values():
+        every = [*self.tables.values(), *(rows for t in self.variant_tables.values() for rows in t.values())]
+        for rows in every:
             for runs in rows.values():
                 for run in runs:
                     seen.setdefault(run.out, run)
@@ -100,12 +103,17 @@ def make_plan(spec: PaperSpec, results: Path) -> Plan:
         tables["phrases"] = of(spec.phrases, "phrases")
     if spec.trust:
         tables["trust"] = of(spec.trust, "trust")
+    variant_tables: dict[str, dict[str, dict[str, list[PlannedRun]]]] = {}
     for name, t in spec.tables.items():
-        tables[name] = of(t, slug(name))
+        if t.variants:
+            variant_tables[name] = {v: rows(t.explainers, f"{slug(name)}/{slug(v)}", (*t.overrides, *over), t.limit)
+                                    for v, over in t.variants}  # fmt: skip
+        else:
+            tables[name] = of(t, slug(name))
     first = spec.seeds[0]
     extra = (*spec.ablation_overrides, f"seed={first}")
     ablations = {
         label: PlannedRun("train", (*common, *over, *extra), runs_dir / "ablations" / slug(label))
         for label, over in spec.ablations.items()
     }
-    return Plan(trainings, ablations, tables)
+    return Plan(trainings, ablations, tables, variant_tables)

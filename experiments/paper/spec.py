@@ -74,6 +74,11 @@ class TableSpec:
     title: str = ""
     columns: tuple[tuple[str, str], ...] = ()
     protocol: tuple[str, ...] = ()
+    # a table of variants (`variants: {column label: [overrides]}`, e.g. a benchmark's splits): one run set per
+    # (explainer, variant), one column per variant showing `output`
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    output: str = ""
+    backbones: tuple[str, ...] = ()  # the backbones (labels of `backbones:`) that get this table; empty: all
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,12 @@ class PaperSpec:
             t = _mapping(value, where, allowed)
             if "explainers" not in t:
                 raise SpecError(f"{where}: missing key 'explainers'")
+            variants = tuple((str(k), _strings(v, f"{where}.variants.{k}"))
+                             for k, v in _mapping(t.get("variants"), f"{where}.variants").items())  # fmt: skip
+            if variants and not t.get("output"):
+                raise SpecError(f"{where}: a table of variants needs `output` (the output each column shows)")
+            if variants and t.get("columns"):
+                raise SpecError(f"{where}: a table of variants shows one `output` per variant; it takes no `columns`")
             return TableSpec(
                 explainers=rows(t["explainers"], f"{where}.explainers"),
                 overrides=_strings(t.get("overrides"), f"{where}.overrides"),
@@ -161,6 +172,9 @@ class PaperSpec:
                 title=str(t.get("title") or ""),
                 columns=cols(t.get("columns"), f"{where}.columns"),
                 protocol=_strings(t.get("protocol"), f"{where}.protocol"),
+                variants=variants,
+                output=str(t.get("output") or ""),
+                backbones=_strings(t.get("backbones"), f"{where}.backbones"),
             )
 
         columns = {str(k): cols(v, f"{source}: columns.{k}") for k, v in _mapping(raw.get("columns"), source).items()}
@@ -182,13 +196,18 @@ class PaperSpec:
         for key, value in _mapping(raw.get("tables"), f"{source}: tables").items():
             if key in (*BUILTIN_TABLES, "phrases", "ablations"):
                 raise SpecError(f"{source}: tables.{key}: the name of a built-in table; choose another")
-            t = table(f"tables.{key}", value, {"title", "explainers", "overrides", "limit", "columns"})
+            allowed = {"title", "explainers", "overrides", "limit", "columns", "variants", "output", "backbones"}
+            t = table(f"tables.{key}", value, allowed)
             if t is not None:
                 extra[str(key)] = t if t.title else replace(t, title=str(key))
         ablations = {str(k): _strings(v, f"{source}: ablations.{k}")
                      for k, v in _mapping(raw.get("ablations"), f"{source}: ablations").items()}  # fmt: skip
         backbones = {str(k): _strings(v, f"{source}: backbones.{k}")
                      for k, v in _mapping(raw.get("backbones"), f"{source}: backbones").items()}  # fmt: skip
+        for key, t in extra.items():
+            unknown = [b for b in t.backbones if b not in backbones]
+            if unknown:
+                raise SpecError(f"{source}: tables.{key}.backbones: {unknown} are not among {list(backbones)}")
         return cls(
             name=str(raw["name"]),
             explainers=explainers,
@@ -234,11 +253,12 @@ def per_backbone(spec: PaperSpec | Mapping[str, Any], results: Path) -> list[tup
         return [(spec, results)]
     return [
         (
-            replace(spec, backbones={}, overrides=(*spec.overrides, *over), title=f"{spec.display_title} — {label}"),
+            replace(spec, backbones={}, overrides=(*spec.overrides, *over), title=f"{spec.display_title} — {label}",
+                    tables={k: t for k, t in spec.tables.items() if not t.backbones or label in t.backbones}),
             results / slug(label),
         )
         for label, over in spec.backbones.items()
-    ]
+    ]  # fmt: skip
 
 
 def slug(label: str) -> str:
