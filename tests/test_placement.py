@@ -1,0 +1,88 @@
+"""One owner of placement: the trainer. The frozen CLIP (kept out of the HSRM module's sub-modules and checkpoints),
+the HSRM, its metrics and the feature-cache build all go where the trainer puts the run.
+
+No GPU is needed: the trainer's device is simulated with the ``meta`` device (shapes without storage), which is as
+foreign to the CPU-loaded CLIP as a GPU would be. What is checked is where the placement code puts things.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from mmel.backbone import load_clip
+from tests.conftest import CONF_DIR
+
+META = torch.device("meta")
+
+
+class _Stop(Exception):
+    """Raised by the spy once it has seen where the first cache batch is computed."""
+
+
+def fake_trainer(device: torch.device) -> SimpleNamespace:
+    """What the placement code may read of a Lightning trainer: its strategy's root device, rank and world size."""
+    strategy = SimpleNamespace(root_device=device, barrier=lambda *a, **k: None)
+    return SimpleNamespace(strategy=strategy, world_size=1, global_rank=0, local_rank=0, current_epoch=0)
+
+
+@pytest.fixture
+def clip():
+    torch.manual_seed(0)
+    return load_clip("mmel-micro")  # fresh per test: the meta move destroys its weights
+
+
+def train_cfg(world, out, overrides=()):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["model=micro", f"data.root={world}", "data.seed=5",
+                                          "++data.generate_kwargs={n_train:8,n_val:4,n_test:4}", *overrides])  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.feature_cache.dir = str(out / "fc")
+    return cfg
+
+
+def test_moving_the_hsrm_module_moves_the_frozen_clip_and_the_metrics(clip):
+    """Lightning places a LightningModule with ``module.to(strategy.root_device)``: the CLIP must follow."""
+    from mmel.lit_module import HSRMLitModule
+
+    module = HSRMLitModule(clip, layers=2, scales=(1,))
+    module.to(META)
+    assert next(module.hsrm.parameters()).device == META
+    assert module.clip.device == META, "the frozen CLIP stayed behind when the module moved"
+    states = [t for m in module.metrics.modules() for t in m.buffers()] + [
+        getattr(m, s) for m in module.metrics.modules() for s in getattr(m, "_defaults", {})
+    ]
+    assert all(t.device == META for t in states if isinstance(t, torch.Tensor))
+
+
+def test_the_cache_build_runs_on_the_trainers_device(clip, shapes_world, tmp_path):
+    """Lightning calls the data module's ``setup`` (where the feature cache is built) before it moves the model:
+    the build itself must put CLIP on the trainer's device first (under DDP: each rank's own)."""
+    from hydra.utils import instantiate
+
+    from mmel.train import cached_features
+    from mmel.utils.runs import build_datamodule
+
+    world = shapes_world(seed=5, n_train=8, n_val=4, n_test=4)
+    cfg = train_cfg(world, tmp_path)
+    base = build_datamodule(cfg, clip)
+    module = instantiate(cfg.hsrm)(clip=clip)
+    dm = cached_features(cfg, clip, base, module)
+    seen = []
+
+    def spy(images, prompts, **kw):
+        seen.append(clip.device)
+        raise _Stop
+
+    dm.evidence_fn = spy
+    dm.trainer = fake_trainer(META)
+    with pytest.raises(_Stop):
+        dm.setup("fit")
+    assert seen == [META], f"the feature cache was computed with CLIP on {seen[0]}, not on the trainer's device"
