@@ -86,3 +86,35 @@ def test_the_cache_build_runs_on_the_trainers_device(clip, shapes_world, tmp_pat
     with pytest.raises(_Stop):
         dm.setup("fit")
     assert seen == [META], f"the feature cache was computed with CLIP on {seen[0]}, not on the trainer's device"
+
+
+def test_a_model_device_that_disagrees_with_the_trainer_is_an_error_naming_what_to_set(shapes_world, tmp_path):
+    from mmel.train import run
+
+    world = shapes_world(seed=5, n_train=8, n_val=4, n_test=4)
+    cfg = train_cfg(world, tmp_path, ["trainer=gpu", "model.device=cpu"])
+    with pytest.raises(ValueError, match=r"model.device=cpu disagrees with trainer.accelerator=gpu.*model.device=null"):
+        run(cfg)
+    cfg = train_cfg(world, tmp_path, ["trainer=cpu", "model.device=cuda"])
+    with pytest.raises(ValueError, match=r"model.device=cuda .*trainer=gpu"):
+        run(cfg)
+    # the shipped model configs leave the device to the trainer
+    for name in ("tiny", "micro", "vitb16", "vitb32", "vitl14"):
+        assert train_cfg(world, tmp_path, [f"model={name}"]).model.device is None
+
+
+def test_precision_names_and_cpu_autocast():
+    from mmel.utils.placement import autocast, autocast_dtype
+
+    assert autocast_dtype("32-true") is None and autocast_dtype("fp32") is None
+    assert autocast_dtype("bf16-mixed") == autocast_dtype("bf16") == torch.bfloat16
+    assert autocast_dtype("16-mixed") == torch.float16
+    with pytest.raises(ValueError, match="precision='bf32'"):
+        autocast_dtype("bf32")
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast("cpu", "bf16-mixed"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast("cpu", "32-true"):
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ValueError, match="needs a GPU"), autocast("cpu", "16-mixed"):
+        pass

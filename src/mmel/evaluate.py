@@ -57,6 +57,7 @@ from mmel.utils.runs import (
     run_device,
     save_metrics,
 )
+from mmel.utils.placement import check_model_device
 from mmel.utils.task import task
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def _is_global_zero() -> bool:
 def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     resume = cfg.get("resume")
     device = run_device(cfg)
+    check_model_device(cfg)  # the trainer places CLIP, explainer and metrics; model.device may only agree with it
     check_loader_keys(cfg.data)  # bad numbers are named before anything is loaded
     limit = check_limit(cfg.get("limit"))
     if resume:
