@@ -40,8 +40,8 @@ def clip():
 def train_cfg(world, out, overrides=()):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["model=micro", f"data.root={world}", "data.seed=5",
-                                          "++data.generate_kwargs={n_train:8,n_val:4,n_test:4}", *overrides])  # fmt: skip
+        data = [f"data.root={world}", "data.seed=5", "++data.generate_kwargs={n_train:8,n_val:4,n_test:4}"]
+        cfg = compose("train", overrides=["model=micro", *data, *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.feature_cache.dir = str(out / "fc")

@@ -48,6 +48,7 @@ from mmel.evaluation.records import (
 from mmel.metrics.protocol import outputs_of
 from mmel.utils.logs import log_items
 from mmel.utils.machine import machine
+from mmel.utils.placement import check_model_device
 from mmel.utils.runs import (
     announce,
     build_datamodule,
@@ -57,7 +58,6 @@ from mmel.utils.runs import (
     run_device,
     save_metrics,
 )
-from mmel.utils.placement import check_model_device
 from mmel.utils.task import task
 
 log = logging.getLogger(__name__)

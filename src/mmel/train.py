@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmel.hsrm import save_hsrm
 from mmel.hsrm.features import CachedFeatureDataModule
+from mmel.utils.placement import autocast_dtype, check_model_device
 from mmel.utils.runs import (
     announce,
     build_datamodule,
@@ -27,7 +28,6 @@ from mmel.utils.runs import (
     instantiate_group,
     save_metrics,
 )
-from mmel.utils.placement import autocast_dtype, check_model_device
 from mmel.utils.task import task
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import mmel
-from mmel.utils.placement import autocast_dtype
 from mmel.utils.machine import machine_key
+from mmel.utils.placement import autocast_dtype
 from mmel.utils.runs import git_state
 
 log = logging.getLogger(__name__)
