@@ -49,6 +49,7 @@ from mmel.data.cache import FORMAT_VERSION, CachedFeatures, FeatureCache, cache_
 from mmel.data.cache import _ids_hash as cache_ids_hash
 from mmel.data.datamodules import StageLoaders, TransformedDataset
 from mmel.data.transforms import collate_boxes
+from mmel.explainers.memory import budget_bytes, chunk_size
 from mmel.hsrm.module import HSRMInputs, key_cosines, pack_cosines, unpack_cosines
 from mmel.utils.placement import place_clip, trainer_device
 
@@ -299,8 +300,10 @@ class CachedFeatureDataModule(StageLoaders):
             return out
         per_pair: dict[str, list] = {f: [] for f in ("evidence", "text", "boxes")}
         image_rows: dict[int, dict[str, torch.Tensor]] = {}
-        for c in range(0, len(pairs), self.compute_batch_size):
-            chunk = pairs[c : c + self.compute_batch_size]
+        g0, j0 = pairs[0]
+        step = self._pairs_per_pass(tuple(groups[g0][j0]["image"].shape[-2:]))
+        for c in range(0, len(pairs), step):
+            chunk = pairs[c : c + step]
             batch = collate_boxes([groups[g][j] for g, j in chunk])
             with torch.enable_grad():
                 ev = self.evidence_fn(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
@@ -341,6 +344,15 @@ class CachedFeatureDataModule(StageLoaders):
                 "box_counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64),
             }
         return out
+
+    def _pairs_per_pass(self, size: tuple[int, int]) -> int:
+        """``compute_batch_size``, lowered to what the memory budget of the CLIP's device holds (estimated before
+        allocating: :mod:`mmel.explainers.memory`; a pair is one image explained for one prompt)."""
+        explainer = getattr(self.evidence_fn, "__self__", None)
+        if self.clip is None or explainer is None or not hasattr(explainer, "memory_budget"):
+            return self.compute_batch_size
+        budget = budget_bytes(self.clip.device, explainer.memory_budget)
+        return chunk_size(self.clip, explainer, size, 1, self.compute_batch_size, budget)
 
     def _estimate(self, stage: str, n_images: int, n_pairs: int):
         """A size function for the cache build: measured on the first computed batch, split per image / pair."""
