@@ -44,8 +44,8 @@ from torchvision.transforms import InterpolationMode
 from mmel.data.base import DECODE_ERRORS, as_displayed
 from mmel.data.base import load_image as decode_image
 from mmel.data.transforms import BoxTransform, keep_size, normalize
-from mmel.explainers.memory import available_bytes, estimate_bytes  # noqa: F401 (re-exported)
 from mmel.explainers.base import check_prompts
+from mmel.explainers.memory import available_bytes, estimate_bytes  # noqa: F401 (re-exported)
 from mmel.metrics import ClipScorer
 from mmel.utils.runs import announce, save_metrics
 from mmel.utils.task import task
