@@ -118,3 +118,56 @@ def test_precision_names_and_cpu_autocast():
         assert (a @ b).dtype == torch.float32
     with pytest.raises(ValueError, match="needs a GPU"), autocast("cpu", "16-mixed"):
         pass
+
+
+def _pearson(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    x, y = torch.cat(a).flatten(1).double(), torch.cat(b).flatten(1).double()
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    return (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp_min(1e-12)
+
+
+def test_every_explainer_runs_under_cpu_bf16_autocast_and_agrees_with_fp32(micro_clip):
+    """The precision switch reaches the explainers (the maps change) and the maths allows it (they agree)."""
+    from mmel.explainers import available, build_explainer
+    from mmel.utils.placement import autocast
+
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = [["a red circle", "a cat"], ["a dog"], ["a car", "a boat", "a sun"]]
+    for name in available():
+        e = build_explainer(name, micro_clip)
+        fp32 = e.explain_batch(images, prompts)
+        with autocast("cpu", "bf16-mixed"):
+            bf16 = e.explain_batch(images, prompts)
+        assert not torch.equal(torch.cat(fp32), torch.cat(bf16)), f"{name}: bf16 autocast did not reach the explainer"
+        assert _pearson(fp32, bf16).min() > 0.995, name
+
+
+@pytest.mark.slow
+def test_programs_honour_the_trainers_precision(shapes_world, tmp_path):
+    """train (cache build and steps) and evaluate run under trainer.precision=bf16-mixed on the CPU; the mixed-
+    precision cache is its own cache and the evaluate fingerprint records the precision."""
+    import json
+
+    from mmel.evaluate import run as evaluate
+    from mmel.train import run as train
+
+    world = shapes_world(seed=5, n_train=8, n_val=4, n_test=4)
+    common = ["trainer.max_epochs=1", "data.batch_size=4", "callbacks=none", "logger=csv"]
+    res32, _ = train(train_cfg(world, tmp_path / "t32", [*common, "test=false"]))
+    res16, _ = train(train_cfg(world, tmp_path / "t16", [*common, "test=false", "trainer.precision=bf16-mixed"]))
+    keys = [json.loads(p.read_text())["key"] for p in (tmp_path / "t16" / "fc").rglob("cache.json")]
+    assert keys and all(k.get("precision") == "bf16-mixed" for k in keys)
+    assert all(
+        "precision" not in json.loads(p.read_text())["key"] for p in (tmp_path / "t32" / "fc").rglob("cache.json")
+    )
+    assert 0 <= float(res16["val/pointing_game"]) <= 1 and 0 <= float(res32["val/pointing_game"]) <= 1
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        data = [f"data.root={world}", "data.seed=5", "++data.generate_kwargs={n_train:8,n_val:4,n_test:4}"]
+        cfg = compose("evaluate", overrides=["model=micro", *data, "trainer.precision=bf16-mixed", "figure_samples=0"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "e16")
+    res, _ = evaluate(cfg)
+    assert res["test/samples"] > 0
+    assert json.loads((tmp_path / "e16" / "run.json").read_text())["fingerprint"]["precision"] == "bf16-mixed"

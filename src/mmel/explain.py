@@ -47,6 +47,7 @@ from mmel.data.transforms import BoxTransform, keep_size, normalize
 from mmel.explainers.base import check_prompts
 from mmel.explainers.memory import available_bytes, estimate_bytes  # noqa: F401 (re-exported)
 from mmel.metrics import ClipScorer
+from mmel.utils.placement import autocast
 from mmel.utils.runs import announce, save_metrics
 from mmel.utils.task import task
 
@@ -276,16 +277,17 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict, dict]:
         prompts = [prompts]  # prompts="a cat" on the command line means one prompt
     clip = instantiate(cfg.model)
     explainer = instantiate(cfg.explainer)(clip=clip)  # keyword: the partial already binds name=
-    metrics = explain_image(
-        image,
-        prompts,
-        clip,
-        explainer,
-        out_dir=out,
-        resize=cfg.get("resize", "auto"),
-        alpha=cfg.get("alpha", 0.5),
-        max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
-    )
+    with autocast(clip.device, cfg.get("precision", "fp32")):  # precision=bf16: autocast (mmel.utils.placement)
+        metrics = explain_image(
+            image,
+            prompts,
+            clip,
+            explainer,
+            out_dir=out,
+            resize=cfg.get("resize", "auto"),
+            alpha=cfg.get("alpha", 0.5),
+            max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
+        )
     save_metrics(metrics, out, cfg=cfg)
     announce(out)
     return metrics, {"clip": clip, "explainer": explainer}
