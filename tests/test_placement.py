@@ -104,8 +104,10 @@ def test_a_model_device_that_disagrees_with_the_trainer_is_an_error_naming_what_
 
 
 def test_precision_names_and_cpu_autocast():
-    from mmel.utils.placement import autocast, autocast_dtype
+    from mmel.utils.placement import autocast, autocast_dtype, precision_key
 
+    assert precision_key("32-true") is precision_key("fp32") is precision_key(None) is None  # float32 keys unchanged
+    assert precision_key("bf16-mixed") == "bf16-mixed" and precision_key("bf16-true") == "bf16-true"
     assert autocast_dtype("32-true") is None and autocast_dtype("fp32") is None
     assert autocast_dtype("bf16-mixed") == autocast_dtype("bf16") == torch.bfloat16
     assert autocast_dtype("16-mixed") == torch.float16

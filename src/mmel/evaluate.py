@@ -162,6 +162,7 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         num_workers=int(cfg.data.get("num_workers", 0)),
         explainer_factory=factory,
         transform=datamodule.transform,
+        pin_memory=bool(cfg.data.get("pin_memory", False)),
     )
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(

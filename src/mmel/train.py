@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmel.hsrm import save_hsrm
 from mmel.hsrm.features import CachedFeatureDataModule
-from mmel.utils.placement import autocast_dtype, check_model_device
+from mmel.utils.placement import check_model_device, precision_key
 from mmel.utils.runs import (
     announce,
     build_datamodule,
@@ -101,7 +101,7 @@ def cached_features(cfg: DictConfig, clip, datamodule, module):
     data = OmegaConf.to_container(cfg.data, resolve=True)
     loader = {k: data.pop(k) for k in ("num_workers", "pin_memory", "persistent_workers") if k in data}
     data.pop("batch_size", None)  # these do not change what is computed
-    precision = (cfg.get("trainer") or {}).get("precision")
+    precision = precision_key((cfg.get("trainer") or {}).get("precision"))
     key = {
         "backbone": clip.name,
         "weights": f"{clip.pretrained}:{clip.fingerprint}",
@@ -109,8 +109,8 @@ def cached_features(cfg: DictConfig, clip, datamodule, module):
         "evidence": "grad_eclip/native",
         "data": data,
     }
-    if autocast_dtype(precision) is not None:  # mixed-precision evidence is another cache (fp32 keys unchanged)
-        key["precision"] = str(precision)
+    if precision is not None:  # mixed-precision evidence is another cache (float32 keys unchanged)
+        key["precision"] = precision
     fc = cfg.feature_cache
     return CachedFeatureDataModule(
         datamodule,

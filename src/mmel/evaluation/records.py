@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mmel
 from mmel.utils.machine import machine_key
-from mmel.utils.placement import autocast_dtype
+from mmel.utils.placement import precision_key
 from mmel.utils.runs import git_state
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,9 @@ def fingerprint(cfg: DictConfig, clip: Any) -> dict[str, Any]:
         "seed": cfg.get("seed"),
         "code": {"mmel": mmel.__version__, "git_commit": git_state(MMEL_CHECKOUT)["commit"]},
     }
-    precision = (cfg.get("trainer") or {}).get("precision")
-    if autocast_dtype(precision) is not None:  # mixed precision changes the maps (float32 runs keep their old print)
-        fp["precision"] = str(precision)
+    precision = precision_key((cfg.get("trainer") or {}).get("precision"))
+    if precision is not None:  # mixed precision changes the maps (float32 runs keep their old fingerprint)
+        fp["precision"] = precision
     return fp
 
 

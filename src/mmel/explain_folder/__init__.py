@@ -52,7 +52,7 @@ from mmel.explain import run as run_one
 from mmel.explain_folder.batches import TABLE, FolderExplainer, is_done, latest_records, repair_journal, write_table
 from mmel.explain_folder.inputs import Entry, list_images, prompts_of, read_prompts_file
 from mmel.explainers.base import check_prompts
-from mmel.utils.placement import autocast, autocast_dtype
+from mmel.utils.placement import autocast, precision_key
 from mmel.utils.runs import announce, save_metrics
 from mmel.utils.task import task
 
@@ -69,7 +69,7 @@ def fingerprint(cfg: DictConfig, clip) -> dict[str, Any]:
         "resize": cfg.get("resize", "auto"),
         "max_side": cfg.get("max_side", DEFAULT_MAX_SIDE),
         "alpha": cfg.get("alpha", 0.5),
-        **({"precision": str(cfg.precision)} if autocast_dtype(cfg.get("precision")) is not None else {}),
+        **({"precision": precision_key(cfg.get("precision"))} if precision_key(cfg.get("precision")) else {}),
     }
 
 

@@ -35,6 +35,15 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 }
 
 
+FLOAT32 = ("fp32", "32", "32-true")
+
+
+def precision_key(precision: str | int | None) -> str | None:
+    """What a cache key / run fingerprint records of a precision: None for float32 (so float32 runs keep the keys
+    they always had), else the setting as given (any Lightning precision, e.g. ``bf16-mixed`` or ``bf16-true``)."""
+    return None if precision is None or str(precision) in FLOAT32 else str(precision)
+
+
 def autocast_dtype(precision: str | int | None) -> torch.dtype | None:
     """The autocast dtype of a precision name (None for float32); a clear error for an unknown name."""
     key = "fp32" if precision is None else str(precision)
