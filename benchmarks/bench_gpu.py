@@ -81,7 +81,7 @@ def eval_batches(dataset, transform, batch: int) -> list[tuple[torch.Tensor, lis
     return out
 
 
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
+def timed(fn, device: torch.device, repeats: int = 3) -> float:
     """Seconds of the best of ``repeats`` runs of ``fn()`` (after one warm-up run)."""
     fn()
     best = float("inf")
