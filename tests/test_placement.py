@@ -173,3 +173,22 @@ def test_programs_honour_the_trainers_precision(shapes_world, tmp_path):
     res, _ = evaluate(cfg)
     assert res["test/samples"] > 0
     assert json.loads((tmp_path / "e16" / "run.json").read_text())["fingerprint"]["precision"] == "bf16-mixed"
+
+
+def test_evaluates_module_moves_the_explainers_models_and_the_metrics(clip, tmp_path):
+    """evaluate's Lightning module: the explainer's CLIP (and e.g. the MMEL explainer's HSRM) and the metrics go
+    where the trainer puts the module."""
+    from mmel.evaluation.engine import EvalModule
+    from mmel.explainers import build_explainer
+    from mmel.metrics import PointingGame
+
+    explainer = build_explainer("mmel", clip, layers=2)
+    module = EvalModule(explainer, {"pointing_game": PointingGame()}, None, [], [], keep=False, pad_multiple=1,
+                        out=tmp_path)  # fmt: skip
+    module.to(META)
+    assert clip.device == META
+    assert all(p.device == META for m in vars(explainer).values() if isinstance(m, torch.nn.Module)
+               for p in m.parameters())  # fmt: skip
+    pg = module.metrics["pointing_game"]
+    states = [getattr(pg, s) for s in pg._defaults if isinstance(getattr(pg, s), torch.Tensor)]
+    assert states and all(t.device == META for t in states)
