@@ -144,3 +144,46 @@ def openclip_tower(name: str, seed: int = 0) -> ClipBundle:
     text = model.text if hasattr(model, "text") else model
     vocab = text.token_embedding.num_embeddings
     return _bundle(model, name, CharTokenizer(vocab, int(model.context_length)))
+
+
+# ------------------------------------------------------------------------------ LeGrad re-run's own pool code
+def is_hf(model: nn.Module) -> bool:
+    from mmel.hf_siglip import HFSiglipCLIP
+
+    return isinstance(model, HFSiglipCLIP)
+
+
+def pool_prefix(model: nn.Module) -> int:
+    """Non-patch tokens among the pool's keys: PE-Core's pool sees its CLS token; SigLIP has none."""
+    return 0 if is_hf(model) else int(model.visual.trunk.num_prefix_tokens)
+
+
+def reference_pool(model: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention pool applied to block tokens z [1, N, C] as legrad-torch's hooked pooler does it (attention
+    probabilities kept), then the heads into the joint space: (features [1, E], attn [1, H, 1, N]). Written from
+    the stock module's parameters, independently of mmel.explainers.towers."""
+    B, N, C = z.shape
+    if is_hf(model):
+        head = model.visual.vision_model.head
+        mha = head.attention
+        H = mha.num_heads
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+        q = (head.probe @ wq.T + bq).reshape(1, 1, H, -1).transpose(1, 2)
+        k = (z @ wk.T + bk).reshape(B, N, H, -1).transpose(1, 2)
+        v = (z @ wv.T + bv).reshape(B, N, H, -1).transpose(1, 2)
+        attn = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        x = mha.out_proj((attn @ v).transpose(1, 2).reshape(B, 1, C))
+        x = x + head.mlp(head.layernorm(x))
+        return x[:, 0], attn
+    trunk = model.visual.trunk
+    p = trunk.attn_pool
+    H = p.num_heads
+    q = p.q(p.latent.expand(B, -1, -1)).reshape(B, 1, H, -1).transpose(1, 2)
+    k, v = p.kv(z).reshape(B, N, 2, H, -1).permute(2, 0, 3, 1, 4)
+    q, k = p.q_norm(q), p.k_norm(k)
+    attn = ((q * p.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    x = p.proj((attn @ v).transpose(1, 2).reshape(B, 1, C))
+    x = x + p.mlp(p.norm(x))
+    x = trunk.head(trunk.fc_norm(x[:, 0]))
+    return model.visual.head(x), attn

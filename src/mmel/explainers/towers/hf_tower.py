@@ -42,7 +42,7 @@ class HFSiglipTower(Tower):
 
     def embed(self, images: Tensor):
         H, W = images.shape[-2:]
-        native = (H, W) == self.image_size
+        native = self.image_size == (H, W)
         x = self.vm.embeddings(images, interpolate_pos_encoding=not native)
         return x, (H // self.patch, W // self.patch), None
 
