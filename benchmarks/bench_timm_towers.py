@@ -2,7 +2,7 @@
 
 Random weights (timing does not depend on them), 224 px, 1 image x K prompts (default 4); per family:
   * floor = one stock ``encode_image`` + one ``encode_text`` of the K prompts (no gradients);
-  * every tower method (grad_eclip, legrad, attention, gradcam), timed in the same rounds as the floor
+  * every tower method (grad_eclip, legrad, attention, gradcam, maskclip), timed in the same rounds as the floor
     (round-robin, median over rounds; a machine shared with other jobs then slows all of them alike);
   * ms per map = call time / K, and the ratio to the floor.
 Families: open_clip ViT-B-16 (native blocks, the reference row), ViT-B-16-SigLIP, ViT-B-16-SigLIP2, EVA02-B-16,
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("grad_eclip", "legrad", "attention", "gradcam")
+METHODS = ("grad_eclip", "legrad", "attention", "gradcam", "maskclip")
 FAMILIES = ("ViT-B-16", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "EVA02-B-16", "PE-Core-B-16", "hf:siglip-base")
 QUICK = ("micro", "tiny-siglip", "tiny-eva02", "tiny-pe", "tiny-hf")
 PROMPTS = ["a photo of a red circle", "a blue square on grass", "a cat next to a dog", "a green triangle"]

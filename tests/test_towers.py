@@ -293,3 +293,31 @@ def test_b16_towers(name):
         r, what = pearsons(ours, legrad_pool_rerun(bundle, image, _text(bundle))), "formula re-run"
     print(f"{name}: LeGrad vs {what}: Pearson per map {[round(x, 6) for x in r]}")
     assert min(r) >= 0.999, r
+
+
+# ------------------------------------------------------------------------------------------------- MaskCLIP
+def test_maskclip_dense_embedding_is_the_readout_of_one_patch(tiny):
+    """MaskCLIP's embedding of patch j equals the STOCK readout of a sequence made of copies of token j: every
+    attention over identical values returns that value, which is what MaskCLIP substitutes for the query's
+    attention (for EVA02 the copies enter the last block, whose CLS row then reads patch j's value)."""
+    kind, bundle, image = tiny
+    tower = tower_of(bundle.model)
+    last = tower.depth - 1
+    tr = trace(tower, image[:1], [] if tower.attn_pool else [last], grad=False)
+    with torch.no_grad():
+        dense = tower.dense(tr)  # [1, N, E]
+        for j in (0, 5, dense.shape[1] - 1):
+            row = tower.prefix + j
+            if kind == "hf":
+                vm = bundle.model.visual.vision_model
+                x = tr.tokens[:, row : row + 1].expand_as(tr.tokens)
+                ref = vm.head(vm.post_layernorm(x))
+            else:
+                trunk = bundle.model.visual.trunk
+                if tower.attn_pool:
+                    x = tr.tokens[:, row : row + 1].expand_as(tr.tokens)
+                else:
+                    x_in = tr.records[last].x_in
+                    x = trunk.blocks[last](x_in[:, row : row + 1].expand_as(x_in), rope=tower.embed(image[:1])[2])
+                ref = bundle.model.visual.head(trunk.forward_head(trunk.norm(x)))
+            assert torch.allclose(dense[:, j], ref, atol=1e-5 * max(1.0, float(ref.abs().max()))), (kind, j)

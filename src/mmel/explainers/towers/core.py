@@ -120,6 +120,10 @@ class Tower:
     def readout(self, x: Tensor, norm: bool = True) -> tuple[Tensor, PoolRecord | None]:
         raise NotImplementedError
 
+    def dense(self, tr: TowerTrace) -> Tensor:
+        """Per-patch embeddings [B, N, E] for MaskCLIP (the trace must record the last block on CLS towers)."""
+        raise NotImplementedError
+
     def encode_text(self, tokens: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -80,5 +80,14 @@ class HFSiglipTower(Tower):
         rec = latent_pool(z, head.probe, lambda t: apply(wq, t), kv, mha.num_heads, mha.out_proj, rest)
         return rec.out[:, 0], rec
 
+    def dense(self, tr) -> Tensor:
+        """MaskCLIP's dense embeddings [B, N, E]: the pooling head with each patch's own value in place of the
+        probe's attended sum."""
+        head = self.vm.head
+        mha = head.attention
+        _, _, wv = linear_chunks(mha.in_proj_weight, mha.in_proj_bias, 3)
+        u = mha.out_proj(apply(wv, self.vm.post_layernorm(tr.tokens)))
+        return u + head.mlp(head.layernorm(u))
+
     def encode_text(self, tokens: Tensor) -> Tensor:
         return self.model.encode_text(tokens)

@@ -14,6 +14,7 @@ model has a bias, else the unscaled cosine (docs/towers.md derives each reading)
     score of the block's tokens pooled by ``pool`` (mean | cls) through the final norm and the heads.
   * ``attention``: the query's attention over the patches, averaged over heads.
   * ``gradcam``: Grad-CAM on the tokens entering block ``layer`` (gradient averaged over tokens).
+  * ``maskclip``: the query's final attention replaced by each patch's own value (one embedding per patch).
 
 Other methods refuse (:func:`build_tower_explainer`).
 """
@@ -192,6 +193,25 @@ class TowerGradCAM(TowerExplainer):
         return cam.relu().unflatten(-1, tr.grid)
 
 
+class TowerMaskCLIP(TowerExplainer):
+    """MaskCLIP-style dense similarity: the final attention of the query (the pool's latent, or EVA02's last-block
+    CLS row) is replaced by each patch's own value and the rest of the readout applied, giving one embedding per
+    patch; the map is its cosine with the prompt. No gradients. ``templates``: only "none" on towers."""
+
+    name = "maskclip"
+
+    def __init__(self, clip, tower: Tower, templates: str = "none"):
+        super().__init__(clip, tower)
+        if templates != "none":
+            raise ValueError(f"maskclip: templates={templates!r} is not available on towers; use 'none'")
+
+    def raw_maps(self, images: Tensor, prompts: list[str]) -> Tensor:
+        text = torch.nn.functional.normalize(self.text_features(prompts), dim=-1)  # [K, E]
+        tr = trace(self.tower, images, [] if self.tower.attn_pool else [self.depth - 1], grad=False)
+        dense = torch.nn.functional.normalize(self.tower.dense(tr), dim=-1)  # [B, N, E]
+        return (dense @ text.T).transpose(1, 2).unflatten(-1, tr.grid)
+
+
 TOWER_EXPLAINERS: dict[str, type[TowerExplainer]] = {
-    c.name: c for c in (TowerGradECLIP, TowerLeGrad, TowerAttention, TowerGradCAM)
+    c.name: c for c in (TowerGradECLIP, TowerLeGrad, TowerAttention, TowerGradCAM, TowerMaskCLIP)
 }

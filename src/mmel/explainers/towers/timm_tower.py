@@ -158,6 +158,28 @@ class TimmTower(Tower):
         pooled = t.head(t.head_drop(t.fc_norm(pooled)))
         return self.visual.head(pooled), rec
 
+    def dense(self, tr) -> Tensor:
+        """MaskCLIP's dense embeddings [B, N, E] of the patches: the final attention (the pool, or the last block's
+        CLS query) replaced by each patch's own value, then everything after it as the model does."""
+        t = self.trunk
+        if self.attn_pool:
+            p = t.attn_pool
+            z = t.norm(tr.tokens)[:, self.prefix - self.pool_prefix :]
+            if p.pos_embed is not None:
+                z = z + p.pos_embed.unsqueeze(0).to(z.dtype)
+            u = p.proj(p.kv(z).chunk(2, dim=-1)[1])
+            pooled = u + p.mlp(p.norm(u)) if p.mlp is not None else u
+            pooled = pooled[:, self.pool_prefix :]
+        else:
+            i = self.depth - 1
+            rec, blk = tr.records[i], t.blocks[i]
+            a = blk.attn
+            o = a.norm(rec.v.transpose(1, 2).flatten(2))
+            if getattr(a, "gate", None) is not None:
+                o = o * a.gate(blk.norm1(rec.x_in)).sigmoid()
+            pooled = t.norm(self.rest(i, rec.x_in, a.proj(o)))[:, self.prefix :]
+        return self.visual.head(t.head(t.head_drop(t.fc_norm(pooled))))
+
     # -------------------------------------------------------------------------------------------- text side
     def encode_text(self, tokens: Tensor) -> Tensor:
         return self.model.encode_text(tokens)
