@@ -99,6 +99,7 @@ class Tower:
     prefix: int  # non-patch tokens in the block sequence
     pool_prefix: int  # non-patch tokens among the pool's keys
     attn_pool: bool  # pooled by a latent-query attention pool (else CLS token / mean)
+    token_pooled: bool = False  # the embedding reads the CLS row alone (norm per token, then that row)
     image_size: tuple[int, int]
 
     def __init__(self, model: nn.Module) -> None:
@@ -171,10 +172,20 @@ def trace(
     with torch.set_grad_enabled(grad):
         if grad:
             x = x.detach().requires_grad_(True)
+        last = tower.depth - 1
         for i in range(first, tower.depth):
             rec = tower.attention(i, x, aux, split=tower.prefix > 0)
             if i in traced:
                 records[i] = rec
+            if i == last and tower.token_pooled:
+                # only the CLS row feeds the embedding: its residual + MLP on the graph, the patches' off it, so a
+                # backward pass from the score never runs through the patch rows of the last MLP (as vit.py)
+                cls_out = tower.rest(i, x[:, :1], rec.y_cls)
+                with torch.no_grad():
+                    rows = tower.rest(i, x[:, 1:], rec.y_rest)
+                features, pool = tower.readout(cls_out, norm=norm)
+                x = torch.cat([cls_out.detach(), rows], dim=1)
+                return TowerTrace(features=features, records=records, pool=pool, tokens=x, grid=grid)
             x = tower.rest(i, x, rec.y)
         features, pool = tower.readout(x, norm=norm)
     return TowerTrace(features=features, records=records, pool=pool, tokens=x, grid=grid)

@@ -64,6 +64,9 @@ class TimmTower(Tower):
             raise TypeError(f"timm tower pooled by global_pool={trunk.global_pool!r}: expected token, avg or map")
         if self.attn_pool and (getattr(pool, "latent_len", 1) != 1 or pool.pool not in ("token", "avg", "")):
             raise TypeError("timm attention pools with more than one latent query are not supported")
+        # token pooling reads row 0 after a per-token norm: the tracer may then keep the patch rows of the last
+        # block off the graph (the norms of these trunks are LayerNorms, per token)
+        self.token_pooled = not self.attn_pool and trunk.global_pool == "token" and trunk.num_prefix_tokens > 0
         self.patch = int(trunk.patch_embed.patch_size[0])
         self.depth = len(trunk.blocks)
         self.prefix = int(trunk.num_prefix_tokens)
