@@ -87,6 +87,18 @@ class TowerGradECLIP(TowerExplainer):
             )
         self.layers = [] if tower.attn_pool else last_layers(layers, self.depth)
 
+    def explain_text(self, images: Tensor, prompts) -> None:
+        raise NotImplementedError(
+            f"grad_eclip: the text side is written for open_clip's causal CLIP text tower; on a {self.tower.family} "
+            "tower only image maps exist"
+        )
+
+    def layer_evidence(self, images: Tensor, prompts, layers, paired: bool = False) -> None:
+        raise NotImplementedError(
+            f"grad_eclip: per-layer evidence (the HSRM's input) is defined for open_clip's native ViT; a "
+            f"{self.tower.family} tower has image maps only"
+        )
+
     def raw_maps_text(self, images: Tensor, text: Tensor) -> Tensor:
         tr = trace(self.tower, images, self.layers)
         scores = self.tower.score(tr.features, text)
