@@ -269,6 +269,12 @@ def test_legrad_equals_the_formula_rerun(kind):
     ref = legrad_pool_rerun(bundle, image, _text(bundle))
     r = pearsons(ours, ref)
     assert min(r) >= 0.999, r
+    # stronger than Pearson: the unnormalised relevance itself, times exp(logit_scale) for SigLIP's logit
+    tower = tower_of(bundle.model)
+    factor = bundle.model.logit_scale.exp() if tower.logit_bias is not None else 1.0
+    with torch.enable_grad():
+        raw = build_explainer("legrad", bundle).raw_maps_text(image, _text(bundle))
+    assert torch.allclose(raw, ref * factor, rtol=1e-4, atol=1e-6 * float(raw.abs().max()))
 
 
 # ----------------------------------------------------------------------------------- B-16 towers at 224 px
@@ -354,3 +360,24 @@ def test_load_hf_siglip_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="could not load a transformers SiglipModel"):
         load_hf_siglip(tmp_path / "empty")
+
+
+def test_eva02_grad_eclip_channel_weights_are_the_stock_gradient():
+    """On a CLS tower w = dS/do at the CLS row of the last block: the traced graph (CLS row split, patch rows of the
+    last MLP off the graph) gives the gradient the stock forward gives at the input of ``attn.norm``."""
+    bundle = T.tiny_timm_clip("eva02")
+    tower = tower_of(bundle.model)
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    t = _text(bundle)[:1]
+    blk = bundle.model.visual.trunk.blocks[-1]
+    seen = {}
+    hook = blk.attn.norm.register_forward_pre_hook(lambda m, i: seen.__setitem__("o", i[0]))
+    try:
+        f = bundle.model.encode_image(image.clone().requires_grad_(True))
+        (ref,) = torch.autograd.grad(F.cosine_similarity(f, t).sum(), [seen["o"]])
+    finally:
+        hook.remove()
+    tr = trace(tower, image, [tower.depth - 1])
+    (ours,) = torch.autograd.grad(tower.score(tr.features, t).sum(), [tr.records[tower.depth - 1].o_cls])
+    assert torch.allclose(ours[:, 0], ref[:, 0], atol=1e-6 * float(ref.abs().max()))
+    assert ref[:, 1:].abs().max() <= 1e-6 * ref[:, 0].abs().max()  # only the CLS row reaches the embedding
