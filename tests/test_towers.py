@@ -196,16 +196,19 @@ def test_grad_eclip_pool_is_the_latent_querys_weighted_value_sum():
 
 
 # --------------------------------------------------------------------------------------------------- LeGrad
-def legrad_torch_siglip(bundle, images, prompts) -> torch.Tensor:
-    """legrad-torch's ``compute_legrad_siglip`` (apply_correction=False: its correction needs the hub tokenizer),
-    one image and one prompt at a time (its score sums over the text rows). [B, K, H, W]."""
+def legrad_torch_siglip(bundle, images, prompts, correction: bool = False) -> torch.Tensor:
+    """legrad-torch's ``compute_legrad_siglip``, one image and one prompt at a time (its score sums over the text
+    rows). [B, K, H, W]. Its correction embeds "a photo of a" with the hub tokenizer of ViT-B-16-SigLIP (offline
+    here): the wrapper's ``empty_embedding`` is set beforehand from the bundle's tokenizer (its code then skips the
+    download), the same embedding mmel's ``correction=True`` uses."""
     legrad = P.import_legrad()
     wrapper = legrad.LeWrapper(copy.deepcopy(bundle.model), layer_index=-2)
     text = F.normalize(_text(bundle, prompts), dim=-1)
+    wrapper.empty_embedding = F.normalize(_text(bundle, ["a photo of a"]), dim=-1).t()
     rows = []
     for b in range(len(images)):
-        maps = [wrapper.compute_legrad_siglip(text[k : k + 1], images[b : b + 1], apply_correction=False) for k in
-                range(len(prompts))]  # fmt: skip
+        maps = [wrapper.compute_legrad_siglip(text[k : k + 1], images[b : b + 1], apply_correction=correction)
+                for k in range(len(prompts))]  # fmt: skip
         rows.append(torch.cat([m.detach() for m in maps], dim=1))
     return torch.cat(rows)
 
@@ -259,6 +262,19 @@ def test_legrad_equals_legrad_torch_siglip():
     ours = build_explainer("legrad", bundle)(image, PROMPTS)
     r = pearsons(ours, legrad_torch_siglip(bundle, image, PROMPTS))
     assert min(r) >= 0.999, r
+
+
+def test_legrad_correction_equals_legrad_torch_siglip():
+    if P.import_legrad() is None:
+        pytest.skip("legrad-torch is not installed (make install installs it from requirements/test-nodeps.txt)")
+    bundle = T.tiny_timm_clip("siglip")
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ours = build_explainer("legrad", bundle, correction=True)(image, PROMPTS)  # threshold 0.8, as legrad-torch
+    r = pearsons(ours, legrad_torch_siglip(bundle, image, PROMPTS, correction=True))
+    assert min(r) >= 0.999, r
+    assert not torch.allclose(ours, build_explainer("legrad", bundle)(image, PROMPTS), atol=1e-3)  # it zeroed some
+    with pytest.raises(ValueError, match="correction=True"):
+        build_explainer("legrad", T.tiny_timm_clip("eva02"), correction=True)
 
 
 @pytest.mark.parametrize("kind", ["pe", "hf"])

@@ -120,25 +120,53 @@ class TowerGradECLIP(TowerExplainer):
 POOLS = ("mean", "cls")
 
 
+EMPTY_PROMPT = "a photo of a"  # legrad-torch's "empty" prompt for its SigLIP correction
+
+
 class TowerLeGrad(TowerExplainer):
     """LeGrad through the tower's query (module docstring). ``start_layer`` (default -2, legrad-torch's default);
     ``norm``: final norm before an attention pool (default False, as legrad-torch); ``pool``: mean | cls pooling of
-    a CLS tower's intermediate tokens (default mean, as the authors' CLIP code)."""
+    a CLS tower's intermediate tokens (default mean, as the authors' CLIP code); ``correction`` (attention-pooled
+    towers): legrad-torch's SigLIP correction, zeroing the patches where the min-max normalised map of the prompt
+    "a photo of a" exceeds ``threshold`` (legrad-torch's default is on; mmel's is off, docs/towers.md)."""
 
     name = "legrad"
     needs_grad = True
 
-    def __init__(self, clip, tower: Tower, start_layer: int = -2, pool: str = "mean", norm: bool = False):
+    def __init__(
+        self,
+        clip,
+        tower: Tower,
+        start_layer: int = -2,
+        pool: str = "mean",
+        norm: bool = False,
+        correction: bool = False,
+        threshold: float = 0.8,
+    ):
         super().__init__(clip, tower)
         if pool not in POOLS:
             raise ValueError(f"legrad: pool={pool!r}; expected one of {POOLS}")
+        if correction and not tower.attn_pool:
+            raise ValueError("legrad: correction=True is legrad-torch's step for attention-pooled (SigLIP) towers")
         (self.start,) = resolve_layers([start_layer], self.depth, "legrad.start_layer")
-        self.pool, self.norm = pool, bool(norm)
+        self.pool, self.norm, self.correction, self.threshold = pool, bool(norm), bool(correction), float(threshold)
 
     def label_options(self) -> dict[str, object]:
-        return {"norm": self.norm} if self.tower.attn_pool else {"pool": self.pool}
+        if self.tower.attn_pool:
+            return {"norm": self.norm, "correction": self.correction}
+        return {"pool": self.pool}
 
     def raw_maps_text(self, images: Tensor, text: Tensor) -> Tensor:
+        if not self.correction:
+            return self._relevance(images, text)
+        empty = self.text_features([EMPTY_PROMPT])  # [1, E]
+        if text.dim() == 3:  # per-image prompts [B, K, E]
+            empty = empty.expand(text.shape[0], 1, -1)
+        rel = self._relevance(images, torch.cat([text, empty], dim=-2))  # the empty prompt as one more VJP row
+        maps, empty_map = rel[:, :-1], rel[:, -1:]
+        return maps.masked_fill(minmax(empty_map) > self.threshold, 0.0)
+
+    def _relevance(self, images: Tensor, text: Tensor) -> Tensor:
         tw = self.tower
         x, grid, aux = tw.embed(images)
         with torch.no_grad():
