@@ -84,8 +84,7 @@ def tiny_timm_clip(kind: str, seed: int = 0) -> ClipBundle:
         if p.ndim == 1:
             p.data.add_(0.02 * torch.randn_like(p))
     model.visual = visual
-    tok = CharTokenizer(100, 12) if not siglip else CharTokenizer(100, 12)
-    return _bundle(model, f"tiny-timm-{kind}", tok)
+    return _bundle(model, f"tiny-timm-{kind}", CharTokenizer(100, 12))
 
 
 def tiny_hf_siglip(seed: int = 0, folder: str | None = None) -> ClipBundle:

@@ -319,6 +319,11 @@ def test_b16_towers(name):
         r, what = pearsons(ours, legrad_pool_rerun(bundle, image, _text(bundle))), "formula re-run"
     print(f"{name}: LeGrad vs {what}: Pearson per map {[round(x, 6) for x in r]}")
     assert min(r) >= 0.999, r
+    if "SigLIP" in name:
+        ours = build_explainer("legrad", bundle, correction=True)(image, PROMPTS)
+        r = pearsons(ours, legrad_torch_siglip(bundle, image, PROMPTS, correction=True))
+        print(f"{name}: LeGrad correction=True vs legrad-torch apply_correction=True: {[round(x, 6) for x in r]}")
+        assert min(r) >= 0.999, r
 
 
 # ------------------------------------------------------------------------------------------------- MaskCLIP
