@@ -83,6 +83,16 @@ HEADINGS = {
         "## Frames",
     ],
     "architecture.md": ["## Layers", "## Naming upwards: lazy dotted paths", "## The contract"],
+    "towers.md": [
+        "## Which models are towers",
+        "## The traced forward",
+        "## The score",
+        "## Reading each method through the pooling query",
+        "## Refused methods",
+        "## Agreement with legrad-torch",
+        "## Measurements",
+        "## API",
+    ],
 }
 
 

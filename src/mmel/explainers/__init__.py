@@ -52,7 +52,12 @@ def explainer_class(name: str) -> type:
 
 
 def build_explainer(name: str, clip: Any, **cfg: Any) -> Any:
-    """Build the explainer registered as ``name`` for a loaded :class:`mmel.backbone.ClipBundle`."""
+    """Build the explainer registered as ``name`` for a loaded :class:`mmel.backbone.ClipBundle`. A timm-trunk or
+    Hugging Face SigLIP model gets the tower version of the method (mmel.explainers.towers, docs/towers.md)."""
+    from mmel.explainers.towers import build_tower_explainer, tower_of
+
+    if tower_of(getattr(clip, "model", None)) is not None:
+        return build_tower_explainer(name, clip, **cfg)
     return explainer_class(name)(clip, **cfg)
 
 
