@@ -4,7 +4,8 @@
 
 Each row is one run; columns are the chosen config keys (dotted paths into the resolved config) followed by the
 metrics (all numeric keys of metrics.json, or the ones named with --metrics). Runs missing a metric show "—",
-never a made-up number. Writes Markdown (``.md``) or CSV (``.csv``) by the output's suffix; prints Markdown.
+never a made-up number. A run that scored an HSRM on images it was trained on (``train_overlap`` in its
+metrics.json, ``allow_train_overlap=true``) has † in its run cell. Writes Markdown (``.md``) or CSV (``.csv``) by the output's suffix; prints Markdown.
 """
 
 from __future__ import annotations
@@ -82,12 +83,14 @@ def build_table(
         keys = list(metrics)
     header = [*rows, *keys, "run"]
     body = []
-    for (run, cfg, _), f in zip(loaded, flat, strict=True):
+    for (run, cfg, m), f in zip(loaded, flat, strict=True):
         cells = [str(lookup(cfg, r)) if lookup(cfg, r) is not None else "—" for r in rows]
         for k in keys:
             v = f.get(k)
             cells.append(f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v)))
-        cells.append(run.name)
+        shared = (m.get("train_overlap") or {}).get("images") if isinstance(m.get("train_overlap"), dict) else None
+        # a run that scored an HSRM on its own training images (allow_train_overlap=true) is marked
+        cells.append(f"{run.name} † train overlap: {shared} images" if shared else run.name)
         body.append(cells)
     return header, body
 

@@ -34,6 +34,7 @@ from torchmetrics import Metric
 from mmel.data.datamodules import TransformedDataset
 from mmel.evaluation import figures
 from mmel.evaluation.engine import EvalModule, ItemsProgressBar, replay
+from mmel.evaluation.overlap import train_overlap
 from mmel.evaluation.records import (
     ITEMS,
     RUN,
@@ -125,6 +126,8 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"evaluate: split {split!r} of data.root={cfg.data.get('root')} has no samples to score (after the "
             "skips logged above); check data.root and split=, or the subset / min_box_area settings of data="
         )
+    scored = dataset.records if limit is None else dataset.records[:limit]
+    overlap = train_overlap(cfg.explainer.get("checkpoint"), dataset, scored, bool(cfg.get("allow_train_overlap")))
     factory = instantiate(cfg.explainer)
     explainer = factory(clip=clip)
     metrics = build_metrics(cfg.metrics, clip)
@@ -177,6 +180,8 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     results: dict[str, Any] = {}
     if trainer.is_global_zero:
         results, metrics = _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, loggers, fp)
+        if overlap is not None:
+            results["train_overlap"] = overlap  # images / samples shared with the HSRM's training data
         results["seconds"] = _seconds(out, time.perf_counter() - t0)
         save_metrics(results, out, cfg=cfg)
         announce(out)
