@@ -5,7 +5,8 @@
 Each row is one run; columns are the chosen config keys (dotted paths into the resolved config) followed by the
 metrics (all numeric keys of metrics.json, or the ones named with --metrics). Runs missing a metric show "—",
 never a made-up number. A run that scored an HSRM on images it was trained on (``train_overlap`` in its
-metrics.json, ``allow_train_overlap=true``) has † in its run cell. Writes Markdown (``.md``) or CSV (``.csv``) by the output's suffix; prints Markdown.
+metrics.json, ``allow_train_overlap=true``) has † in its run cell. Writes Markdown (``.md``) or CSV (``.csv``) by
+the output's suffix; prints Markdown.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ Spec section (``experiments/paper/coco.yaml``)::
       explainers: [...]                # labels among the spec's explainers
 
 One evaluate run per (explainer, dataset, split) (MMEL rows: one per training seed, with its checkpoint), in
-``runs/refcoco/<dataset>/<split>/<explainer>`` (refcoco+: ``refcoco-plus``); a column per (dataset, split). RefCOCO's images are COCO train2014
-images, inside the COCO train2017 the HSRM trains on: its rows need ``allow_train_overlap=true`` and are marked †
-(mmel.evaluation.overlap).
+``runs/refcoco/<dataset>/<split>/<explainer>`` (refcoco+: ``refcoco-plus``); a column per (dataset, split).
+RefCOCO's images are COCO train2014 images, inside the COCO train2017 the HSRM trains on: its rows need
+``allow_train_overlap=true`` and are marked † (mmel.evaluation.overlap).
 """
 
 from __future__ import annotations
