@@ -34,6 +34,7 @@ from torchmetrics import Metric
 from mmel.data.datamodules import TransformedDataset
 from mmel.evaluation import figures
 from mmel.evaluation.engine import EvalModule, ItemsProgressBar, replay
+from mmel.evaluation.items_table import ITEMS_PARQUET, write_items_parquet
 from mmel.evaluation.overlap import train_overlap
 from mmel.evaluation.records import (
     ITEMS,
@@ -219,6 +220,7 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
         elif r.get("n_boxes_cropped_out"):
             skipped["loading/box_cropped_out"] += r["n_boxes_cropped_out"]
     per_category = figures.per_category(records, metrics)
+    items_table = write_items_parquet(records, out / ITEMS_PARQUET)  # the same records, flat (aggregate.py --items)
     results.update(
         {
             f"{split}/samples": len(scored),
@@ -228,6 +230,7 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
             "skipped": dict(skipped),
             "per_category": per_category,
             "items": str(out / ITEMS),
+            "items_table": str(items_table),
             # prompts cut to the text tower's context: {prompt: {"kept": n, "total": m}} (tokens, start/end included)
             "truncated_prompts": truncated,
             "code": fp["code"],
