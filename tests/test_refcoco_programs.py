@@ -108,4 +108,6 @@ def test_the_leakage_guard(world, tmp_path):
 
     table = metric_table("T", {"MMEL": [as_run(tmp_path / "allowed")], "MMEL clean": [as_run(tmp_path / "clean")]},
                          {"pointing game": "pointing_game/accuracy"})  # fmt: skip
-    assert table.rows == ["MMEL †", "MMEL clean"] and "†: the HSRM was scored on images it was trained on" in table.title
+    assert (
+        table.rows == ["MMEL †", "MMEL clean"] and "†: the HSRM was scored on images it was trained on" in table.title
+    )

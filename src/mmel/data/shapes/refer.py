@@ -13,6 +13,8 @@ Splits by the image's position ``i`` in the train split: refcoco / refcoco+ ``i 
 else train; refcocog (umd) 0 val, 1-2 test, else train. Every object of an image is one ref. Sentences (two per
 ref): refcoco names the object and its side ("red circle", "red circle on the left"); refcoco+ has no location
 words ("the red circle", "red circle shape"); refcocog is longer ("a red circle next to a blue square").
+The parquet tables hold the evaluation splits only (val, testA, testB / val, test), as the Hub's evaluation
+releases do: each row embeds its image, and a train table would repeat most of the world's images per ref.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def write_refer(root: Path, images: Sequence[ReferImage], write: Callable[[Path,
         write(folder / "instances.json", json.dumps(instances, separators=(",", ":")) + "\n")
         (base / "parquet" / dataset).mkdir(parents=True, exist_ok=True)
         for split, split_rows in sorted(rows.items()):
+            if split == "train":
+                continue  # evaluation splits only (module docstring)
             write(base / "parquet" / dataset / f"{split}-00000-of-00001.parquet", parquet_bytes(split_rows, datasets))
 
 
