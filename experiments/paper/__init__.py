@@ -38,13 +38,10 @@ from .columns import (  # noqa: F401 - the runner's public names
     declared,
     item_getter,
     metric_table,
-    overlap_label,
     per_item,
     significance,
 )
 from .figures import _plt, _save, category_figure, curves_figure, sanity_figure
-from .refcoco import applies as refcoco_applies
-from .refcoco import refcoco_table
 from .runs import ROOT, RUN_RECORD, Run, compose_run, config_hash, run_program  # noqa: F401
 from .spec import SPECS, load_spec, per_backbone, slug  # noqa: F401
 
@@ -84,8 +81,6 @@ class Paper:
                                ("ablations", self.ablation_table), ("trust", self.trust)):  # fmt: skip
                 if part in self.spec:
                     make()
-            if refcoco_applies(self.spec):
-                refcoco_table(self)
         finally:
             self._planning = False
         return self.provenance
@@ -197,8 +192,9 @@ class Paper:
             overall = cell(runs, HIT)
             cells.append([overall] + [Cell(float(np.mean(by_type[t])) if by_type.get(t) else None) for t in types])
         cols = [Column("pointing game")] + [Column(f"PG: {t}") for t in types]
-        labels = [overlap_label(label, runs) for label, runs in rows.items()]
-        return Table("Table 3 — phrase localisation (Flickr30k Entities format), by phrase type", labels, cols, cells)
+        return Table(
+            "Table 3 — phrase localisation (Flickr30k Entities format), by phrase type", list(rows), cols, cells
+        )
 
     def ablation_table(self) -> Table:
         runs = self.ablations()
@@ -316,9 +312,6 @@ class Paper:
         if "phrases" in self.spec:
             tables.append(self.phrases())
             sections.append(Section("Phrase localisation", "", [tables[-1]]))
-        if refcoco_applies(self.spec):
-            tables.append(refcoco_table(self))
-            sections.append(Section("Referring expressions", "", [tables[-1]]))
         if "ablations" in self.spec:
             tables.append(self.ablation_table())
             sections.append(Section("HSRM ablations", "Each row trained once; compare with its full-HSRM row.",
