@@ -111,3 +111,18 @@ def test_the_leakage_guard(world, tmp_path):
     assert (
         table.rows == ["MMEL †", "MMEL clean"] and "†: the HSRM was scored on images it was trained on" in table.title
     )
+
+
+def test_the_coco_spec_plans_the_refcoco_table_for_vit_b16_only(tmp_path):
+    from experiments.paper import Paper, load_spec, per_backbone
+
+    subs = dict((out.name, sub) for sub, out in per_backbone(load_spec("coco"), tmp_path))
+    assert "refcoco" not in subs["vit-b-32"].tables and "refcoco" in subs["vit-b-16"].tables
+    runs = [r for r in Paper(subs["vit-b-16"], tmp_path / "vit-b-16").plan() if "data=refcoco" in r.overrides]
+    splits = {("refcoco", s) for s in ("val", "testA", "testB")} | {("refcoco+", s) for s in ("val", "testA", "testB")}
+    splits |= {("refcocog", "val"), ("refcocog", "test")}
+    seen = {(o.split("=")[1], p.split("=")[1]) for r in runs for o in r.overrides for p in r.overrides
+            if o.startswith("data.dataset=") and p.startswith("data.splits.test=")}  # fmt: skip
+    assert seen == splits
+    assert len(runs) == len(splits) * (3 + 3) and len({r.out for r in runs}) == len(runs)  # 3 methods + MMEL x 3 seeds
+    assert all("allow_train_overlap=true" in r.overrides for r in runs)  # the HSRM rows are allowed, and marked
