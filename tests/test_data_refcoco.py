@@ -184,6 +184,8 @@ def test_data_module_and_checker(refer, capsys):
     n = {sp: len(_load(refer, "refcoco", sp, "refer")) for sp in ("train", "val", "testA")}
     assert "train split=train: refcoco/train: " in out and f"{n['train']} samples" in out
     assert "test  split=testA: refcoco/testA: " in out and f"{n['testA']} samples" in out
+    assert main(["data=refcoco", f"data.root={refer}", "data.source=parquet", f"data.parquet={refer}/nowhere"]) == 2
+    assert "nowhere" in capsys.readouterr().err  # the checker names the missing file, no traceback
     from mmel.data import RefCOCODataModule
 
     assert RefCOCODataModule(refer).splits == {"train": "train", "val": "val", "test": "val"}
