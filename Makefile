@@ -18,7 +18,7 @@ LOCK_ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test test-all lint format demo shapes bench clean app wheel-check
+.PHONY: help install lock test test-all lint format demo shapes bench gpu-check clean app wheel-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -77,8 +77,12 @@ shapes: install ## write the synthetic shapes world (COCO + Flickr30k Entities f
 pretrain: install ## train the tiny CLIP on the shapes world -> src/mmel/pretrain/assets/ (the committed file; ~30 min)
 	$(BIN)/python -m mmel.pretrain --out src/mmel/pretrain/assets/mmel-tiny-shapes.safetensors --seed 0
 
-bench: install ## speed / memory benchmarks (ratios measured side by side)
+bench: install ## speed / memory benchmarks (ratios measured side by side; bench_gpu.py at --size small on the CPU)
 	@rc=0; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || rc=1; done; exit $$rc
+
+# the bench scripts above that are about a GPU skip nothing on the CPU; this one is the GPU check of the real run
+gpu-check: install ## one-GPU speed check of the real run (ViT-B/16, <= 8 min): evaluate vs floor, cache, bf16 -> logs/bench_gpu.json
+	$(BIN)/python benchmarks/bench_gpu.py --device cuda --size full --out logs/bench_gpu.json
 
 clean: ## remove caches and run outputs (keeps the venv and generated data)
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache

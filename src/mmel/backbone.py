@@ -299,7 +299,7 @@ def load_clip(
     pretrained: str | os.PathLike | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     precision: str = "fp32",
 ) -> ClipBundle:
     """Load a frozen open_clip model.
@@ -308,10 +308,12 @@ def load_clip(
         name: open_clip architecture (``ViT-B-16-quickgelu``) or a project config (``mmel-tiny``).
         pretrained: None (random init), an open_clip tag, a project tag, or a path to a weight file.
         cache_dir: where tag downloads / project-built weights are kept (default :func:`default_cache_dir`).
-        device: device to put the model on.
+        device: device to put the model on (None: the CPU; the programs' trainer then moves it,
+            :mod:`mmel.utils.placement`).
         precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
     """
     register_model_configs()
+    device = "cpu" if device is None else device
     if name not in open_clip.list_models():
         raise _unknown_model_error(name)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

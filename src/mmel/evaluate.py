@@ -50,6 +50,7 @@ from mmel.evaluation.records import (
 from mmel.metrics.protocol import outputs_of
 from mmel.utils.logs import log_items
 from mmel.utils.machine import machine
+from mmel.utils.placement import check_model_device
 from mmel.utils.runs import (
     announce,
     build_datamodule,
@@ -103,6 +104,7 @@ def _is_global_zero() -> bool:
 def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     resume = cfg.get("resume")
     device = run_device(cfg)
+    check_model_device(cfg)  # the trainer places CLIP, explainer and metrics; model.device may only agree with it
     check_loader_keys(cfg.data)  # bad numbers are named before anything is loaded
     limit = check_limit(cfg.get("limit"))
     if resume:
@@ -164,6 +166,7 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         num_workers=int(cfg.data.get("num_workers", 0)),
         explainer_factory=factory,
         transform=datamodule.transform,
+        pin_memory=bool(cfg.data.get("pin_memory", False)),
     )
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(

@@ -45,7 +45,9 @@ from mmel.data.base import DECODE_ERRORS, as_displayed
 from mmel.data.base import load_image as decode_image
 from mmel.data.transforms import BoxTransform, keep_size, normalize
 from mmel.explainers.base import check_prompts
+from mmel.explainers.memory import available_bytes, estimate_bytes  # noqa: F401 (re-exported)
 from mmel.metrics import ClipScorer
+from mmel.utils.placement import autocast
 from mmel.utils.runs import announce, save_metrics
 from mmel.utils.task import task
 
@@ -91,34 +93,6 @@ def preprocess(img: Image.Image, clip, resize: str, max_side: int | None = None)
         return t.image(img)
     H, W = input_size(img.size, clip, resize)
     return normalize(TF.resize(img, [H, W], interpolation=InterpolationMode.BICUBIC), clip.mean, clip.std)
-
-
-def estimate_bytes(clip, explainer, size: tuple[int, int], k: int, batch: int = 1) -> int:
-    """A deliberately generous estimate of the memory one explainer call needs for ``batch`` images of ``size``
-    (H, W) and ``k`` prompts: the traced blocks keep attention logits and weights [B, heads, T, T] (and the batched
-    backward one more per prompt), every block keeps a few activations [B, T, width] per pass."""
-    visual = clip.model.visual
-    blocks = visual.transformer.resblocks
-    depth, heads, width = len(blocks), blocks[0].attn.num_heads, visual.transformer.width
-    t = (size[0] // clip.patch_size) * (size[1] // clip.patch_size) + 1
-    layers = getattr(explainer, "layers", None)
-    traced = depth - min(layers) if isinstance(layers, list) and layers else depth
-    per_image = traced * heads * t * t * (2 + k) + depth * t * width * (12 + 4 * k)
-    return int(4 * batch * per_image)
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory of ``device`` (CUDA: free device memory; CPU: MemAvailable), None when unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_memory(clip, explainer, size: tuple[int, int], k: int, batch: int = 1) -> None:
@@ -303,16 +277,17 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict, dict]:
         prompts = [prompts]  # prompts="a cat" on the command line means one prompt
     clip = instantiate(cfg.model)
     explainer = instantiate(cfg.explainer)(clip=clip)  # keyword: the partial already binds name=
-    metrics = explain_image(
-        image,
-        prompts,
-        clip,
-        explainer,
-        out_dir=out,
-        resize=cfg.get("resize", "auto"),
-        alpha=cfg.get("alpha", 0.5),
-        max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
-    )
+    with autocast(clip.device, cfg.get("precision", "fp32")):  # precision=bf16: autocast (mmel.utils.placement)
+        metrics = explain_image(
+            image,
+            prompts,
+            clip,
+            explainer,
+            out_dir=out,
+            resize=cfg.get("resize", "auto"),
+            alpha=cfg.get("alpha", 0.5),
+            max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
+        )
     save_metrics(metrics, out, cfg=cfg)
     announce(out)
     return metrics, {"clip": clip, "explainer": explainer}

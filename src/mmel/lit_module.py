@@ -1,7 +1,9 @@
 """LightningModule that trains the HSRM against a frozen CLIP from box annotations.
 
 The CLIP and its Grad-ECLIP evidence source are held as plain attributes, not sub-modules: they are frozen, stay
-in eval mode, and are kept out of checkpoints (a checkpoint holds only the HSRM). A batch is either raw
+in eval mode, and are kept out of checkpoints (a checkpoint holds only the HSRM). The CLIP still moves with the
+module: wherever the trainer puts the module (``module.to(strategy.root_device)``), the CLIP goes too
+(:meth:`HSRMLitModule._apply`, :mod:`mmel.utils.placement`). A batch is either raw
 (``images`` [B,3,H,W], ``prompt`` list[str], ``boxes`` list of [M,4] in input pixels) — the evidence is then
 computed on the fly with one forward and one batched backward through CLIP — or carries cached frozen-CLIP
 features (``evidence``, ``keys``, ``patch_tokens``, ``text``), so that epochs after the first need no CLIP pass.
@@ -88,6 +90,14 @@ class HSRMLitModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.metrics = torch.nn.ModuleDict({stage: self._metric_set(pointing_tolerance) for stage in ("val", "test")})
         self._loss_terms: dict[str, tuple[Tensor | float, int]] = {}  # this epoch's (sum x batch size, count)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every device / dtype move of the module (``.to``, ``.cuda``, ...) moves the unregistered CLIP too."""
+        super()._apply(fn, recurse)
+        clip = self.__dict__.get("clip")
+        if clip is not None:
+            clip.model._apply(fn, recurse)
+        return self
 
     @staticmethod
     def _metric_set(tol: float) -> torch.nn.ModuleDict:

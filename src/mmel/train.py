@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmel.data.image_keys import image_keys
 from mmel.hsrm import save_hsrm
 from mmel.hsrm.features import CachedFeatureDataModule
+from mmel.utils.placement import check_model_device, precision_key
 from mmel.utils.runs import (
     announce,
     build_datamodule,
@@ -41,6 +42,7 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "Remove it (choose explainers with evaluate.py; the HSRM's own settings are hsrm.*)."
         )
     check_loader_keys(cfg.data)  # bad numbers are named before anything is loaded
+    check_model_device(cfg)  # the trainer places everything; model.device may only agree with it
     out.mkdir(parents=True, exist_ok=True)
     clip = instantiate(cfg.model)
     datamodule = build_datamodule(cfg, clip)
@@ -109,8 +111,9 @@ def _continue_checkpoint_folder(callbacks: list[Any], ckpt_path: str) -> None:
 def cached_features(cfg: DictConfig, clip, datamodule, module):
     """Wrap the data module so the frozen-CLIP features are computed once into a cache (see mmel.hsrm.features)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for k in ("batch_size", "num_workers", "pin_memory"):  # do not change what is computed
-        data.pop(k, None)
+    loader = {k: data.pop(k) for k in ("num_workers", "pin_memory", "persistent_workers") if k in data}
+    data.pop("batch_size", None)  # these do not change what is computed
+    precision = precision_key((cfg.get("trainer") or {}).get("precision"))
     key = {
         "backbone": clip.name,
         "weights": f"{clip.pretrained}:{clip.fingerprint}",
@@ -118,6 +121,8 @@ def cached_features(cfg: DictConfig, clip, datamodule, module):
         "evidence": "grad_eclip/native",
         "data": data,
     }
+    if precision is not None:  # mixed-precision evidence is another cache (float32 keys unchanged)
+        key["precision"] = precision
     fc = cfg.feature_cache
     return CachedFeatureDataModule(
         datamodule,
@@ -129,4 +134,6 @@ def cached_features(cfg: DictConfig, clip, datamodule, module):
         scales=list(module.hparams.scales),
         dtype=fc.get("dtype", "auto"),
         shard_size=fc.get("shard_size", 256),
+        clip=clip,
+        loader=loader,
     )

@@ -143,7 +143,8 @@ class BoxDataModule(StageLoaders):
         root: dataset folder.
         splits: stage -> split name (``{"train": ..., "val": ..., "test": ...}``); a stage mapped to null has no
             loader.
-        batch_size, num_workers, pin_memory: DataLoader settings.
+        batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings (persistent workers: kept
+            between epochs when ``num_workers > 0``).
         image_size, patch_size, mean, std: the CLIP model's input settings (the programs pass them).
         resize: ``"fixed"`` (224-style centre crop) or ``"keep"`` (aspect kept, sides multiple of the patch).
         max_side: keep mode only: cap on the longer side.
@@ -162,6 +163,7 @@ class BoxDataModule(StageLoaders):
         batch_size: int = 16,
         num_workers: int = 0,
         pin_memory: bool = False,
+        persistent_workers: bool = True,
         image_size: int = 224,
         patch_size: int = 16,
         mean: tuple[float, ...] = CLIP_MEAN,
@@ -180,6 +182,7 @@ class BoxDataModule(StageLoaders):
         if unknown:
             raise ValueError(f"splits keys must be among {STAGES}, got {sorted(unknown)}")
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
         self.subset, self.seed, self.verify_images = subset, int(seed), bool(verify_images)
         self.transform = BoxTransform(resize, image_size, patch_size, max_side, tuple(_plain(mean)), tuple(_plain(std)))
         self.dataset_kwargs = {k: _plain(v) for k, v in dataset_kwargs.items()}
@@ -232,7 +235,7 @@ class BoxDataModule(StageLoaders):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0 and self.persistent_workers,
             # the training order is EpochOrder's (see StageLoaders); a generator of our own keeps the loader from
             # drawing its worker base seed from the global RNG
             generator=torch.Generator().manual_seed(self.seed),

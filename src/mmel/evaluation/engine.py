@@ -161,6 +161,7 @@ class EvalModule(pl.LightningModule):
         save_maps: write each map (float16, in the scored frame) to ``maps/chunk_<id>.npz`` keyed by sample id.
         explainer_factory: ``factory(clip=...) -> explainer`` (model randomisation rebuilds the explainer).
         transform: the data module's BoxTransform (trust metrics map other objects' boxes into the scored frame).
+        pin_memory: the loader's page-locked batches (``data.pin_memory``; GPUs).
     """
 
     def __init__(
@@ -178,9 +179,11 @@ class EvalModule(pl.LightningModule):
         num_workers: int = 0,
         explainer_factory=None,
         transform=None,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.explainer = explainer
+        self.pin_memory = bool(pin_memory)
         # registered so that Lightning moves the frozen model (and e.g. the HSRM) to the device
         self.frozen = nn.ModuleDict(
             {k: v for k, v in vars(explainer).items() if isinstance(v, nn.Module) and k != "visual"}
@@ -213,6 +216,7 @@ class EvalModule(pl.LightningModule):
             batch_sampler=sampler,
             collate_fn=make_collate(self.pad_multiple, chunk_of),
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,  # on a GPU: batches copied to the device asynchronously
         )
 
     def on_test_start(self) -> None:

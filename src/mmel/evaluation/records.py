@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mmel
 from mmel.utils.machine import machine_key
+from mmel.utils.placement import precision_key
 from mmel.utils.runs import git_state
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def _plain(node: Any) -> Any:
 
 
 # data settings that change how fast, not what is computed (batch_size is a chunk size: it stays in)
-_DATA_RUNTIME = ("num_workers", "pin_memory")
+_DATA_RUNTIME = ("num_workers", "pin_memory", "persistent_workers")
 
 
 def fingerprint(cfg: DictConfig, clip: Any) -> dict[str, Any]:
@@ -136,7 +137,7 @@ def fingerprint(cfg: DictConfig, clip: Any) -> dict[str, Any]:
     if isinstance(explainer, dict) and explainer.get("checkpoint"):
         explainer["checkpoint_sha256"] = _file_digest(str(explainer["checkpoint"]))
     data = {k: v for k, v in _plain(cfg.data).items() if k not in _DATA_RUNTIME}
-    return {
+    fp: dict[str, Any] = {
         "task": "evaluate",
         "explainer": explainer,
         "model": {
@@ -155,6 +156,10 @@ def fingerprint(cfg: DictConfig, clip: Any) -> dict[str, Any]:
         "seed": cfg.get("seed"),
         "code": {"mmel": mmel.__version__, "git_commit": git_state(MMEL_CHECKOUT)["commit"]},
     }
+    precision = precision_key((cfg.get("trainer") or {}).get("precision"))
+    if precision is not None:  # mixed precision changes the maps (float32 runs keep their old fingerprint)
+        fp["precision"] = precision
+    return fp
 
 
 def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

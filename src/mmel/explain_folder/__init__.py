@@ -52,6 +52,7 @@ from mmel.explain import run as run_one
 from mmel.explain_folder.batches import TABLE, FolderExplainer, is_done, latest_records, repair_journal, write_table
 from mmel.explain_folder.inputs import Entry, list_images, prompts_of, read_prompts_file
 from mmel.explainers.base import check_prompts
+from mmel.utils.placement import autocast, precision_key
 from mmel.utils.runs import announce, save_metrics
 from mmel.utils.task import task
 
@@ -68,6 +69,7 @@ def fingerprint(cfg: DictConfig, clip) -> dict[str, Any]:
         "resize": cfg.get("resize", "auto"),
         "max_side": cfg.get("max_side", DEFAULT_MAX_SIDE),
         "alpha": cfg.get("alpha", 0.5),
+        **({"precision": precision_key(cfg.get("precision"))} if precision_key(cfg.get("precision")) else {}),
     }
 
 
@@ -112,18 +114,19 @@ def run_folder(cfg: DictConfig, out: Path) -> tuple[dict, dict]:
         check_fingerprint(out, fp, task=TASK)
     else:
         write_fingerprint(out, fp, task=TASK)
-    summary = explain_folder(
-        entries,
-        prompts,
-        clip,
-        explainer,
-        out,
-        resize=cfg.get("resize", "auto"),
-        max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
-        batch_size=int(cfg.get("batch_size", 16)),
-        overlays=bool(cfg.get("overlays", True)),
-        alpha=cfg.get("alpha", 0.5),
-    )
+    with autocast(clip.device, cfg.get("precision", "fp32")):
+        summary = explain_folder(
+            entries,
+            prompts,
+            clip,
+            explainer,
+            out,
+            resize=cfg.get("resize", "auto"),
+            max_side=cfg.get("max_side", DEFAULT_MAX_SIDE),
+            batch_size=int(cfg.get("batch_size", 16)),
+            overlays=bool(cfg.get("overlays", True)),
+            alpha=cfg.get("alpha", 0.5),
+        )
     summary["images_source"] = str(images)
     save_metrics(summary, out, cfg=cfg)
     print(summary["summary"], flush=True)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmel.backbone import check_vit
+from mmel.explainers.memory import budget_bytes, chunk_size
 from mmel.explainers.vit import check_images, encode_text
 from mmel.utils.maps import minmax
 
@@ -117,6 +118,8 @@ class Explainer:
     name = "base"
     needs_grad = False
     set_dependent = False
+    #: bytes one explain_batch call may plan for (None: a share of the device's free memory)
+    memory_budget: int | None = None
 
     def __init__(self, clip) -> None:
         self.clip = clip
@@ -151,10 +154,24 @@ class Explainer:
 
         Map b equals ``self(images[b:b + 1], prompts[b])[0]`` (up to float rounding). Explainers with
         :meth:`raw_maps_text` do it in one forward of the B images and one batched VJP of K_max rows; others loop.
+        The batch is cut into chunks whose estimated memory fits :attr:`memory_budget` (bytes; None: half the
+        device's free memory, :mod:`mmel.explainers.memory`), so a large batch costs more calls, not a crash.
         """
         prompts = check_prompt_lists(prompts, len(images))
         if not self.batches_images():
             return [self(images[b : b + 1], ps)[0] for b, ps in enumerate(prompts)]
+        k_max = max(len(ps) for ps in prompts)
+        budget = budget_bytes(self.clip.device, self.memory_budget)
+        step = chunk_size(self.clip, self, tuple(images.shape[-2:]), k_max, len(images), budget)
+        if step < len(images):
+            out: list[Tensor] = []
+            for lo in range(0, len(images), step):
+                out += self._explain_chunk(images[lo : lo + step], prompts[lo : lo + step])
+            return out
+        return self._explain_chunk(images, prompts)
+
+    def _explain_chunk(self, images: Tensor, prompts: list[list[str]]) -> list[Tensor]:
+        """:meth:`explain_batch`'s batched path for one chunk (one forward, one batched VJP)."""
         images, _ = self._prepare(images, [p for ps in prompts for p in ps], grad=self.needs_grad)
         with torch.enable_grad() if self.needs_grad else torch.no_grad():
             text = self.ragged_text_features(prompts)  # [B, K_max, E], zero rows for padding

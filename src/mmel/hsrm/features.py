@@ -33,6 +33,7 @@ Only `resize: fixed` is cached (one input size per stage, so batches stack); kee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
@@ -48,7 +49,9 @@ from mmel.data.cache import FORMAT_VERSION, CachedFeatures, FeatureCache, cache_
 from mmel.data.cache import _ids_hash as cache_ids_hash
 from mmel.data.datamodules import StageLoaders, TransformedDataset
 from mmel.data.transforms import collate_boxes
+from mmel.explainers.memory import budget_bytes, chunk_size
 from mmel.hsrm.module import HSRMInputs, key_cosines, pack_cosines, unpack_cosines
+from mmel.utils.placement import place_clip, trainer_device
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,10 @@ class CachedFeatureDataModule(StageLoaders):
         scales: the HSRM's window sizes (the stored key cosines are per scale).
         dtype: storage dtype of the image quantities (``float16`` | ``float32`` | ``auto``).
         shard_size: images per shard file.
+        clip: the CLIP bundle ``evidence_fn`` runs (optional): ``setup`` moves it to the trainer's device (each DDP
+            rank's own) before building, since Lightning sets the data up before it moves the model.
+        loader: extra DataLoader settings of the cached loaders (``num_workers``, ``pin_memory``,
+            ``persistent_workers``).
     """
 
     def __init__(
@@ -214,8 +221,11 @@ class CachedFeatureDataModule(StageLoaders):
         scales: list[int] | tuple[int, ...] = (1, 2, 4),
         dtype: str = "auto",
         shard_size: int = 256,
+        clip: Any = None,
+        loader: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.clip, self.loader_kwargs = clip, dict(loader or {})
         if base.transform.mode != "fixed":
             raise ValueError(
                 "feature caching needs data.resize=fixed (one input size); use feature_cache.enabled=false"
@@ -290,8 +300,10 @@ class CachedFeatureDataModule(StageLoaders):
             return out
         per_pair: dict[str, list] = {f: [] for f in ("evidence", "text", "boxes")}
         image_rows: dict[int, dict[str, torch.Tensor]] = {}
-        for c in range(0, len(pairs), self.compute_batch_size):
-            chunk = pairs[c : c + self.compute_batch_size]
+        g0, j0 = pairs[0]
+        step = self._pairs_per_pass(tuple(groups[g0][j0]["image"].shape[-2:]))
+        for c in range(0, len(pairs), step):
+            chunk = pairs[c : c + step]
             batch = collate_boxes([groups[g][j] for g, j in chunk])
             with torch.enable_grad():
                 ev = self.evidence_fn(batch["images"], list(batch["prompt"]), layers=self.layers, paired=True)
@@ -332,6 +344,15 @@ class CachedFeatureDataModule(StageLoaders):
                 "box_counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64),
             }
         return out
+
+    def _pairs_per_pass(self, size: tuple[int, int]) -> int:
+        """``compute_batch_size``, lowered to what the memory budget of the CLIP's device holds (estimated before
+        allocating: :mod:`mmel.explainers.memory`; a pair is one image explained for one prompt)."""
+        explainer = getattr(self.evidence_fn, "__self__", None)
+        if self.clip is None or explainer is None or not hasattr(explainer, "memory_budget"):
+            return self.compute_batch_size
+        budget = budget_bytes(self.clip.device, explainer.memory_budget)
+        return chunk_size(self.clip, explainer, size, 1, self.compute_batch_size, budget)
 
     def _estimate(self, stage: str, n_images: int, n_pairs: int):
         """A size function for the cache build: measured on the first computed batch, split per image / pair."""
@@ -407,17 +428,28 @@ class CachedFeatureDataModule(StageLoaders):
 
     def setup(self, stage: str | None = None) -> None:
         rank, world_size, barrier = self._distributed()
-        for s in ("train", "val", "test"):
-            if self.base.splits.get(s) is not None and s not in self.features:
+        trainer = getattr(self, "trainer", None)
+        todo = [s for s in ("train", "val", "test") if self.base.splits.get(s) is not None and s not in self.features]
+        if not todo:
+            return
+        place_clip(self.clip, trainer_device(trainer))  # the build computes where the trainer trains
+        plugin = getattr(trainer, "precision_plugin", None)
+        context = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+        with context:  # the trainer's precision (bf16-mixed: autocast), as in online training
+            for s in todo:
                 self.features[s] = self._build(s, rank, world_size, barrier)
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        workers = int(self.loader_kwargs.get("num_workers", 0))
         return DataLoader(
             self.features[stage],
             batch_size=self.base.batch_size,
             shuffle=shuffle,
             collate_fn=collate_features,
             generator=torch.Generator().manual_seed(self.base.seed) if shuffle else None,
+            num_workers=workers,
+            pin_memory=bool(self.loader_kwargs.get("pin_memory", False)),
+            persistent_workers=workers > 0 and bool(self.loader_kwargs.get("persistent_workers", True)),
         )
 
 

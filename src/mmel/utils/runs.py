@@ -95,7 +95,7 @@ def run_device(cfg: DictConfig) -> str:
     trainer = cfg.get("trainer") or {}
     accel = str(trainer.get("accelerator", "") if hasattr(trainer, "get") else "")
     model = cfg.get("model") or {}
-    device = str(model.get("device", "cpu") if hasattr(model, "get") else "cpu")
+    device = str((model.get("device") if hasattr(model, "get") else None) or "cpu")
     if accel in ("gpu", "cuda") or (not accel and device.startswith("cuda")):
         return "cuda"
     if accel == "auto":
