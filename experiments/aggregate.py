@@ -1,10 +1,15 @@
 """Collect runs into a paper-style table: every `metrics.json` beside a `.hydra/config.yaml` under the given dirs.
 
     python experiments/aggregate.py logs/evaluate --rows explainer.name,explainer.mode --out table.md
+    python experiments/aggregate.py logs/evaluate --items items.parquet --by category   # + per-item records
 
 Each row is one run; columns are the chosen config keys (dotted paths into the resolved config) followed by the
 metrics (all numeric keys of metrics.json, or the ones named with --metrics). Runs missing a metric show "—",
-never a made-up number. Writes Markdown (``.md``) or CSV (``.csv``) by the output's suffix; prints Markdown.
+never a made-up number. A run that scored an HSRM on images it was trained on (``train_overlap`` in its
+metrics.json, ``allow_train_overlap=true``) has † in its run cell. Writes Markdown (``.md``) or CSV (``.csv``) by
+the output's suffix; prints Markdown. ``--items FILE.parquet`` also joins every evaluate run's per-item records
+(``items.parquet``, tagged with ``run`` and the row keys) into one parquet file through Hugging Face ``datasets``,
+reads it back and prints each run's per-item means (optionally per ``--by`` item column, e.g. ``category``).
 """
 
 from __future__ import annotations
@@ -82,13 +87,50 @@ def build_table(
         keys = list(metrics)
     header = [*rows, *keys, "run"]
     body = []
-    for (run, cfg, _), f in zip(loaded, flat, strict=True):
+    for (run, cfg, m), f in zip(loaded, flat, strict=True):
         cells = [str(lookup(cfg, r)) if lookup(cfg, r) is not None else "—" for r in rows]
         for k in keys:
             v = f.get(k)
             cells.append(f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v)))
-        cells.append(run.name)
+        shared = (m.get("train_overlap") or {}).get("images") if isinstance(m.get("train_overlap"), dict) else None
+        # a run that scored an HSRM on its own training images (allow_train_overlap=true) is marked
+        cells.append(f"{run.name} † train overlap: {shared} images" if shared else run.name)
         body.append(cells)
+    return header, body
+
+
+def items_dataset(runs: Sequence[Path], rows: Sequence[str] = DEFAULT_ROWS):
+    """Every evaluate run's per-item records (``items.parquet``, mmel.evaluation.items_table) as one
+    ``datasets.Dataset``, each row tagged with ``run`` and the run's ``rows`` config values."""
+    from mmel.evaluation.items_table import combine, read_run_items
+
+    tables, labels = [], []
+    for run in runs:
+        try:
+            table = read_run_items(run)
+        except FileNotFoundError:
+            continue  # a train run: no per-item records
+        cfg, _ = load_run(run)
+        tables.append(table)
+        labels.append({"run": run.name, **{r: str(lookup(cfg, r)) for r in rows}})
+    if not tables:
+        raise FileNotFoundError(f"no evaluate run with per-item records among {len(runs)} runs")
+    return combine(tables, labels)
+
+
+def item_means(items, by: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Mean of every numeric per-item metric column (``<metric>/<field>``; skipped items left out) per group of
+    ``by`` columns, with the item count: the runs' numbers recomputed from their records."""
+    df = items.to_pandas()
+    if "skip" in df:
+        df = df[df["skip"].isna()]
+    cols = [c for c in df.columns if "/" in c and not c.startswith("peak/") and df[c].dtype.kind in "bif"]
+    header = [*by, "items", *cols]
+    body = []
+    for key, group in df.groupby(list(by), sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        means = [group[c].astype(float).mean() for c in cols]
+        body.append([*map(str, key), str(len(group)), *("—" if v != v else f"{v:.4f}" for v in means)])
     return header, body
 
 
@@ -112,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated config keys")
     ap.add_argument("--metrics", default=None, help="comma-separated metric keys (default: all numeric)")
     ap.add_argument("--out", default=None, help="write the table here (.md or .csv)")
+    ap.add_argument("--items", default=None, help="also write every run's per-item records as one parquet table")
+    ap.add_argument("--by", default="", help="with --items: item columns to group the per-item means by, besides run")
     args = ap.parse_args(argv)
     runs = find_runs(args.roots)
     if not runs:
@@ -123,6 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.write_text(to_csv(header, body) if out.suffix == ".csv" else md)
+    if args.items:
+        import datasets
+
+        items_dataset(runs, args.rows.split(",")).to_parquet(args.items)
+        back = datasets.Dataset.from_parquet(args.items)  # read back: the table aggregated is the file written
+        print(f"per-item records of the runs -> {args.items} ({len(back)} rows)\n")
+        print(to_markdown(*item_means(back, ["run", *[b for b in args.by.split(",") if b]])))
     return 0
 
 

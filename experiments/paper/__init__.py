@@ -39,6 +39,7 @@ from .columns import (  # noqa: F401 - the runner's public names
     declared,
     item_getter,
     metric_table,
+    overlap_marks,
     per_item,
     significance,
 )
@@ -125,9 +126,8 @@ class Paper:
             overall = cell(runs, HIT)
             cells.append([overall] + [Cell(float(np.mean(by_type[t])) if by_type.get(t) else None) for t in types])
         cols = [Column("pointing game")] + [Column(f"PG: {t}") for t in types]
-        return Table(
-            "Table 3 — phrase localisation (Flickr30k Entities format), by phrase type", list(rows), cols, cells
-        )
+        labels, title = overlap_marks("Table 3 — phrase localisation (Flickr30k Entities format), by phrase type", rows)
+        return Table(title, labels, cols, cells)
 
     def ablation_table(self) -> Table:
         runs = {label: self._make(p) for label, p in self.plan_.ablations.items()}
@@ -162,7 +162,8 @@ class Paper:
         hib = (declared(every, t.output) or {}).get("higher_is_better")
         cells = [[cell(grid[v][label], t.output) for v in grid] for label in t.explainers]
         rows = {label: [run for v in grid for run in grid[v][label]] for label in t.explainers}
-        return Table(t.title, list(t.explainers), [Column(v, hib) for v in grid], cells), rows
+        labels, title = overlap_marks(t.title, rows)
+        return Table(title, labels, [Column(v, hib) for v in grid], cells), rows
 
     # ---------------------------------------------------------------------------------------- everything
     def build(self) -> Path:

@@ -92,13 +92,33 @@ def cell(runs: Sequence[Run], output: str) -> Cell:
     return Cell(m, std=s, low=low, high=high)
 
 
+OVERLAP_MARK = "†"
+
+
+def overlap_label(label: str, runs: Sequence[Run]) -> str:
+    """A row's label, marked when one of its runs scored an HSRM on images it was trained on
+    (``train_overlap`` in metrics.json, written under ``allow_train_overlap=true``: mmel.evaluation.overlap)."""
+    shared = max((int((r.metrics.get("train_overlap") or {}).get("images") or 0) for r in runs), default=0)
+    return f"{label} {OVERLAP_MARK}" if shared else label
+
+
+def overlap_marks(title: str, rows: dict[str, Sequence[Run]]) -> tuple[list[str], str]:
+    """Every table's row labels with :func:`overlap_label`'s mark, and its title saying what † means when used."""
+    labels = [overlap_label(label, runs) for label, runs in rows.items()]
+    if labels != list(rows):
+        title = f"{title} ({OVERLAP_MARK}: the HSRM was scored on images it was trained on)"
+    return labels, title
+
+
 def metric_table(title: str, rows: dict[str, Sequence[Run]], columns: dict[str, str]) -> Table:
-    """One row per label of ``rows``, one column per (label, output) of ``columns``."""
+    """One row per label of ``rows``, one column per (label, output) of ``columns``; a row scored on the HSRM's own
+    training images is marked † (and the title says what † means)."""
     every = [run for runs in rows.values() for run in runs]
     hib = {name: (declared(every, output) or {}).get("higher_is_better") for name, output in columns.items()}
+    labels, title = overlap_marks(title, rows)
     return Table(
         title,
-        list(rows),
+        labels,
         [Column(name, hib[name]) for name in columns],
         [[cell(runs, output) for output in columns.values()] for runs in rows.values()],
     )

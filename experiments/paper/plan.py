@@ -106,7 +106,9 @@ def make_plan(spec: PaperSpec, results: Path) -> Plan:
     variant_tables: dict[str, dict[str, dict[str, list[PlannedRun]]]] = {}
     for name, t in spec.tables.items():
         if t.variants:
-            variant_tables[name] = {v: rows(t.explainers, f"{slug(name)}/{slug(v)}", (*t.overrides, *over), t.limit)
+            # "+" spelled out: "refcoco+ val" and "refcoco val" are different folders
+            variant_tables[name] = {v: rows(t.explainers, f"{slug(name)}/{slug(v.replace('+', ' plus '))}",
+                                            (*t.overrides, *over), t.limit)
                                     for v, over in t.variants}  # fmt: skip
         else:
             tables[name] = of(t, slug(name))

@@ -34,6 +34,8 @@ from torchmetrics import Metric
 from mmel.data.datamodules import TransformedDataset
 from mmel.evaluation import figures
 from mmel.evaluation.engine import EvalModule, ItemsProgressBar, replay
+from mmel.evaluation.items_table import ITEMS_PARQUET, write_items_parquet
+from mmel.evaluation.overlap import train_overlap
 from mmel.evaluation.records import (
     ITEMS,
     RUN,
@@ -127,6 +129,8 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"evaluate: split {split!r} of data.root={cfg.data.get('root')} has no samples to score (after the "
             "skips logged above); check data.root and split=, or the subset / min_box_area settings of data="
         )
+    scored = dataset.records if limit is None else dataset.records[:limit]
+    overlap = train_overlap(cfg.explainer.get("checkpoint"), dataset, scored, bool(cfg.get("allow_train_overlap")))
     factory = instantiate(cfg.explainer)
     explainer = factory(clip=clip)
     metrics = build_metrics(cfg.metrics, clip)
@@ -180,6 +184,8 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     results: dict[str, Any] = {}
     if trainer.is_global_zero:
         results, metrics = _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, loggers, fp)
+        if overlap is not None:
+            results["train_overlap"] = overlap  # images / samples shared with the HSRM's training data
         results["seconds"] = _seconds(out, time.perf_counter() - t0)
         save_metrics(results, out, cfg=cfg)
         announce(out)
@@ -217,6 +223,7 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
         elif r.get("n_boxes_cropped_out"):
             skipped["loading/box_cropped_out"] += r["n_boxes_cropped_out"]
     per_category = figures.per_category(records, metrics)
+    items_table = write_items_parquet(records, out / ITEMS_PARQUET)  # the same records, flat (aggregate.py --items)
     results.update(
         {
             f"{split}/samples": len(scored),
@@ -226,6 +233,7 @@ def _finish(cfg, out, split, dataset, module, clip, explainer, datamodule, logge
             "skipped": dict(skipped),
             "per_category": per_category,
             "items": str(out / ITEMS),
+            "items_table": str(items_table),
             # prompts cut to the text tower's context: {prompt: {"kept": n, "total": m}} (tokens, start/end included)
             "truncated_prompts": truncated,
             "code": fp["code"],

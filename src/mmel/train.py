@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mmel.data.image_keys import image_keys
 from mmel.hsrm import save_hsrm
 from mmel.hsrm.features import CachedFeatureDataModule
 from mmel.utils.placement import check_model_device, precision_key
@@ -68,12 +69,23 @@ def run(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     if trainer.is_global_zero:
-        save_hsrm(out / "hsrm.pt", module.hsrm, module.hsrm_config())
+        save_hsrm(out / "hsrm.pt", module.hsrm, {**module.hsrm_config(), **trained_on(datamodule)})
         metrics["hsrm_checkpoint"] = str(out / "hsrm.pt")
         metrics["skipped"] = skip_counts(datamodule)
         save_metrics(metrics, out, cfg=cfg)
         announce(out)
     return metrics, {"clip": clip, "datamodule": datamodule, "module": module, "trainer": trainer}
+
+
+def trained_on(datamodule: Any) -> dict[str, Any]:
+    """``train_images``: the keys of the training split's images (mmel.data.image_keys), for the leakage guard
+    of evaluate (mmel.evaluation.overlap); empty when the data module has no indexed training split."""
+    base = getattr(datamodule, "base", datamodule)  # a feature-cache module wraps the box data module
+    try:
+        dataset = base.dataset("train")
+    except (AttributeError, ValueError):
+        return {}
+    return {"train_images": sorted(image_keys(dataset))}
 
 
 def skip_counts(datamodule: Any) -> dict[str, int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from mmel.data.shapes.refer import ReferImage, write_refer
 from mmel.data.shapes.world import (
     CATEGORIES,
     Scene,
@@ -37,7 +38,7 @@ from mmel.data.shapes.world import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 2  # bump when the files written for the same parameters change
+FORMAT_VERSION = 3  # bump when the files written for the same parameters change
 CAPTIONS_PER_IMAGE = 5  # like COCO and Flickr30k
 
 
@@ -102,6 +103,7 @@ def write_world(root: Path, params: dict) -> dict[str, str]:
         d.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     image_id, ann_id, cap_id, entity_id = 0, 0, 0, 0
+    refer: list[ReferImage] = []  # the train images, for the RefCOCO layouts (as RefCOCO's are COCO train images)
     for split in SPLITS:
         (coco / split).mkdir(exist_ok=True)
         images, instances, captions, ids = [], [], [], []
@@ -132,6 +134,12 @@ def write_world(root: Path, params: dict) -> dict[str, str]:
                         "iscrowd": 0,
                     }
                 )
+            if split == "train":
+                refer.append(
+                    ReferImage(
+                        image_id, jpeg, size, scene.objects, tuple(range(ann_id - len(entity_ids) + 1, ann_id + 1))
+                    )
+                )
             lines = []
             for named in _distinct_captions(rng, scene):
                 cap_id += 1
@@ -147,6 +155,7 @@ def write_world(root: Path, params: dict) -> dict[str, str]:
         _write(coco / "annotations" / f"captions_{split}.json", _dump_json(caps), files, root)
         _write(flickr / f"{split}.txt", "".join(f"{i}\n" for i in ids), files, root)
         log.info("shapes world: wrote %d %s images", len(ids), split)
+    write_refer(root, refer, lambda path, data: _write(path, data, files, root))
     return files
 
 
