@@ -297,3 +297,12 @@ def test_a_table_of_variants_has_a_column_per_variant_and_can_be_one_backbones(t
         PaperSpec.parse({**SPEC, "tables": {"x": {"explainers": ["MMEL"], "variants": {"v": []}}}})
     with pytest.raises(SpecError, match="backbones: \\['C'\\]"):
         PaperSpec.parse({**spec, "tables": {"splits": {**table, "backbones": ["C"]}}})
+
+
+def test_two_labels_that_share_a_folder_are_an_error_not_one_run(tmp_path):
+    from experiments.paper import make_plan
+
+    spec = {**SPEC, "tables": {"t": {"explainers": ["attention"], "output": "pointing_game/accuracy",
+                                     "variants": {"a b": ["split=val"], "a-b": ["split=test"]}}}}  # fmt: skip
+    with pytest.raises(ValueError, match="would share the folder"):
+        make_plan(PaperSpec.parse(spec), tmp_path).runs()

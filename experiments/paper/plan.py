@@ -51,6 +51,9 @@ class Plan:
             for runs in rows.values():
                 for run in runs:
                     seen.setdefault(run.out, run)
+                    if seen[run.out] != run:  # two labels that slug alike: never merge two runs into one folder
+                        raise ValueError(f"paper plan: `{seen[run.out].command}` and `{run.command}` would share "
+                                         f"the folder {run.out}; rename one of their labels")  # fmt: skip
         return list(seen.values())
 
 
