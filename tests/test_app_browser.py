@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.program,
     # gradio 6.31's queue calls pandas options that pandas 3 deprecates; not ours to fix
     pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),
     SKIP_NO_BROWSER,

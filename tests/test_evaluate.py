@@ -19,6 +19,8 @@ from mmel.explainers import build_explainer
 from mmel.explainers.base import Explainer
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 WORLD = {"n_train": 8, "n_val": 4, "n_test": 22}
 WORLD_KW = "{" + ",".join(f"{k}:{v}" for k, v in WORLD.items()) + "}"
 

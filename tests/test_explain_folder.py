@@ -20,6 +20,8 @@ from mmel.explain_folder import explain_folder, list_images, prompts_of, run
 from mmel.explainers import build_explainer
 from tests.test_configs import compose_cfg as _compose
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 PROMPTS = ["a red circle", "a blue square"]
 GOOD = ["a.png", "b_grey.png", "c_rgba.png", "sub/d.jpg", "sub/e_palette.png"]
 BROKEN = {"truncated.png": "corrupt_image", "text.jpg": "not_an_image", "empty.png": "not_an_image"}

@@ -14,6 +14,8 @@ import torch
 
 from tests.conftest import CONF_DIR, ROOT
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 SPLITS = "data.splits={train:train,val:val,test:test}"  # the shapes world's split names
 
 

@@ -18,6 +18,8 @@ import torch
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 WORLD = {"n_train": 16, "n_val": 8, "n_test": 8}
 WORLD_KW = "{" + ",".join(f"{k}:{v}" for k, v in WORLD.items()) + "}"
 TWO_NODES = ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"]

@@ -14,6 +14,8 @@ from experiments.paper import Paper, PaperSpec, load_spec, run_program
 from mmel.evaluate import build_metrics
 from mmel.metrics.protocol import outputs_of
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 N_ITEMS = 40
 
 

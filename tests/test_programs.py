@@ -16,6 +16,8 @@ from mmel.backbone import load_clip
 from mmel.explainers import build_explainer
 from tests.conftest import CONF_DIR
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 N_TEST = 24
 WORLD = {"n_train": 48, "n_val": 16, "n_test": N_TEST}
 

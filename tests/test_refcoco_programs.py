@@ -16,6 +16,8 @@ from omegaconf import OmegaConf, open_dict
 from mmel.evaluation.overlap import TrainOverlapError
 from tests.conftest import CONF_DIR
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 WORLD = {"n_train": 48, "n_val": 16, "n_test": 24}  # as tests/test_programs.py: one world per session
 LIMIT = 24
 

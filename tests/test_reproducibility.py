@@ -21,6 +21,8 @@ from mmel.data.order import EpochOrder, epoch_seed
 from tests.conftest import ROOT
 from tests.test_programs import WORLD, cfg_for
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 # 48 train images give 97 (image, category) samples: batches of 8 leave a tail of 1 (dropped: see mmel.data.order)
 TRAIN = ["trainer.max_epochs=3", "data.batch_size=8", "logger=csv"]
 

@@ -14,6 +14,8 @@ from mmel.utils import logs
 from mmel.utils.machine import KEY_FIELDS, machine, machine_fingerprint, machine_key, same_machine_kind
 from tests.test_programs import WORLD, cfg_for
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 # longer than the micro CLIP's 16-token context: every prompt of the run is cut
 LONG_TEMPLATE = "a photo of a {} lying on a wooden table in a sunny room next to an open window at noon."
 

@@ -24,6 +24,8 @@ from mmel.explainers import build_explainer
 from mmel.pretrain import tiny
 from mmel.pretrain.quality import grounding_report, load_held_out
 
+pytestmark = pytest.mark.program  # runs whole programs: `pytest -m "not program"` skips it
+
 N_EVAL = 500
 MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
