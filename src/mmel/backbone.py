@@ -31,13 +31,16 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+
+from mmel.families import attn_pool_problem, vit_problem
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# total stride of the CNN towers (ModifiedResNet, ConvNeXt): their inputs are multiples of it, like a ViT's patch
+CNN_STRIDE = 32
 # Keys that OpenAI's TorchScript archives carry next to the weights; open_clip's CLIP has no such entries.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -92,12 +95,14 @@ class ClipBundle:
     std: tuple[float, float, float] = field(default=open_clip.OPENAI_DATASET_STD)
 
     @property
-    def visual(self) -> VisionTransformer:
+    def visual(self) -> nn.Module:
         return self.model.visual
 
     @property
     def patch_size(self) -> int:
-        return _pair(self.model.visual.patch_size)[0]
+        """The ViT patch side; for a CNN tower (no patches) its total stride, 32: input sides must be multiples."""
+        patch = getattr(self.model.visual, "patch_size", None)
+        return _pair(patch)[0] if patch is not None else CNN_STRIDE
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -391,24 +396,27 @@ def load_clip(
     return bundle
 
 
-def check_vit(model: nn.Module) -> VisionTransformer:
-    """Return ``model.visual`` if it is the ViT the explainers' hooks are written for, else a clear error.
+def check_vit(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Return ``model.visual`` if it is the ViT the explainers' recomputation is written for, else a clear error.
 
-    The explainers read ``visual.transformer.resblocks[i].attn`` (an ``nn.MultiheadAttention`` with a packed
-    ``in_proj_weight``), ``ln_1``, ``class_embedding``, ``positional_embedding``, ``ln_post`` and ``proj``.
+    Recognised by what the tower holds (:func:`mmel.families.vit_problem`), not by class: ``conv1``,
+    ``class_embedding``, ``positional_embedding``, ``ln_pre``, ``ln_post``, ``proj`` and blocks with ``ln_1``, a
+    packed ``attn.in_proj_weight``, ``attn.out_proj``, ``ls_1``, ``ln_2``, ``mlp``, ``ls_2``; pooled at the CLS token.
+    ``name``: the model's name, for the message.
     """
     visual = getattr(model, "visual", None)
-    if not isinstance(visual, VisionTransformer):
-        kind = type(visual).__name__ if visual is not None else "no visual tower"
+    what = f"model {name!r}" if name else f"this {type(model).__name__}"
+    problem = vit_problem(visual)
+    if problem:
         raise TypeError(
-            f"This explainer needs a ViT CLIP (open_clip VisionTransformer); got {kind}. ResNet / timm / "
-            "ConvNeXt CLIPs are not supported: choose a ViT-* architecture."
+            f"{what} is not a ViT CLIP whose blocks mmel can recompute: {problem}. ViT-only explainers need "
+            "open_clip's native ViT layout (or an hf: CLIP, converted to it); for CNN towers (RN50, ConvNeXt) use "
+            "gradcam, m2ib or rise (docs/model_families.md)."
         )
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
-        raise TypeError("ViTs with attentional pooling (CoCa-style) are not supported: the CLS token must pool.")
-    for blk in visual.transformer.resblocks:
-        if not isinstance(blk, ResidualAttentionBlock) or not isinstance(blk.attn, nn.MultiheadAttention):
-            raise TypeError(f"Unsupported block type {type(blk).__name__} / attention {type(blk.attn).__name__}.")
-        if not blk.attn._qkv_same_embed_dim:
-            raise TypeError("Attention with separate q/k/v projections is not supported (packed in_proj needed).")
+    pool = attn_pool_problem(visual)
+    if pool:
+        raise TypeError(
+            f"{what}: {pool}, so the CLS token's attention does not make the embedding; ViT-only explainers "
+            "refuse it. rise works on any image tower (docs/model_families.md)."
+        )
     return visual
