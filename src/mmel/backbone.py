@@ -44,6 +44,11 @@ CNN_STRIDE = 32
 # Keys that OpenAI's TorchScript archives carry next to the weights; open_clip's CLIP has no such entries.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
+HF_PREFIX = "hf:"
+# Hugging Face config.model_type -> "module:function(source, *, device, precision) -> (model, preprocess, tokenizer,
+# mean, std)", imported on first use (another family's loader registers here the same way)
+HF_LOADERS: dict[str, str] = {"clip": "mmel.hf_clip:load"}
+
 _registered = False
 # (model name, prompt) of truncated prompts already logged by ClipBundle.tokenize (once each per process)
 _TOLD_TRUNCATED: set[tuple[str, str]] = set()
@@ -310,12 +315,15 @@ def load_clip(
     """Load a frozen open_clip model.
 
     Args:
-        name: open_clip architecture (``ViT-B-16-quickgelu``) or a project config (``mmel-tiny``).
+        name: open_clip architecture (``ViT-B-16-quickgelu``), a project config (``mmel-tiny``), or
+            ``hf:<hub id or local folder>`` — a Hugging Face model, converted (:func:`load_hf`).
         pretrained: None (random init), an open_clip tag, a project tag, or a path to a weight file.
         cache_dir: where tag downloads / project-built weights are kept (default :func:`default_cache_dir`).
         device: device to put the model on.
         precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
     """
+    if str(name).startswith(HF_PREFIX):
+        return load_hf(name, pretrained, device=device, precision=precision)
     register_model_configs()
     if name not in open_clip.list_models():
         raise _unknown_model_error(name)
@@ -393,6 +401,58 @@ def load_clip(
         else:
             source = f"open_clip tag '{tag}' (fingerprint {bundle.fingerprint})"
         log.info("CLIP %s: loaded weights from %s", name, source)
+    return bundle
+
+
+def load_hf(
+    name: str, pretrained: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", precision="fp32"
+) -> ClipBundle:
+    """``hf:<hub id or local folder>``: a Hugging Face model read by the loader registered for its ``model_type``
+    (``clip``: :mod:`mmel.hf_clip`, converted into open_clip's native CLIP). The weights come with the model:
+    ``pretrained`` must be None. ``HF_HUB_OFFLINE=1`` loads from the Hugging Face cache (``HF_HOME``) only."""
+    source = name[len(HF_PREFIX) :].strip()
+    if not source:
+        raise ValueError(
+            f"model name {name!r}: expected hf:<hub id or local folder>, e.g. hf:openai/clip-vit-base-patch16"
+        )
+    if pretrained is not None:
+        raise ValueError(
+            f"{name}: a Hugging Face model carries its weights; leave pretrained null (got {pretrained!r})"
+        )
+    folder = Path(source).expanduser()
+    # a hub id is "org/name"; a folder starts with / . ~ or has more parts (or exists)
+    is_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or folder.is_dir()
+    if is_path and not folder.is_dir():
+        raise FileNotFoundError(f"{name}: no such folder {folder} (expected a save_pretrained folder or a hub id)")
+    try:
+        from transformers import AutoConfig
+
+        from mmel.hf_clip import is_offline
+
+        where = str(folder) if folder.is_dir() else source
+        model_type = AutoConfig.from_pretrained(where, local_files_only=is_offline() or folder.is_dir()).model_type
+    except Exception as e:  # noqa: BLE001 — offline / missing files fail in many library-specific ways
+        raise RuntimeError(
+            f"Could not obtain the Hugging Face model '{source}' ({type(e).__name__}: {_first_line(e)}). "
+            "Offline? Save it on a machine with internet (CLIPModel/CLIPProcessor.save_pretrained(folder)) and pass "
+            "model.name=hf:/path/to/folder, or copy a filled Hugging Face cache here and set HF_HUB_OFFLINE=1 "
+            "(HF_HOME pointing at it). See data/README.md."
+        ) from e
+    if model_type not in HF_LOADERS:
+        raise ValueError(
+            f"{name}: a Hugging Face '{model_type}' model; mmel reads model types {sorted(HF_LOADERS)} "
+            "(docs/model_families.md)."
+        )
+    module, func = HF_LOADERS[model_type].split(":")
+    model, preprocess, tokenizer, mean, std = getattr(importlib.import_module(module), func)(
+        source if not folder.is_dir() else str(folder), device=device, precision=precision
+    )
+    model.requires_grad_(False)
+    model.eval()
+    bundle = ClipBundle(
+        model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, pretrained=None, mean=mean, std=std
+    )
+    log.info("CLIP %s: Hugging Face %s model converted (fingerprint %s)", name, model_type, bundle.fingerprint)
     return bundle
 
 
