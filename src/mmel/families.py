@@ -39,12 +39,13 @@ ANY_FAMILY = "*"
 @dataclass(frozen=True)
 class Family:
     """One model family: ``name`` (a constant above), ``label`` (for tables), ``tower`` (what its image tower is,
-    in the words an error message uses), ``detect(bundle_or_model) -> bool``."""
+    in the words an error message uses), ``detect(bundle_or_model) -> bool``, ``loadable``."""
 
     name: str
     label: str
     tower: str
     detect: Callable[[object], bool]
+    loadable: bool = True  # load_clip can produce it (False: recognised, but no loader yet; no matrix column)
 
 
 # ------------------------------------------------------------------------------------------- block detection
@@ -182,7 +183,7 @@ _FAMILIES: list[Family] = [
     Family(NATIVE_VIT, "native ViT", "open_clip's native ViT (CLS pooling)", _is_native_vit),
     Family(
         NATIVE_VIT_ATTN_POOL,
-        "native ViT, attention pool",
+        "native ViT, attention pool / not CLS-pooled",
         "an open_clip ViT that does not pool at the CLS token (attention pooler / other pool type)",
         lambda o: vit_problem(_visual(o)) is None and attn_pool_problem(_visual(o)) is not None,
     ),
@@ -209,6 +210,7 @@ _FAMILIES: list[Family] = [
         "HF SigLIP",
         "a Hugging Face SiglipModel",
         lambda o: type(_model(o)).__name__.startswith("Siglip"),
+        loadable=False,
     ),
 ]
 

@@ -153,8 +153,9 @@ class Explainer:
     set_dependent = False
     # the model families (mmel.families) this explainer runs on; ANY_FAMILY: every family with encode_image
     families: frozenset[str] = VIT_FAMILIES
-    # what it reads of the image tower, for the refusal on another family
+    # what it reads of the image tower: for the refusal on another family (reads) and the capability matrix (needs)
     reads = "the attention blocks and CLS token of a native ViT image tower"
+    needs = "native ViT blocks"
 
     def __init__(self, clip) -> None:
         self.clip = clip

@@ -39,6 +39,7 @@ class GradCAM(Explainer):
     needs_grad = True
     families = VIT_FAMILIES | CNN_FAMILIES
     reads = "the tokens entering a native ViT block, or the feature map of a CNN stage"
+    needs = "ViT blocks or CNN stages"
 
     def __init__(self, clip, layer: int = -1, variant: str = "native") -> None:
         super().__init__(clip)

@@ -52,6 +52,7 @@ class M2IB(Explainer):
     needs_grad = True
     families = VIT_FAMILIES | CNN_FAMILIES
     reads = "the tokens leaving a native ViT block, or the feature map of a CNN stage"
+    needs = "ViT blocks or CNN stages"
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class RISE(Explainer):
     name = "rise"
     families = frozenset({ANY_FAMILY})  # only encode_image / encode_text: every tower
     reads = "only encode_image"
+    needs = "encode_image"
 
     def __init__(
         self, clip, n_masks: int = 2000, cells: int = 8, p: float = 0.5, batch_size: int = 64, seed: int = 0
