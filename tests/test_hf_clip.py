@@ -30,7 +30,8 @@ def save_tokenizer(folder) -> None:
     st = SimpleTokenizer()
     rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     merges = sorted(st.bpe_ranks, key=st.bpe_ranks.get)
-    tok = transformers.CLIPTokenizer(vocab={rename.get(k, k): v for k, v in st.encoder.items()}, merges=merges, pad_token="!")
+    vocab = {rename.get(k, k): v for k, v in st.encoder.items()}
+    tok = transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!")
     tok.save_pretrained(folder)
 
 
@@ -96,8 +97,9 @@ def to_hf(native, context_length: int, act: str):
             a = f"{prefix}.encoder.layers.{i}."
             for p, w, b in zip("qkv", blk.attn.in_proj_weight.chunk(3), blk.attn.in_proj_bias.chunk(3), strict=True):
                 sd[a + f"self_attn.{p}_proj.weight"], sd[a + f"self_attn.{p}_proj.bias"] = w, b
-            for mod, name in ((blk.attn.out_proj, "self_attn.out_proj"), (blk.ln_1, "layer_norm1"),
-                              (blk.ln_2, "layer_norm2"), (blk.mlp.c_fc, "mlp.fc1"), (blk.mlp.c_proj, "mlp.fc2")):  # fmt: skip
+            pairs = {"self_attn.out_proj": blk.attn.out_proj, "layer_norm1": blk.ln_1, "layer_norm2": blk.ln_2,
+                     "mlp.fc1": blk.mlp.c_fc, "mlp.fc2": blk.mlp.c_proj}  # fmt: skip
+            for name, mod in pairs.items():
                 sd[a + f"{name}.weight"], sd[a + f"{name}.bias"] = mod.weight, mod.bias
     model = transformers.CLIPModel(config).eval()
     model.load_state_dict({k: x.detach().clone() for k, x in sd.items()}, strict=True)

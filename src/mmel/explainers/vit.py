@@ -254,6 +254,14 @@ def check_text_tower(model: nn.Module) -> None:
         )
 
 
+def _text_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the text blocks compute in: the first MLP's weight dtype (what open_clip's get_cast_dtype reads,
+    without relying on a block method of that name)."""
+    blk = model.transformer.resblocks[0]
+    fc = blk.mlp[0] if isinstance(blk.mlp, nn.Sequential) else next(iter(blk.mlp.parameters()))
+    return getattr(fc, "int8_original_dtype", None) or (fc.weight.dtype if hasattr(fc, "weight") else fc.dtype)
+
+
 def eos_positions(tokens: Tensor) -> Tensor:
     """[K] index of the EOS token (the highest token id in open_clip's tokenizers) per prompt."""
     return tokens.argmax(dim=-1)
@@ -280,7 +288,7 @@ def encode_text(model: nn.Module, tokens: Tensor) -> Tensor:
     eos = eos_positions(tokens)
     L = int(eos.max()) + 1
     with torch.no_grad():
-        dtype = model.transformer.get_cast_dtype()
+        dtype = _text_dtype(model)
         x = model.token_embedding(tokens[:, :L]).to(dtype) + model.positional_embedding[:L].to(dtype)
         x = model.transformer(x, attn_mask=model.attn_mask[:L, :L])
         return _text_head(model, x, eos)
@@ -297,7 +305,7 @@ def trace_text(model: nn.Module, tokens: Tensor, layers: Sequence[int], *, heads
     traced = set(layers)
     first = min(traced)
     mask = model.attn_mask
-    dtype = model.transformer.get_cast_dtype()
+    dtype = _text_dtype(model)
     x = model.token_embedding(tokens).to(dtype) + model.positional_embedding.to(dtype)
     with torch.no_grad():
         for blk in blocks[:first]:
