@@ -45,6 +45,7 @@ from mmel.data.base import DECODE_ERRORS, as_displayed
 from mmel.data.base import load_image as decode_image
 from mmel.data.transforms import BoxTransform, keep_size, normalize
 from mmel.explainers.base import check_prompts
+from mmel.families import vit_problem
 from mmel.metrics import ClipScorer
 from mmel.utils.runs import announce, save_metrics
 from mmel.utils.task import task
@@ -98,6 +99,10 @@ def estimate_bytes(clip, explainer, size: tuple[int, int], k: int, batch: int = 
     (H, W) and ``k`` prompts: the traced blocks keep attention logits and weights [B, heads, T, T] (and the batched
     backward one more per prompt), every block keeps a few activations [B, T, width] per pass."""
     visual = clip.model.visual
+    if vit_problem(visual):
+        # a CNN / timm tower (docs/model_families.md): no token count to square; a generous bound of ~2000 float
+        # activations per input pixel per pass, one pass per prompt plus two
+        return int(4 * batch * size[0] * size[1] * 2000 * (2 + k))
     blocks = visual.transformer.resblocks
     depth, heads, width = len(blocks), blocks[0].attn.num_heads, visual.transformer.width
     t = (size[0] // clip.patch_size) * (size[1] // clip.patch_size) + 1
