@@ -76,3 +76,37 @@ def build(family: str) -> ClipBundle:
 
 # cheap settings: a map in well under a second on the small models
 CHEAP = {"rise": dict(n_masks=8, batch_size=8), "m2ib": dict(steps=1, samples=2)}
+
+
+def build_full(family: str) -> ClipBundle:
+    """The full-size model of ``family`` at 224 px, random weights: ViT-B/16, its Hugging Face twin, RN50,
+    ConvNeXt-Base, a timm ViT-B/16."""
+    from mmel.backbone import load_clip
+
+    torch.manual_seed(0)
+    if family == NATIVE_VIT:
+        return load_clip("ViT-B-16-quickgelu")
+    if family == MODIFIED_RESNET:
+        return load_clip("RN50-quickgelu")
+    if family == TIMM_CNN:
+        return load_clip("convnext_base")
+    text = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
+    if family == TIMM_VIT:
+        cfg = dict(timm_model_name="vit_base_patch16_224", timm_model_pretrained=False, timm_pool="token",
+                   timm_proj="linear", image_size=224)  # fmt: skip
+        return bundle(CLIP(512, vision_cfg=cfg, text_cfg=text, quick_gelu=True), "timm-vitb16", 77)
+    if family == HF_CLIP:
+        import transformers
+
+        from mmel.hf_clip import convert
+
+        config = transformers.CLIPConfig(
+            vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                               patch_size=16, image_size=224, hidden_act="quick_gelu"),
+            text_config=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048,
+                             max_position_embeddings=77, vocab_size=49408, eos_token_id=49407,
+                             hidden_act="quick_gelu"),
+            projection_dim=512,
+        )  # fmt: skip
+        return bundle(convert(transformers.CLIPModel(config)), "hf:vitb16-random", 77)
+    raise ValueError(f"no full-size model for family {family!r}")

@@ -26,7 +26,7 @@ from mmel.families import (
     classify,
     family,
 )
-from tests._families import CHEAP, SIZE, build
+from tests._families import CHEAP, SIZE, build, build_full
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a blue square"]
@@ -211,4 +211,27 @@ def test_matrix_cell(models, name, fam):
     size = SIZE[fam]
     maps = build_explainer(name, clip, **CHEAP.get(name, {}))(_images(size), PROMPTS)
     assert maps.shape == (2, 2, size, size)
+    assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+
+
+FULL = [NATIVE_VIT, HF_CLIP, MODIFIED_RESNET, TIMM_CNN, TIMM_VIT]
+FULL_CELLS = [(n, f) for f in FULL for n, row in matrix().items() if row[f] is None]  # grouped by family
+
+
+@pytest.fixture(scope="module")
+def full_models():
+    return {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "fam"), FULL_CELLS, ids=[f"{n}-{f}" for n, f in FULL_CELLS])
+def test_matrix_cell_full_size(full_models, name, fam):
+    """Every ✓ cell at full size (ViT-B/16, its Hugging Face twin, RN50, ConvNeXt-Base, timm ViT-B/16; 224 px)."""
+    if fam not in full_models:
+        full_models.clear()  # one full-size model in memory at a time (the cells are grouped by family)
+        full_models[fam] = build_full(fam)
+    clip = full_models[fam]
+    assert classify(clip) == fam
+    maps = build_explainer(name, clip, **CHEAP.get(name, {}))(_images(224, 1), PROMPTS)
+    assert maps.shape == (1, 2, 224, 224)
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
