@@ -235,3 +235,20 @@ def test_matrix_cell_full_size(full_models, name, fam):
     maps = build_explainer(name, clip, **CHEAP.get(name, {}))(_images(224, 1), PROMPTS)
     assert maps.shape == (1, 2, 224, 224)
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+
+
+@pytest.mark.parametrize("fam", [MODIFIED_RESNET, TIMM_CNN])
+def test_model_randomisation_covers_cnn_towers(models, fam):
+    """The model-randomisation sanity check has layer groups for CNN towers: head, stages top-down, stem; each
+    group's parameters are all redrawn in its step."""
+    from mmel.metrics.sanity import randomised_copies, vision_layers
+
+    clip = models[fam]
+    names = [n for n, _ in vision_layers(clip.model.visual)]
+    assert names == ["head", "stage 3", "stage 2", "stage 1", "stage 0", "embed"]
+    covered = {id(p) for _, g in vision_layers(clip.model.visual) for m in g for p in m.parameters()}
+    assert covered == {id(p) for p in clip.model.visual.parameters()}
+    steps = list(randomised_copies(clip, mode="independent"))
+    before = dict(clip.model.visual.named_parameters())
+    changed = [n for n, p in steps[1][1].model.visual.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(".3." in n or "layer4" in n or "stages.3" in n for n in changed), changed[:5]
