@@ -105,8 +105,12 @@ class ClipBundle:
 
     @property
     def patch_size(self) -> int:
-        """The ViT patch side; for a CNN tower (no patches) its total stride, 32: input sides must be multiples."""
-        patch = getattr(self.model.visual, "patch_size", None)
+        """The ViT patch side (a timm trunk's too); for a CNN tower (no patches) its total stride, 32: input sides
+        must be multiples of it."""
+        visual = self.model.visual
+        patch = getattr(visual, "patch_size", None)
+        if patch is None:  # a timm ViT trunk keeps it in its patch embedding
+            patch = getattr(getattr(getattr(visual, "trunk", None), "patch_embed", None), "patch_size", None)
         return _pair(patch)[0] if patch is not None else CNN_STRIDE
 
     @property
