@@ -92,12 +92,11 @@ class M2IB(Explainer):
             x = blk(x)
         return x, grid
 
-    def _head(self, x: Tensor) -> Tensor:
-        """Blocks above the bottleneck, then the CLS embedding: [N, T, C] -> [N, E]."""
+    def _head(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Blocks (CNN: stages) above the bottleneck, then the embedding: [N, T, C] -> [N, E]."""
         if self.family in CNN_FAMILIES:
-            h, w = self._grid
             back = split_tower(self.visual, self.family, self.layer)[1]
-            return back(x.transpose(1, 2).unflatten(-1, (h, w)))
+            return back(x.transpose(1, 2).unflatten(-1, grid))
         for blk in self.visual.transformer.resblocks[self.layer + 1 :]:
             x = blk(x)
         pooled = self.visual.ln_post(x[:, 0])
@@ -107,7 +106,6 @@ class M2IB(Explainer):
         text = F.normalize(self.text_features(prompts), dim=-1)  # [K, E]
         with torch.no_grad():
             x, grid = self._front(images)
-        self._grid = grid
         B, T, C = x.shape
         K, S = text.shape[0], self.samples
         h = x.float()[:, None].expand(B, K, T, C)  # the block's output as it is (the authors never rescale it)
@@ -122,7 +120,7 @@ class M2IB(Explainer):
             capacity = -0.5 * (1 + torch.log(var) - mu**2 - var)  # [B, K, T, C]
             eps = torch.randn((S, T, C), generator=gen).to(x.device)  # the same draws for every (image, prompt)
             z = mu[:, :, None] + (1 - lam)[:, :, None] * eps
-            emb = self._head(z.to(x.dtype).reshape(B * K * S, T, C)).view(B, K, S, -1)
+            emb = self._head(z.to(x.dtype).reshape(B * K * S, T, C), grid).view(B, K, S, -1)
             fit = (F.normalize(emb.float(), dim=-1) * text[None, :, None]).sum(-1).mean(-1)  # [B, K]
             # per (image, prompt): beta * mean capacity - mean fit (iba.py's calc_loss); summed over (image,
             # prompt), so each alpha sees its own loss only
