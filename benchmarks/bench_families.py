@@ -11,10 +11,10 @@ Methods: every one of ``grad_eclip``, ``gradcam``, ``m2ib``, ``rise`` that the f
 matrix), with M2IB at 2 steps x 2 samples and RISE at 32 masks so that the whole run stays within minutes on two
 cores (their cost scales linearly in steps x samples and in masks: the defaults, 10 x 10 and 2000, cost ~25 x and
 ~60 x these). 1 image x 2 prompts per call; the median of ``--rounds`` timed calls after one warm-up, every
-explainer of a family timed in the same rounds (round-robin). Every map is checked (finite, in [0, 1], [B, K, H, W]):
+(family, method) timed in the same rounds (round-robin). Every map is checked (finite, in [0, 1], [B, K, H, W]):
 exit status 1 when one is not; no speed target.
 
-    python benchmarks/bench_families.py            # all families (~3 min on 2 cores)
+    python benchmarks/bench_families.py            # 3 rounds (37 min measured on 2 cores at load 11)
     python benchmarks/bench_families.py --quick    # 1 round
 """
 
@@ -87,28 +87,37 @@ def load(family: str):
     return timm_vitb16()
 
 
-def measure(family: str, rounds: int) -> dict:
+def measure(rounds: int) -> list[dict]:
+    """Every (family, method) the matrix allows, timed round-robin in the same rounds (machine load hits all alike);
+    all models stay in memory (~2.5 GB in float32)."""
     from mmel.explainers import build_explainer, explainer_class
     from mmel.explainers.base import supports
     from mmel.families import classify
 
-    clip = load(family)
-    fam = classify(clip)
     images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    explainers = {n: build_explainer(n, clip, **o) for n, o in METHODS.items() if supports(explainer_class(n), fam)}
-    bad = []
-    for n, e in explainers.items():  # warm-up, and the maps' contract
-        m = e(images, PROMPTS)
-        if m.shape != (1, len(PROMPTS), 224, 224) or not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-            bad.append(f"{family}/{n}: maps {tuple(m.shape)}, range [{m.min():.3g}, {m.max():.3g}]")
-    times: dict[str, list[float]] = {n: [] for n in explainers}
+    calls, results = {}, {}
+    for family in FAMILIES:
+        clip = load(family)
+        fam = classify(clip)
+        results[family] = {"family": family, "classified": fam, "ms_per_map": {}, "bad": []}
+        for n, o in METHODS.items():
+            if supports(explainer_class(n), fam):
+                e = build_explainer(n, clip, **o)
+                m = e(images, PROMPTS)  # warm-up, and the maps' contract
+                if m.shape != (1, len(PROMPTS), 224, 224) or not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+                    results[family]["bad"].append(
+                        f"{family}/{n}: maps {tuple(m.shape)}, [{m.min():.3g}, {m.max():.3g}]"
+                    )
+                calls[(family, n)] = e
+    times: dict[tuple, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
-        for n, e in explainers.items():
+        for k, e in calls.items():
             t0 = time.perf_counter()
             e(images, PROMPTS)
-            times[n].append(time.perf_counter() - t0)
-    ms = {n: 1000 * statistics.median(t) / len(PROMPTS) for n, t in times.items()}
-    return {"family": family, "classified": fam, "ms_per_map": ms, "bad": bad}
+            times[k].append(time.perf_counter() - t0)
+    for (family, n), t in times.items():
+        results[family]["ms_per_map"][n] = 1000 * statistics.median(t) / len(PROMPTS)
+    return [results[f] for f in FAMILIES]
 
 
 def main() -> int:
@@ -118,7 +127,7 @@ def main() -> int:
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="No pretrained weights")
     torch.set_num_threads(2)
-    results = [measure(f, 1 if args.quick else args.rounds) for f in FAMILIES]
+    results = measure(1 if args.quick else args.rounds)
     base = results[0]["ms_per_map"]
     print(f"== ms per map at 224 px, 1 image x {len(PROMPTS)} prompts (ratio to native ViT-B/16, same method)")
     print(f"{'family':>18} | " + " | ".join(f"{n:>18}" for n in METHODS))
