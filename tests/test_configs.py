@@ -87,6 +87,17 @@ def test_every_option_composes_and_instantiates(primary, group, option, tmp_path
 
         if not torch.cuda.is_available():
             pytest.skip("trainer=gpu composes (checked above); instantiating it needs a CUDA device")
+    if group == "model" and str(cfg.model.name).startswith("hf:"):
+        # a Hugging Face model brings its weights: with none here (an empty HF_HOME, offline) the load fails clearly
+        import os
+        from unittest import mock
+
+        from hydra.errors import InstantiationException
+
+        env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+        with mock.patch.dict(os.environ, env), pytest.raises(InstantiationException, match="Could not obtain the Hug"):
+            instantiate(cfg.model)
+        return
     if group == "model":
         with open_dict(cfg):
             cfg.model.pretrained = None  # real weights are not downloadable in tests

@@ -31,15 +31,23 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+
+from mmel.families import attn_pool_problem, vit_problem
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# total stride of the CNN towers (ModifiedResNet, ConvNeXt): their inputs are multiples of it, like a ViT's patch
+CNN_STRIDE = 32
 # Keys that OpenAI's TorchScript archives carry next to the weights; open_clip's CLIP has no such entries.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+HF_PREFIX = "hf:"
+# Hugging Face config.model_type -> "module:function(source, *, device, precision) -> (model, preprocess, tokenizer,
+# mean, std)", imported on first use (another family's loader registers here the same way)
+HF_LOADERS: dict[str, str] = {"clip": "mmel.hf_clip:load"}
 
 _registered = False
 # (model name, prompt) of truncated prompts already logged by ClipBundle.tokenize (once each per process)
@@ -92,12 +100,18 @@ class ClipBundle:
     std: tuple[float, float, float] = field(default=open_clip.OPENAI_DATASET_STD)
 
     @property
-    def visual(self) -> VisionTransformer:
+    def visual(self) -> nn.Module:
         return self.model.visual
 
     @property
     def patch_size(self) -> int:
-        return _pair(self.model.visual.patch_size)[0]
+        """The ViT patch side (a timm trunk's too); for a CNN tower (no patches) its total stride, 32: input sides
+        must be multiples of it."""
+        visual = self.model.visual
+        patch = getattr(visual, "patch_size", None)
+        if patch is None:  # a timm ViT trunk keeps it in its patch embedding
+            patch = getattr(getattr(getattr(visual, "trunk", None), "patch_embed", None), "patch_size", None)
+        return _pair(patch)[0] if patch is not None else CNN_STRIDE
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -305,13 +319,16 @@ def load_clip(
     """Load a frozen open_clip model.
 
     Args:
-        name: open_clip architecture (``ViT-B-16-quickgelu``) or a project config (``mmel-tiny``).
+        name: open_clip architecture (``ViT-B-16-quickgelu``), a project config (``mmel-tiny``), or
+            ``hf:<hub id or local folder>`` — a Hugging Face model, converted (:func:`load_hf`).
         pretrained: None (random init), an open_clip tag, a project tag, or a path to a weight file.
         cache_dir: where tag downloads / project-built weights are kept (default :func:`default_cache_dir`).
         device: device to put the model on (None: the CPU; the programs' trainer then moves it,
             :mod:`mmel.utils.placement`).
         precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
     """
+    if str(name).startswith(HF_PREFIX):
+        return load_hf(name, pretrained, device=device, precision=precision)
     register_model_configs()
     device = "cpu" if device is None else device
     if name not in open_clip.list_models():
@@ -393,24 +410,79 @@ def load_clip(
     return bundle
 
 
-def check_vit(model: nn.Module) -> VisionTransformer:
-    """Return ``model.visual`` if it is the ViT the explainers' hooks are written for, else a clear error.
+def load_hf(
+    name: str, pretrained: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", precision="fp32"
+) -> ClipBundle:
+    """``hf:<hub id or local folder>``: a Hugging Face model read by the loader registered for its ``model_type``
+    (``clip``: :mod:`mmel.hf_clip`, converted into open_clip's native CLIP). The weights come with the model:
+    ``pretrained`` must be None. ``HF_HUB_OFFLINE=1`` loads from the Hugging Face cache (``HF_HOME``) only."""
+    source = name[len(HF_PREFIX) :].strip()
+    if not source:
+        raise ValueError(
+            f"model name {name!r}: expected hf:<hub id or local folder>, e.g. hf:openai/clip-vit-base-patch16"
+        )
+    if pretrained is not None:
+        raise ValueError(
+            f"{name}: a Hugging Face model carries its weights; leave pretrained null (got {pretrained!r})"
+        )
+    folder = Path(source).expanduser()
+    # a hub id is "org/name"; a folder starts with / . ~ or has more parts (or exists)
+    is_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or folder.is_dir()
+    if is_path and not folder.is_dir():
+        raise FileNotFoundError(f"{name}: no such folder {folder} (expected a save_pretrained folder or a hub id)")
+    try:
+        from transformers import AutoConfig
 
-    The explainers read ``visual.transformer.resblocks[i].attn`` (an ``nn.MultiheadAttention`` with a packed
-    ``in_proj_weight``), ``ln_1``, ``class_embedding``, ``positional_embedding``, ``ln_post`` and ``proj``.
+        from mmel.hf_clip import is_offline
+
+        where = str(folder) if folder.is_dir() else source
+        model_type = AutoConfig.from_pretrained(where, local_files_only=is_offline() or folder.is_dir()).model_type
+    except Exception as e:  # noqa: BLE001 — offline / missing files fail in many library-specific ways
+        raise RuntimeError(
+            f"Could not obtain the Hugging Face model '{source}' ({type(e).__name__}: {_first_line(e)}). "
+            "Offline? Save it on a machine with internet (CLIPModel/CLIPProcessor.save_pretrained(folder)) and pass "
+            "model.name=hf:/path/to/folder, or copy a filled Hugging Face cache here and set HF_HUB_OFFLINE=1 "
+            "(HF_HOME pointing at it). See data/README.md."
+        ) from e
+    if model_type not in HF_LOADERS:
+        raise ValueError(
+            f"{name}: a Hugging Face '{model_type}' model; mmel reads model types {sorted(HF_LOADERS)} "
+            "(docs/model_families.md)."
+        )
+    module, func = HF_LOADERS[model_type].split(":")
+    model, preprocess, tokenizer, mean, std = getattr(importlib.import_module(module), func)(
+        source if not folder.is_dir() else str(folder), device=device, precision=precision
+    )
+    model.requires_grad_(False)
+    model.eval()
+    bundle = ClipBundle(
+        model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, pretrained=None, mean=mean, std=std
+    )
+    log.info("CLIP %s: Hugging Face %s model converted (fingerprint %s)", name, model_type, bundle.fingerprint)
+    return bundle
+
+
+def check_vit(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Return ``model.visual`` if it is the ViT the explainers' recomputation is written for, else a clear error.
+
+    Recognised by what the tower holds (:func:`mmel.families.vit_problem`), not by class: ``conv1``,
+    ``class_embedding``, ``positional_embedding``, ``ln_pre``, ``ln_post``, ``proj`` and blocks with ``ln_1``, a
+    packed ``attn.in_proj_weight``, ``attn.out_proj``, ``ls_1``, ``ln_2``, ``mlp``, ``ls_2``; pooled at the CLS token.
+    ``name``: the model's name, for the message.
     """
     visual = getattr(model, "visual", None)
-    if not isinstance(visual, VisionTransformer):
-        kind = type(visual).__name__ if visual is not None else "no visual tower"
+    what = f"model {name!r}" if name else f"this {type(model).__name__}"
+    problem = vit_problem(visual)
+    if problem:
         raise TypeError(
-            f"This explainer needs a ViT CLIP (open_clip VisionTransformer); got {kind}. ResNet / timm / "
-            "ConvNeXt CLIPs are not supported: choose a ViT-* architecture."
+            f"{what} is not a ViT CLIP whose blocks mmel can recompute: {problem}. ViT-only explainers need "
+            "open_clip's native ViT layout (or an hf: CLIP, converted to it); for CNN towers (RN50, ConvNeXt) use "
+            "gradcam, m2ib or rise (docs/model_families.md)."
         )
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
-        raise TypeError("ViTs with attentional pooling (CoCa-style) are not supported: the CLS token must pool.")
-    for blk in visual.transformer.resblocks:
-        if not isinstance(blk, ResidualAttentionBlock) or not isinstance(blk.attn, nn.MultiheadAttention):
-            raise TypeError(f"Unsupported block type {type(blk).__name__} / attention {type(blk.attn).__name__}.")
-        if not blk.attn._qkv_same_embed_dim:
-            raise TypeError("Attention with separate q/k/v projections is not supported (packed in_proj needed).")
+    pool = attn_pool_problem(visual)
+    if pool:
+        raise TypeError(
+            f"{what}: {pool}, so the CLS token's attention does not make the embedding; ViT-only explainers "
+            "refuse it. rise works on any image tower (docs/model_families.md)."
+        )
     return visual

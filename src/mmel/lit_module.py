@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmel.backbone import ClipBundle
+from mmel.backbone import ClipBundle, check_vit
 from mmel.data.transforms import box_masks
 from mmel.explainers import build_explainer
 from mmel.explainers.base import to_image_maps
@@ -66,7 +66,8 @@ class HSRMLitModule(pl.LightningModule):
         pointing_tolerance: float = 15.0,
     ) -> None:
         super().__init__()
-        depth = len(clip.model.visual.transformer.resblocks)
+        # the HSRM reads Grad-ECLIP evidence of native ViT blocks: a CNN / timm tower is refused here, by name
+        depth = len(check_vit(clip.model, getattr(clip, "name", None)).transformer.resblocks)
         self.layers = hsrm_layers(layers, depth)
         self.save_hyperparameters(
             {

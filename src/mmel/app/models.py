@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmel.app.inputs import InputError
-from mmel.backbone import is_project_tag, looks_like_path
+from mmel.backbone import HF_PREFIX, is_project_tag, looks_like_path
 from mmel.locations import config_dir, work_root
 
 CHECKPOINT_SEP = " @ "  # an explainer choice "mmel @ logs/.../hsrm.pt" carries its checkpoint path
@@ -78,6 +78,8 @@ def missing_weights(spec: BackboneSpec, weights: str | None = None) -> str | Non
     Checked before loading because open_clip's download of a missing tag retries for about a minute offline.
     ``weights``: a local file replacing the config's ``pretrained``.
     """
+    if spec.name.startswith(HF_PREFIX):
+        return _hf_missing(spec, weights)
     tag = weights or spec.pretrained
     if tag is None or is_project_tag(spec.name, tag):
         return None  # random init, or a project tag whose resolver finds (or builds) the file
@@ -88,6 +90,31 @@ def missing_weights(spec: BackboneSpec, weights: str | None = None) -> str | Non
     return (
         f"Backbone {spec.key}: the weights '{tag}' of {spec.name} are not on this machine. Give the path of a local "
         "weight file (.safetensors/.pt/.bin) in 'weights file', or fill the cache (see data/README.md)."
+    )
+
+
+def hf_source(spec: BackboneSpec, weights: str | None = None) -> str:
+    """The ``hf:`` name to load for a Hugging Face backbone: a folder typed in 'weights file' replaces the
+    config's hub id / folder (its weights come with the model)."""
+    return f"{HF_PREFIX}{weights}" if weights else spec.name
+
+
+def _hf_missing(spec: BackboneSpec, weights: str | None) -> str | None:
+    """Why a Hugging Face backbone cannot be loaded offline, or None (a local folder, or a hub id whose config is
+    in the Hugging Face cache)."""
+    source = hf_source(spec, weights)[len(HF_PREFIX) :]
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return None
+    if weights or source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        return f"Backbone {spec.key}: no such Hugging Face model folder: {source}"
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return None
+    return (
+        f"Backbone {spec.key}: the Hugging Face model '{source}' is not in this machine's Hugging Face cache. Give "
+        "the path of a save_pretrained folder in 'weights file', or fill the cache (see data/README.md)."
     )
 
 
@@ -162,6 +189,8 @@ class ModelCache:
             from mmel.backbone import load_clip
 
             try:
+                if spec.name.startswith(HF_PREFIX):  # the model brings its weights (a folder replaces it)
+                    return load_clip(hf_source(spec, weights), None, device=spec.device, precision=spec.precision)
                 return load_clip(
                     spec.name,
                     weights or spec.pretrained,
@@ -188,7 +217,10 @@ class ModelCache:
 
         def build():
             if checkpoint is None:
-                return build_explainer(name, clip)
+                try:
+                    return build_explainer(name, clip)
+                except TypeError as e:  # a method that does not run on this model family: the message says which do
+                    raise InputError(f"Explainer: {e}") from e
             try:
                 return build_explainer(name, clip, checkpoint=checkpoint)
             except (FileNotFoundError, ValueError) as e:  # unknown path, unreadable file, other backbone

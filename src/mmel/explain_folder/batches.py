@@ -228,15 +228,19 @@ class _PooledFeatures:
         self.visual, self.outs = visual, []
 
     def __enter__(self) -> _PooledFeatures:
-        self._hook = self.visual.ln_post.register_forward_hook(lambda m, i, out: self.outs.append(out.detach()))
+        ln_post = getattr(self.visual, "ln_post", None)  # CNN / timm towers have none: features() is then None
+        self._hook = (
+            ln_post.register_forward_hook(lambda m, i, out: self.outs.append(out.detach())) if ln_post else None
+        )
         return self
 
     def __exit__(self, *exc) -> None:
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
 
     def features(self, batch: int) -> torch.Tensor | None:
         """[B, E] when exactly one forward of ``batch`` images ran (RISE, say, runs many: None)."""
-        if len(self.outs) != 1 or self.outs[0].dim() != 2 or self.outs[0].shape[0] != batch:
+        if self._hook is None or len(self.outs) != 1 or self.outs[0].dim() != 2 or self.outs[0].shape[0] != batch:
             return None
         proj = self.visual.proj
         return self.outs[0] @ proj if proj is not None else self.outs[0]

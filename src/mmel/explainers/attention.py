@@ -19,6 +19,7 @@ from torch import Tensor
 from mmel.explainers import register
 from mmel.explainers.base import Explainer
 from mmel.explainers.vit import resolve_layers, trace_image
+from mmel.families import VIT_FAMILIES
 
 VARIANTS = ("native", "grad_eclip_paper")
 
@@ -36,6 +37,7 @@ class CLSAttention(Explainer):
     heads (``variant="native"``) or of the block recomputed with one full-width head (``"grad_eclip_paper"``)."""
 
     name = "attention"
+    families = VIT_FAMILIES
 
     def __init__(self, clip, layer: int = -1, variant: str = "native") -> None:
         super().__init__(clip)
@@ -58,6 +60,7 @@ class AttentionRollout(Explainer):
     """Attention rollout from block ``start_layer`` to the last: R = Π_l norm(mean_h A_l + I); map = R[CLS, patches]."""
 
     name = "rollout"
+    families = VIT_FAMILIES
 
     def __init__(self, clip, start_layer: int = 0) -> None:
         super().__init__(clip)

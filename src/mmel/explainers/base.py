@@ -25,6 +25,7 @@ from torch import Tensor
 from mmel.backbone import check_vit
 from mmel.explainers.memory import budget_bytes, chunk_size
 from mmel.explainers.vit import check_images, encode_text
+from mmel.families import ANY_FAMILY, MODIFIED_RESNET, VIT_FAMILIES, classify, family
 from mmel.utils.maps import minmax
 
 
@@ -101,6 +102,39 @@ def _defining_class(cls: type, attr: str) -> type | None:
     return next((c for c in cls.__mro__ if attr in c.__dict__), None)
 
 
+def supports(cls: type, family_name: str) -> bool:
+    """Whether explainer class ``cls`` declares ``family_name`` (or every family) in its ``families``."""
+    return ANY_FAMILY in cls.families or family_name in cls.families
+
+
+def methods_for(family_name: str) -> list[str]:
+    """The registered explainer names that support ``family_name``."""
+    from mmel.explainers import available, explainer_class
+
+    return [n for n in available() if supports(explainer_class(n), family_name)]
+
+
+def refusal(cls: type, family_name: str) -> str | None:
+    """Why explainer class ``cls`` refuses models of ``family_name`` (None when it supports them)."""
+    if supports(cls, family_name):
+        return None
+    return f"it reads {cls.reads}; the image tower is {family(family_name).tower}"
+
+
+def check_family(cls: type, clip) -> str:
+    """The family of ``clip`` (:func:`mmel.families.classify`), or a TypeError naming the model, the family, the
+    reason and the methods that do work on it."""
+    fam = classify(clip)
+    why = refusal(cls, fam)
+    if why is not None:
+        raise TypeError(
+            f"explainer {cls.name!r} does not support model {getattr(clip, 'name', '?')!r} (family "
+            f"{family(fam).label}): {why}. Methods that work on this family: {methods_for(fam)} "
+            "(docs/model_families.md)."
+        )
+    return fam
+
+
 def tokenize(clip, prompts: Sequence[str]) -> Tensor:
     """Tokens [K, context_length] on the model's device; a truncated prompt is logged by ``clip.tokenize`` (how many
     tokens were kept of how many; :meth:`mmel.backbone.ClipBundle.token_counts`)."""
@@ -120,13 +154,24 @@ class Explainer:
     set_dependent = False
     #: bytes one explain_batch call may plan for (None: a share of the device's free memory)
     memory_budget: int | None = None
+    # the model families (mmel.families) this explainer runs on; ANY_FAMILY: every family with encode_image
+    families: frozenset[str] = VIT_FAMILIES
+    # what it reads of the image tower: for the refusal on another family (reads) and the capability matrix (needs)
+    reads = "the attention blocks and CLS token of a native ViT image tower"
+    needs = "native ViT blocks"
 
     def __init__(self, clip) -> None:
         self.clip = clip
         self.model = clip.model
-        self.visual = check_vit(clip.model)
-        self.patch = self.visual.conv1.kernel_size[0]
-        self.depth = len(self.visual.transformer.resblocks)
+        self.family = check_family(type(self), clip)
+        if self.family in VIT_FAMILIES:
+            self.visual = check_vit(clip.model, getattr(clip, "name", None))
+            self.patch = self.visual.conv1.kernel_size[0]
+            self.depth = len(self.visual.transformer.resblocks)
+        else:  # CNN towers and any-family methods: no blocks to count; inputs in multiples of the total stride
+            self.visual = clip.model.visual
+            self.patch = clip.patch_size
+            self.depth = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={getattr(self.clip, 'name', '?')!r})"
@@ -213,6 +258,12 @@ class Explainer:
         Returns the images on the model's device and the prompts as a list."""
         prompts = check_prompts(prompts)
         check_images(images, self.patch)
+        if self.family == MODIFIED_RESNET and tuple(images.shape[-2:]) != tuple(self.clip.image_size):
+            # its attention pool adds a positional embedding of the native grid: no other size exists for it
+            raise ValueError(
+                f"images: {tuple(images.shape[-2:])} but a ModifiedResNet CLIP takes only its native size "
+                f"{tuple(self.clip.image_size)} (its attention pool's positional embedding is fixed): resize=model"
+            )
         if grad:
             self.require_grad()
         return images.to(self.clip.device), prompts

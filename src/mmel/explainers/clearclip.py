@@ -27,6 +27,7 @@ from mmel.explainers import register
 from mmel.explainers.base import Explainer
 from mmel.explainers.templates import TemplatedText
 from mmel.explainers.vit import trace_image
+from mmel.families import VIT_FAMILIES
 
 
 @register("clearclip")
@@ -34,6 +35,7 @@ class ClearCLIP(TemplatedText, Explainer):
     """Dense patch-text cosine from the last block's q-q attention without residual or FFN."""
 
     name = "clearclip"
+    families = VIT_FAMILIES
 
     def __init__(self, clip, templates: str = "none") -> None:
         super().__init__(clip)

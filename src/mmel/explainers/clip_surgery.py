@@ -36,6 +36,7 @@ from mmel.explainers import register
 from mmel.explainers.base import Explainer
 from mmel.explainers.templates import TemplatedText
 from mmel.explainers.vit import image_embeds, last_layers
+from mmel.families import VIT_FAMILIES
 
 SURGERY = ("prompts", "empty", "none")
 
@@ -72,6 +73,7 @@ class CLIPSurgery(TemplatedText, Explainer):
     """CLIP Surgery: v-v attention path in the last ``layers`` blocks + feature surgery (see module docstring)."""
 
     name = "clip_surgery"
+    families = VIT_FAMILIES
 
     def __init__(self, clip, layers: int | None = None, surgery: str = "prompts", templates: str = "none") -> None:
         super().__init__(clip)

@@ -18,6 +18,7 @@ from torch import Tensor
 from mmel.explainers import register
 from mmel.explainers.base import Explainer, batched_vjp, cosine_scores
 from mmel.explainers.vit import resolve_layers, trace_image
+from mmel.families import VIT_FAMILIES
 
 
 @register("game")
@@ -25,6 +26,7 @@ class GAME(Explainer):
     """Gradient-weighted attention relevance (Chefer et al. 2021) from block ``start_layer`` on."""
 
     name = "game"
+    families = VIT_FAMILIES
     needs_grad = True
 
     def __init__(self, clip, start_layer: int = -1) -> None:

@@ -41,6 +41,7 @@ from mmel.explainers.vit import (
     trace_image,
     trace_text,
 )
+from mmel.families import VIT_FAMILIES
 
 MODES = ("native", "official")
 
@@ -100,6 +101,7 @@ class GradECLIP(Explainer):
     ``text_layers``: number of last text blocks for :meth:`explain_text` (default: same as ``layers``)."""
 
     name = "grad_eclip"
+    families = VIT_FAMILIES
     needs_grad = True
 
     def __init__(self, clip, mode: str = "native", layers: int = 1, text_layers: int | None = None) -> None:

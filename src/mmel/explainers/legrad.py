@@ -34,6 +34,7 @@ from torch import Tensor
 from mmel.explainers import register
 from mmel.explainers.base import Explainer, batched_vjp, cosine_scores
 from mmel.explainers.vit import block_attention, block_rest, image_embeds, resolve_layers
+from mmel.families import VIT_FAMILIES
 
 POOLS = ("mean", "cls")
 
@@ -47,6 +48,7 @@ class LeGrad(Explainer):
     """
 
     name = "legrad"
+    families = VIT_FAMILIES
     needs_grad = True
 
     def __init__(self, clip, start_layer: int = -2, pool: str = "mean") -> None:

@@ -17,6 +17,7 @@ from mmel.explainers import register
 from mmel.explainers.base import Explainer
 from mmel.explainers.templates import TemplatedText
 from mmel.explainers.vit import block_rest, trace_image
+from mmel.families import VIT_FAMILIES
 
 
 @register("maskclip")
@@ -24,6 +25,7 @@ class MaskCLIP(TemplatedText, Explainer):
     """Dense patch-text cosine through the value path of the last block."""
 
     name = "maskclip"
+    families = VIT_FAMILIES
 
     def __init__(self, clip, templates: str = "none") -> None:
         super().__init__(clip)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from mmel.families import vit_problem
+
 #: share of the device's free memory one explainer call may plan to use
 DEFAULT_FRACTION = 0.5
 
@@ -18,6 +20,10 @@ DEFAULT_FRACTION = 0.5
 def estimate_bytes(clip, explainer, size: tuple[int, int], k: int, batch: int = 1) -> int:
     """Estimated peak bytes of one explainer call for ``batch`` images of ``size`` (H, W) and ``k`` prompts each."""
     visual = clip.model.visual
+    if vit_problem(visual):
+        # a CNN / timm tower (docs/model_families.md): no token count to square; a generous bound of ~2000 float
+        # activations per input pixel per pass, one pass per prompt plus two
+        return int(4 * batch * size[0] * size[1] * 2000 * (2 + k))
     blocks = visual.transformer.resblocks
     depth, heads, width = len(blocks), blocks[0].attn.num_heads, visual.transformer.width
     t = (size[0] // clip.patch_size) * (size[1] // clip.patch_size) + 1

@@ -28,6 +28,7 @@ from torch import Tensor
 from mmel.explainers import register
 from mmel.explainers.base import Explainer
 from mmel.explainers.vit import encode_image
+from mmel.families import ANY_FAMILY
 
 
 def reflect_linear_matrix(n_in: int, n_out: int) -> Tensor:
@@ -55,6 +56,9 @@ class RISE(Explainer):
     batch_size (masked images per forward), seed."""
 
     name = "rise"
+    families = frozenset({ANY_FAMILY})  # only encode_image / encode_text: every tower
+    reads = "only encode_image"
+    needs = "encode_image"
 
     def __init__(
         self, clip, n_masks: int = 2000, cells: int = 8, p: float = 0.5, batch_size: int = 64, seed: int = 0

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmel.backbone import check_vit
+from mmel.families import attn_pool_problem, text_tower_problem, vit_problem
 
 
 @dataclass
@@ -229,8 +230,13 @@ def trace_image(
 
 
 def encode_image(model: nn.Module, images: Tensor) -> Tensor:
-    """``model.encode_image`` for any input size the patch grid allows: [B, 3, H, W] -> [B, E] (no graph)."""
+    """``model.encode_image`` for any input size the patch grid allows: [B, 3, H, W] -> [B, E] (no graph).
+
+    A tower that is not a native CLS-pooled ViT (a CNN, a timm trunk) runs its own ``encode_image``."""
     with torch.no_grad():
+        visual = getattr(model, "visual", None)
+        if vit_problem(visual) or attn_pool_problem(visual):
+            return model.encode_image(images)
         if tuple(images.shape[-2:]) == tuple(check_vit(model).image_size):
             return model.encode_image(images)
         return trace_image(model, images, (), grad=False).features
@@ -238,14 +244,22 @@ def encode_image(model: nn.Module, images: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ text tower
 def check_text_tower(model: nn.Module) -> None:
-    """The text-side code reads CLIP's ``transformer``/``token_embedding``/``ln_final``/``text_projection``."""
-    needed = ("transformer", "token_embedding", "positional_embedding", "ln_final", "attn_mask")
-    missing = [n for n in needed if getattr(model, n, None) is None]
-    if missing or getattr(model, "text_pool_type", "argmax") != "argmax":
+    """Text-token tracing reads CLIP's native ``transformer`` (blocks recognised by their parameters, as the
+    vision ones), ``token_embedding``, ``ln_final``, ``text_projection``, pooled at the EOS (argmax) token."""
+    problem = text_tower_problem(model)
+    if problem:
         raise TypeError(
-            f"The text side needs an open_clip CLIP with a causal text transformer pooled at the EOS token "
-            f"(argmax); this model lacks {missing or 'argmax pooling'}."
+            f"Text-token explanations need open_clip's native causal text transformer pooled at the EOS token: "
+            f"{problem}. Image-side maps still work (prompts go through the model's own encode_text)."
         )
+
+
+def _text_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the text blocks compute in: the first MLP's weight dtype (what open_clip's get_cast_dtype reads,
+    without relying on a block method of that name)."""
+    blk = model.transformer.resblocks[0]
+    fc = blk.mlp[0] if isinstance(blk.mlp, nn.Sequential) else next(iter(blk.mlp.parameters()))
+    return getattr(fc, "int8_original_dtype", None) or (fc.weight.dtype if hasattr(fc, "weight") else fc.dtype)
 
 
 def eos_positions(tokens: Tensor) -> Tensor:
@@ -264,14 +278,17 @@ def _text_head(model: nn.Module, x: Tensor, eos: Tensor) -> Tensor:
 def encode_text(model: nn.Module, tokens: Tensor) -> Tensor:
     """Text features [K, E] (unnormalised, no graph) equal to ``model.encode_text(tokens)``.
 
-    Runs only the first max(EOS)+1 positions: with the causal mask, later (padding) positions cannot change the
-    EOS feature, and short prompts cost a fraction of the full context.
+    On open_clip's native text tower it runs only the first max(EOS)+1 positions: with the causal mask, later
+    (padding) positions cannot change the EOS feature, and short prompts cost a fraction of the full context. Any
+    other text tower (a timm / Hugging Face one) runs the model's own ``encode_text``.
     """
-    check_text_tower(model)
+    if text_tower_problem(model):
+        with torch.no_grad():
+            return model.encode_text(tokens)
     eos = eos_positions(tokens)
     L = int(eos.max()) + 1
     with torch.no_grad():
-        dtype = model.transformer.get_cast_dtype()
+        dtype = _text_dtype(model)
         x = model.token_embedding(tokens[:, :L]).to(dtype) + model.positional_embedding[:L].to(dtype)
         x = model.transformer(x, attn_mask=model.attn_mask[:L, :L])
         return _text_head(model, x, eos)
@@ -288,7 +305,7 @@ def trace_text(model: nn.Module, tokens: Tensor, layers: Sequence[int], *, heads
     traced = set(layers)
     first = min(traced)
     mask = model.attn_mask
-    dtype = model.transformer.get_cast_dtype()
+    dtype = _text_dtype(model)
     x = model.token_embedding(tokens).to(dtype) + model.positional_embedding.to(dtype)
     with torch.no_grad():
         for blk in blocks[:first]:

@@ -19,6 +19,7 @@ from torch import Tensor
 from mmel.backbone import ClipBundle
 from mmel.explainers import build_explainer, register
 from mmel.explainers.base import Explainer
+from mmel.families import VIT_FAMILIES
 from mmel.hsrm.checkpoint import load_hsrm
 from mmel.hsrm.module import DEFAULTS, HSRM, HSRMInputs, hsrm_layers
 
@@ -30,6 +31,7 @@ class MMELExplainer(Explainer):
     explainer (which is also what the HSRM's own forward does, so both give the same map)."""
 
     needs_grad = True  # Grad-ECLIP evidence needs dS/d(activations)
+    families = VIT_FAMILIES
 
     def __init__(
         self,

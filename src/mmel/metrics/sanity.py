@@ -37,7 +37,25 @@ MODES = ("cascading", "independent")
 
 
 def vision_layers(visual: nn.Module) -> list[tuple[str, list[nn.Parameter | nn.Module]]]:
-    """The vision tower's layer groups from the top down: [(name, [modules or parameters]), ...]."""
+    """The vision tower's layer groups from the top down: [(name, [modules or parameters]), ...].
+
+    A native ViT: head (ln_post, proj), its blocks, the embedding. A CNN tower (docs/model_families.md): head (the
+    pooling / projection), its stages, the stem."""
+    if all(hasattr(visual, n) for n in ("layer1", "layer4", "attnpool")):  # ModifiedResNet
+        stem = [m for n, m in visual.named_children() if n.startswith(("conv", "bn"))]
+        stages = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
+        return [("head", [visual.attnpool])] + [(f"stage {i}", [stages[i]]) for i in (3, 2, 1, 0)] + [("embed", stem)]
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and hasattr(trunk, "stages") and hasattr(trunk, "stem"):  # timm CNN
+        head = [visual.head, *(m for m in (getattr(trunk, "norm_pre", None), getattr(trunk, "head", None)) if m)]
+        stages = list(trunk.stages)
+        groups = [("head", head)] + [(f"stage {i}", [stages[i]]) for i in reversed(range(len(stages)))]
+        return groups + [("embed", [trunk.stem])]
+    if getattr(visual, "transformer", None) is None:
+        raise TypeError(
+            f"sanity: no layer groups known for a {type(visual).__name__} image tower (native ViTs, ModifiedResNet "
+            "and timm CNNs have them; docs/model_families.md)"
+        )
     blocks = visual.transformer.resblocks
     head: list = [visual.ln_post]
     if isinstance(visual.proj, nn.Parameter):
