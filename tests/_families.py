@@ -13,6 +13,7 @@ from open_clip.model import CLIP
 from mmel.backbone import ClipBundle
 from mmel.families import (
     HF_CLIP,
+    HF_SIGLIP,
     MODIFIED_RESNET,
     NATIVE_VIT,
     NATIVE_VIT_ATTN_POOL,
@@ -21,7 +22,15 @@ from mmel.families import (
 )
 
 TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2)
-SIZE = {NATIVE_VIT: 32, HF_CLIP: 32, NATIVE_VIT_ATTN_POOL: 32, MODIFIED_RESNET: 64, TIMM_CNN: 64, TIMM_VIT: 32}
+SIZE = {
+    NATIVE_VIT: 32,
+    HF_CLIP: 32,
+    NATIVE_VIT_ATTN_POOL: 32,
+    MODIFIED_RESNET: 64,
+    TIMM_CNN: 64,
+    TIMM_VIT: 32,
+    HF_SIGLIP: 32,
+}
 
 
 def bundle(model, name: str, context_length: int = 16) -> ClipBundle:
@@ -67,6 +76,10 @@ def build(family: str) -> ClipBundle:
         model = CLIP(32, vision_cfg=cfg, text_cfg=TEXT)
         model.visual.set_input_size(32)  # open_clip builds the timm trunk at its default 224 px
         return bundle(model, "micro-timm-vit")
+    if family == HF_SIGLIP:  # a random tiny SiglipModel, saved and loaded back (tests/_towers.py)
+        from tests._towers import tiny_hf_siglip
+
+        return tiny_hf_siglip()
     if family == HF_CLIP:
         from mmel.hf_clip import convert
 
@@ -95,6 +108,10 @@ def build_full(family: str) -> ClipBundle:
         cfg = dict(timm_model_name="vit_base_patch16_224", timm_model_pretrained=False, timm_pool="token",
                    timm_proj="linear", image_size=224)  # fmt: skip
         return bundle(CLIP(512, vision_cfg=cfg, text_cfg=text, quick_gelu=True), "timm-vitb16", 77)
+    if family == HF_SIGLIP:  # a random tiny SiglipModel, saved and loaded back (tests/_towers.py)
+        from tests._towers import tiny_hf_siglip
+
+        return tiny_hf_siglip()
     if family == HF_CLIP:
         import transformers
 

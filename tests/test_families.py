@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmel.backbone import check_vit
+from mmel.backbone import check_vit, load_clip
 from mmel.capabilities import markdown, matrix, readme_block
 from mmel.explainers import build_explainer
 from mmel.explainers.cnn import split_tower, stages
 from mmel.explainers.vit import encode_text
 from mmel.families import (
     HF_CLIP,
+    HF_SIGLIP,
     MODIFIED_RESNET,
     NATIVE_VIT,
     NATIVE_VIT_ATTN_POOL,
@@ -30,7 +31,7 @@ from tests._families import CHEAP, SIZE, build, build_full
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a blue square"]
-FAMILIES = [NATIVE_VIT, HF_CLIP, NATIVE_VIT_ATTN_POOL, MODIFIED_RESNET, TIMM_CNN, TIMM_VIT]
+FAMILIES = [NATIVE_VIT, HF_CLIP, NATIVE_VIT_ATTN_POOL, MODIFIED_RESNET, TIMM_CNN, TIMM_VIT, HF_SIGLIP]
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,8 @@ def test_every_family_has_supported_and_refused_methods():
     m = matrix()
     for fam in FAMILIES:
         assert any(m[n][fam] is None for n in m), fam
-    assert m["rise"][TIMM_VIT] is None and m["grad_eclip"][TIMM_VIT] is not None
+    assert m["rise"][TIMM_VIT] is None and m["grad_eclip"][TIMM_VIT] is None  # the tower version (towers.md)
+    assert m["game"][TIMM_VIT] is not None and m["legrad"][HF_SIGLIP] is None and m["mmel"][HF_SIGLIP] is not None
     assert m["gradcam"][MODIFIED_RESNET] is None and m["attention"][TIMM_CNN] is not None
 
 
@@ -252,3 +254,15 @@ def test_model_randomisation_covers_cnn_towers(models, fam):
     before = dict(clip.model.visual.named_parameters())
     changed = [n for n, p in steps[1][1].model.visual.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(".3." in n or "layer4" in n or "stages.3" in n for n in changed), changed[:5]
+
+
+def test_load_clip_reads_a_hugging_face_siglip_folder(tmp_path):
+    """`hf:<folder>` of a SiglipModel loads through the SigLIP path (mmel.hf_siglip) into the HF SigLIP family;
+    a folder without tokenizer files loads, and the tokenizer says what is missing when called."""
+    from tests._towers import tiny_hf_siglip
+
+    tiny_hf_siglip(folder=str(tmp_path / "siglip"))
+    clip = load_clip(f"hf:{tmp_path / 'siglip'}")
+    assert classify(clip) == HF_SIGLIP and type(clip.model).__name__ == "HFSiglipCLIP"
+    with pytest.raises(FileNotFoundError, match="no SigLIP tokenizer could be loaded"):
+        clip.tokenize(["a red circle"])

@@ -107,10 +107,18 @@ def test_explain_batch_matches_single(method):
         assert torch.allclose(m, e(image[b : b + 1], [PROMPTS, PROMPTS[:1]][b])[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["rise", "clearclip", "m2ib", "mmel", "rollout"])
+@pytest.mark.parametrize("method", ["clearclip", "m2ib", "mmel", "rollout"])
 def test_other_methods_refuse(method):
-    with pytest.raises(ValueError, match=f"'{method}' is not available on .* towers.*grad_eclip"):
+    """Methods with no tower version refuse, naming the family and the methods that work on it (the tower ones
+    and RISE, which needs only encode_image and runs on every family)."""
+    with pytest.raises(TypeError, match=f"explainer '{method}' does not support .*timm ViT.*grad_eclip.*rise"):
         build_explainer(method, T.tiny_timm_clip("siglip"))
+
+
+def test_rise_runs_on_towers_through_encode_image():
+    clip = T.tiny_timm_clip("siglip")
+    maps = build_explainer("rise", clip, n_masks=8, batch_size=8)(torch.randn(1, 3, 32, 32), PROMPTS)
+    assert maps.shape == (1, len(PROMPTS), 32, 32) and torch.isfinite(maps).all() and maps.min() >= 0
 
 
 def test_refusals_of_options():

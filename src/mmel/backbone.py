@@ -47,7 +47,7 @@ _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 HF_PREFIX = "hf:"
 # Hugging Face config.model_type -> "module:function(source, *, device, precision) -> (model, preprocess, tokenizer,
 # mean, std)", imported on first use (another family's loader registers here the same way)
-HF_LOADERS: dict[str, str] = {"clip": "mmel.hf_clip:load"}
+HF_LOADERS: dict[str, str] = {"clip": "mmel.hf_clip:load", "siglip": "mmel.hf_siglip:load"}
 
 _registered = False
 # (model name, prompt) of truncated prompts already logged by ClipBundle.tokenize (once each per process)

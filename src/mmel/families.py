@@ -209,8 +209,7 @@ _FAMILIES: list[Family] = [
         HF_SIGLIP,
         "HF SigLIP",
         "a Hugging Face SiglipModel",
-        lambda o: type(_model(o)).__name__.startswith("Siglip"),
-        loadable=False,
+        lambda o: type(_model(o)).__name__ in ("HFSiglipCLIP", "SiglipModel"),
     ),
 ]
 

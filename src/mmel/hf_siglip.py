@@ -155,3 +155,12 @@ def load_hf_siglip(
     except Exception as e:  # noqa: BLE001
         tok = MissingTokenizer(source, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return model, make_preprocess(side or model.visual.image_size[0], mean, std), tok
+
+
+def load(source: str, *, device: str | torch.device = "cpu", precision: str = "fp32"):
+    """The loader ``load_clip("hf:<folder or id>")`` calls for a ``siglip`` model (mmel.backbone.HF_LOADERS):
+    (model, preprocess, tokenizer, mean, std)."""
+    if precision not in ("fp32", "amp"):
+        raise ValueError(f"{source}: a Hugging Face SigLIP loads in precision fp32 or amp, got {precision!r}")
+    model, preprocess, tokenizer = load_hf_siglip(source, device=device)
+    return model, preprocess, tokenizer, tuple(model.visual.image_mean), tuple(model.visual.image_std)

@@ -52,13 +52,26 @@ def explainer_class(name: str) -> type:
 
 
 def build_explainer(name: str, clip: Any, **cfg: Any) -> Any:
-    """Build the explainer registered as ``name`` for a loaded :class:`mmel.backbone.ClipBundle`. A timm-trunk or
-    Hugging Face SigLIP model gets the tower version of the method (mmel.explainers.towers, docs/towers.md)."""
-    from mmel.explainers.towers import build_tower_explainer, tower_of
+    """Build the explainer registered as ``name`` for a loaded :class:`mmel.backbone.ClipBundle`. On a timm-trunk
+    or Hugging Face SigLIP model the methods written for such towers (``TOWER_METHODS``) get their tower version
+    (mmel.explainers.towers, docs/towers.md); any other method is the class itself, which runs on the families it
+    declares (RISE on every one) and otherwise refuses naming the methods that work."""
+    from mmel.explainers.towers import TOWER_METHODS, build_tower_explainer, tower_of
 
-    if tower_of(getattr(clip, "model", None)) is not None:
+    if name in TOWER_METHODS and tower_of(getattr(clip, "model", None)) is not None:
         return build_tower_explainer(name, clip, **cfg)
     return explainer_class(name)(clip, **cfg)
+
+
+def capability(name: str, family_name: str) -> str | None:
+    """None when explainer ``name`` runs on models of ``family_name`` (mmel.families), else the reason it does not:
+    the class's own declaration, or, on the tower families, the tower version of the method."""
+    from mmel.explainers.base import refusal
+    from mmel.explainers.towers import TOWER_FAMILIES, TOWER_METHODS
+
+    if family_name in TOWER_FAMILIES and name in TOWER_METHODS:
+        return None
+    return refusal(explainer_class(name), family_name)
 
 
 # Importing the explainer modules registers them; they import `register` from this (already initialised) module.

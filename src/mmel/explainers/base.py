@@ -108,10 +108,10 @@ def supports(cls: type, family_name: str) -> bool:
 
 
 def methods_for(family_name: str) -> list[str]:
-    """The registered explainer names that support ``family_name``."""
-    from mmel.explainers import available, explainer_class
+    """The registered explainer names that run on ``family_name`` (their own class, or their tower version)."""
+    from mmel.explainers import available, capability
 
-    return [n for n in available() if supports(explainer_class(n), family_name)]
+    return [n for n in available() if capability(n, family_name) is None]
 
 
 def refusal(cls: type, family_name: str) -> str | None:

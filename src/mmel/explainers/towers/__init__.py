@@ -18,10 +18,22 @@ from torch import nn
 
 from mmel.explainers.towers.core import Tower, TowerTrace, trace
 from mmel.explainers.towers.methods import TOWER_EXPLAINERS
+from mmel.families import HF_SIGLIP, TIMM_VIT
 
 TOWER_METHODS: tuple[str, ...] = tuple(sorted(TOWER_EXPLAINERS))
+# the model families (mmel.families) whose image towers these explainers read
+TOWER_FAMILIES = frozenset({TIMM_VIT, HF_SIGLIP})
 
-__all__ = ["TOWER_METHODS", "Tower", "TowerTrace", "build_tower_explainer", "tower_family", "tower_of", "trace"]
+__all__ = [
+    "TOWER_FAMILIES",
+    "TOWER_METHODS",
+    "Tower",
+    "TowerTrace",
+    "build_tower_explainer",
+    "tower_family",
+    "tower_of",
+    "trace",
+]
 
 
 def tower_of(model: nn.Module | None) -> Tower | None:

@@ -27,6 +27,7 @@ from torch import Tensor
 from mmel.explainers.base import Explainer, batched_vjp, tokenize
 from mmel.explainers.towers.core import Tower, trace
 from mmel.explainers.vit import last_layers, resolve_layers
+from mmel.families import classify
 from mmel.utils.maps import minmax
 
 
@@ -42,6 +43,7 @@ class TowerExplainer(Explainer):
         self.tower = tower
         self.patch = tower.patch
         self.depth = tower.depth
+        self.family = classify(clip)  # mmel.families (what the base class's checks read)
 
     def text_features(self, prompts) -> Tensor:
         with torch.no_grad():
