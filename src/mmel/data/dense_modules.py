@@ -40,8 +40,10 @@ class WorldBackedModule(BoxDataModule):
         seed, kw = int(self.world.get("seed", 0)), dict(self.world.get("generate_kwargs") or {})
         if self.read_only:
             if not manifest_matches(wroot, world_params(seed, **kw)) or not (wroot / "benchmarks").is_dir():
-                raise FileNotFoundError(f"{wroot} holds no shapes world with seed={seed} written in the benchmark "
-                                        "layouts; nothing was written (run any evaluate with this data= first)")
+                raise FileNotFoundError(
+                    f"{wroot} holds no shapes world with seed={seed} written in the benchmark "
+                    "layouts; nothing was written (run any evaluate with this data= first)"
+                )
         else:
             generate(wroot, seed=seed, **kw)
             write_benchmarks(wroot, wroot / "benchmarks", split=str(self.world.get("split", "test")))

@@ -87,10 +87,12 @@ class OpenImagesPoints(BoxDataset):
             try:
                 x, y = float(row["X"]), float(row["Y"])
             except (TypeError, ValueError):
-                raise DatasetError(f"{where}: X / Y should be numbers in [0, 1], got {row['X']!r}, {row['Y']!r}") from None
+                got = f"{row['X']!r}, {row['Y']!r}"
+                raise DatasetError(f"{where}: X / Y should be numbers in [0, 1], got {got}") from None
             answer = (row["EstimatedYesNo"] or "").strip().lower()
             if answer not in YES_NO:
-                raise DatasetError(f"{where}: EstimatedYesNo should be yes / no / unsure, got {row['EstimatedYesNo']!r}")
+                got = row["EstimatedYesNo"]
+                raise DatasetError(f"{where}: EstimatedYesNo should be yes / no / unsure, got {got!r}")
             if row["Label"] not in names:
                 raise DatasetError(f"{where}: Label {row['Label']!r} is not in {self.classes_file}")
             if YES_NO[answer] is None:

@@ -137,7 +137,10 @@ class ZeroShotDeletionInsertion(Metric):
 
     @property
     def outputs(self) -> tuple[Output, ...]:
-        out = [Output("deletion_auc", False, field="deletion_auc"), Output("insertion_auc", True, field="insertion_auc")]
+        out = [
+            Output("deletion_auc", False, field="deletion_auc"),
+            Output("insertion_auc", True, field="insertion_auc"),
+        ]
         for k in TOPK:
             out += [Output(f"{m}_top{k}_auc", m == "insertion", field=f"{m}_top{k}_auc") for m in self.options.modes]
             out.append(Output(f"clean_top{k}", True, field=f"clean_top{k}"))
@@ -160,8 +163,8 @@ class ZeroShotDeletionInsertion(Metric):
         return {k: v.cpu() for k, v in curves.items()}
 
     def item_values(self, ctx: ItemContext) -> list[dict[str, Any]]:
-        """Per item {"<mode>_rank" [S + 1], "clean_rank", "<mode>_curve" (top-1 hits), "<mode>_auc", "<mode>_top<k>_auc",
-        "clean_top<k>"}."""
+        """Per item {"<mode>_rank" [S + 1], "clean_rank", "<mode>_curve" (top-1 hits), "<mode>_auc",
+        "<mode>_top<k>_auc", "clean_top<k>"}."""
         if ctx.images is None and ctx.maps is not None:
             raise ValueError(f"{_NAME}: needs the items' images stacked (a fixed input size, data.resize=fixed)")
         ctx.require(self.needs, _NAME)

@@ -104,8 +104,9 @@ def write_benchmarks(world: str | Path, out: str | Path | None = None, split: st
             ids[m] = a["category_id"]
         for m in masks:
             ids[_rim(m)] = IGNORE
-        for d in (seg / "validation" / folder, seg / "validation-segmentation" / folder, out / "imagenet" / "val" / folder):
-            d.mkdir(parents=True, exist_ok=True)
+        folders = (seg / "validation", seg / "validation-segmentation", out / "imagenet" / "val")
+        for d in folders:
+            (d / folder).mkdir(parents=True, exist_ok=True)
         (seg / "validation" / folder / f"{stem}.JPEG").write_bytes(jpeg)
         (out / "imagenet" / "val" / folder / f"{stem}.JPEG").write_bytes(jpeg)
         buf = io.BytesIO()
@@ -123,7 +124,8 @@ def write_benchmarks(world: str | Path, out: str | Path | None = None, split: st
                 if not len(ys):
                     continue
                 for k in rng.choice(len(ys), size=min(n, len(ys)), replace=False):
-                    rows.append([stem, "mmel-shapes", f"{(xs[k] + 0.5) / w:.6f}", f"{(ys[k] + 0.5) / h:.6f}", mid, label])
+                    x, y = (xs[k] + 0.5) / w, (ys[k] + 0.5) / h  # the pixel's centre, normalised
+                    rows.append([stem, "mmel-shapes", f"{x:.6f}", f"{y:.6f}", mid, label])
                     counts[f"points_{label}"] += 1
     with (oi / "oidv7-val-annotations-point-labels.csv").open("w", newline="") as f:
         wr = csv.writer(f)
