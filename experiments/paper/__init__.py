@@ -41,6 +41,7 @@ from .columns import (  # noqa: F401 - the runner's public names
     per_item,
     significance,
 )
+from .benchmarks import benchmark_tables
 from .figures import _plt, _save, category_figure, curves_figure, sanity_figure
 from .runs import ROOT, RUN_RECORD, Run, compose_run, config_hash, run_program  # noqa: F401
 from .spec import SPECS, load_spec, per_backbone, slug  # noqa: F401
@@ -81,6 +82,7 @@ class Paper:
                                ("ablations", self.ablation_table), ("trust", self.trust)):  # fmt: skip
                 if part in self.spec:
                     make()
+            benchmark_tables(self)  # the spec's `benchmarks` (ImageNet-S, OpenImages points, ImageNet)
         finally:
             self._planning = False
         return self.provenance
@@ -320,6 +322,9 @@ class Paper:
             t5, sanity = self.trust()
             tables.append(t5)
             sections.append(Section("Trust", "", [t5], [(sanity, "sanity-check curves")] if sanity else []))
+        for table, figs in benchmark_tables(self, fig_dir):
+            tables.append(table)
+            sections.append(Section(table.title.split("—")[-1].strip() or table.title, "", [table], figs))
         for t in tables:
             stem = slug(t.title.split("—")[0]) or slug(t.title)
             (tables_dir / f"{stem}.md").write_text(t.markdown())

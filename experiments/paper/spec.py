@@ -33,6 +33,7 @@ def per_backbone(spec: dict[str, Any], results: Path) -> list[tuple[dict[str, An
         sub = {k: v for k, v in spec.items() if k != "backbones"}
         sub["overrides"] = [*spec.get("overrides", []), *over]
         sub["title"] = f"{spec.get('title', spec['name'])} — {label}"
+        sub["backbone"] = label  # a section may be limited to some backbones (benchmarks: `backbones:`)
         out.append((sub, results / slug(label)))
     return out
 
