@@ -3,8 +3,9 @@
 Every metric of :mod:`mmel.metrics` is a ``torchmetrics.Metric`` that also declares
 
 * ``needs`` — the :class:`ItemContext` entries its per-item values read (``maps``, ``boxes``, ``sizes``,
-  ``images``, ``prompts``, ``categories``, ``difficult``, ``scorer``, and the trust entries ``others``,
-  ``absent`` and ``randomised`` that an evaluation supplies when a metric asks for them);
+  ``images``, ``prompts``, ``categories``, ``difficult``, ``scorer``, the trust entries ``others``,
+  ``absent`` and ``randomised`` that an evaluation supplies when a metric asks for them, and the dense / labelled
+  targets ``masks``, ``points``, ``labels``, ``classes`` of datasets that have them);
 * ``item_values(ctx) -> list[dict | None]`` — one JSON-able dict of record fields per item of the context (what the
   evaluate engine writes under ``metrics.<name>`` in ``items.jsonl``; None: nothing to record for that item);
 * ``update(records=[...])`` — torchmetrics' own ``update`` fed with such per-item dicts (the replay after a resume,
