@@ -26,6 +26,7 @@ import numpy as np
 from mmel.utils.machine import machine_fingerprint
 
 from ..tables import Cell, Column, Table
+from .benchmarks import benchmark_tables
 from .columns import (  # noqa: F401 - the runner's public names
     FAITHFULNESS,
     HIT,
@@ -41,7 +42,6 @@ from .columns import (  # noqa: F401 - the runner's public names
     per_item,
     significance,
 )
-from .benchmarks import benchmark_tables
 from .figures import _plt, _save, category_figure, curves_figure, sanity_figure
 from .runs import ROOT, RUN_RECORD, Run, compose_run, config_hash, run_program  # noqa: F401
 from .spec import SPECS, load_spec, per_backbone, slug  # noqa: F401
