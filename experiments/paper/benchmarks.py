@@ -29,8 +29,12 @@ COLUMNS: dict[str, dict[str, str]] = {
         **{f"deletion top-{k} AUC": f"{DI}/deletion_top{k}_auc" for k in (1, 5, 10)},
         **{f"insertion top-{k} AUC": f"{DI}/insertion_top{k}_auc" for k in (1, 5, 10)},
     },
-    "imagenet_s": {"pixel accuracy": "segmentation/pixel_accuracy", "mIoU": "segmentation/miou",
-                   "mAP": "segmentation/map", "pointing game": "pointing_game/accuracy"},  # fmt: skip
+    "imagenet_s": {
+        "pixel accuracy": "segmentation/pixel_accuracy",
+        "mIoU": "segmentation/miou",
+        "mAP": "segmentation/map",
+        "pointing game": "pointing_game/accuracy",
+    },  # fmt: skip
     "openimages_points": {"p-mIoU": "point_miou"},
 }
 
