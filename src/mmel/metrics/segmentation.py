@@ -110,25 +110,20 @@ def mask_segmentation(maps: Tensor, masks: Sequence[Tensor]) -> dict[str, Tensor
         >>> {k: round(v.item(), 3) for k, v in mask_segmentation(maps, [mask]).items()}
         {'pixel_accuracy': 1.0, 'miou': 1.0, 'map': 1.0}
     """
-    items = _segmentation_update(maps, masks)
-    m = SegmentationState.from_items(items)
-    return _compute(*m)
+    return _compute(*_sums(_segmentation_update(maps, masks)))
 
 
-class SegmentationState(tuple):
-    """(correct, labeled, inter [2], union [2], ap sum, n ap) summed over item records."""
-
-    @staticmethod
-    def from_items(items: Sequence[dict[str, Any]]) -> tuple[Tensor, ...]:
-        aps = [float(i["ap"]) for i in items if i.get("ap") is not None]
-        return (
-            torch.tensor(sum(int(i["correct"]) for i in items)),
-            torch.tensor(sum(int(i["labeled"]) for i in items)),
-            torch.tensor([sum(int(i["inter"][c]) for i in items) for c in (0, 1)]),
-            torch.tensor([sum(int(i["union"][c]) for i in items) for c in (0, 1)]),
-            torch.tensor(sum(aps), dtype=torch.float64),
-            torch.tensor(len(aps)),
-        )
+def _sums(items: Sequence[dict[str, Any]]) -> tuple[Tensor, ...]:
+    """(correct, labeled, inter [2], union [2], AP sum, number of APs) summed over item records."""
+    aps = [float(i["ap"]) for i in items if i.get("ap") is not None]
+    return (
+        torch.tensor(sum(int(i["correct"]) for i in items)),
+        torch.tensor(sum(int(i["labeled"]) for i in items)),
+        torch.tensor([sum(int(i["inter"][c]) for i in items) for c in (0, 1)]),
+        torch.tensor([sum(int(i["union"][c]) for i in items) for c in (0, 1)]),
+        torch.tensor(sum(aps), dtype=torch.float64),
+        torch.tensor(len(aps)),
+    )
 
 
 class MaskSegmentation(Metric):
@@ -167,7 +162,7 @@ class MaskSegmentation(Metric):
     ) -> None:
         """Add N (map, mask) pairs, or N per-item ``records`` of :meth:`item_values`."""
         items = list(records) if records is not None else _segmentation_update(maps, masks)
-        c, lab, i, u, ap, n_ap = SegmentationState.from_items(items)
+        c, lab, i, u, ap, n_ap = _sums(items)
         self.correct += c.to(self.correct.device)
         self.labeled += lab.to(self.labeled.device)
         self.inter += i.to(self.inter.device)
