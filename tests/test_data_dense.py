@@ -211,3 +211,10 @@ def test_checker_prints_the_counts(bench, capsys, shapes_world):
                f"data.root={world}/benchmarks/imagenet_s"])  # fmt: skip
     text = capsys.readouterr().out
     assert rc == 0 and "imagenet_s/validation: 24 images" in text
+
+
+def test_checker_names_missing_data(tmp_path, capsys):
+    from mmel.data.check import main
+
+    assert main(["data=imagenet_s", f"data.root={tmp_path}"]) == 2
+    assert "variant 50 not found" in capsys.readouterr().err

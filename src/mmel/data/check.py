@@ -3,8 +3,8 @@
 Composes the project's config (``conf/train.yaml`` with the given overrides), builds ``cfg.data``, indexes every
 split and prints per split: images, samples, and each skip / adjustment reason with its count. ``verify=true``
 also decodes every image (finds corrupt files; slow on full COCO). Exit status 1 when a split has no sample, 2 when
-the data is not there. It only reads: a shapes world that is missing or made with other settings is reported, not
-generated.
+the data is not there or unusable (the error names the file). It only reads: a shapes world that is missing or made
+with other settings is reported, not generated.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if split in seen:  # e.g. COCO's test = val2017: index once
             print(f"{stage:5s} split={split}: same as {seen[split]}")
             continue
-        ds = dm.dataset(stage)
+        try:
+            ds = dm.dataset(stage)
+        except (FileNotFoundError, ValueError) as e:  # missing files, DatasetError: the message names the file
+            print(f"error: {stage} split={split}: {e}", file=sys.stderr)
+            return 2
         seen[split] = stage
         print(f"{stage:5s} split={split}: {ds.report()}")
         rc |= int(len(ds) == 0)
