@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.paper import Paper, load_spec, run_program
+from experiments.paper import Paper, PaperSpec, load_spec, run_program
 from mmel.evaluate import build_metrics
 from mmel.metrics.protocol import outputs_of
 
@@ -27,8 +27,6 @@ def _value(cfg, salt: str) -> float:
 def fake_runner(calls):
     def for_program(program):
         def run(cfg):
-            from pathlib import Path
-
             out = Path(cfg.paths.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             calls.append((program, out.name))
@@ -140,17 +138,16 @@ def test_a_run_folder_of_other_overrides_is_never_overwritten(tmp_path):
 def test_the_shapes_spec_names_real_configs():
     from tests.test_configs import options
 
-    spec = load_spec("shapes")
-    assert len(spec["seeds"]) >= 3
-    paper = Paper(spec, Path("unused"))
-    overrides = [paper.explainer(label) for label in spec["explainers"]]
-    names = {o.split("=", 1)[1] for over, _ in overrides for o in over if o.startswith("explainer=")}
-    assert len(names) == len(spec["explainers"])  # one explainer config per row
-    assert any(limit for _, limit in overrides)  # RISE's own cap (a dict entry) is read
+    spec = load_spec("shapes")  # a typed, checked PaperSpec (experiments/paper/spec.py)
+    assert len(spec.seeds) >= 3
+    methods = list(spec.explainers.values())
+    names = {o.split("=", 1)[1] for m in methods for o in m.overrides if o.startswith("explainer=")}
+    assert len(names) == len(spec.explainers)  # one explainer config per row
+    assert any(m.limit for m in methods)  # RISE's own cap (a dict entry) is read
     assert names <= set(options("explainer")), names - set(options("explainer"))
     for key in ("faithfulness", "phrases", "grid"):
-        assert set(spec[key]["explainers"]) <= set(spec["explainers"]), key
-    assert set(spec["compare"]) <= set(spec["explainers"])
+        assert set(getattr(spec, key).explainers) <= set(spec.explainers), key
+    assert set(spec.compare) <= set(spec.explainers)
     with pytest.raises(FileNotFoundError, match="known"):
         load_spec("nope")
 
@@ -167,7 +164,7 @@ def test_the_coco_spec_plans_every_run_per_backbone_without_running_or_writing(t
     trains = [r for r in runs if r.program == "train"]
     assert [r.overrides for r in trains[:3]] == [["data=coco", "trainer=gpu", "model=vitb16", f"seed={s}"]
                                                  for s in (0, 1, 2)]  # fmt: skip
-    assert len(trains) == 3 + len(spec["ablations"])
+    assert len(trains) == 3 + len(spec.ablations)
     mmel = [r for r in runs if "explainer=mmel" in r.overrides]
     assert mmel and all(any(o.startswith("explainer.checkpoint=") and o.endswith("hsrm.pt") for o in r.overrides)
                         for r in mmel)  # fmt: skip
@@ -189,3 +186,114 @@ def test_a_spec_adds_a_column_by_naming_an_output(tmp_path):
     assert table.columns[j].higher_is_better is True
     with pytest.raises(ValueError, match="unknown tables"):
         Paper({**SPEC, "columns": {"ablations": {"x": "y"}}}, tmp_path / "b", runner=fake_runner([])).build()
+
+
+def test_a_spec_is_checked_and_typed_before_anything_runs(tmp_path):
+    """A typo in a spec is an error naming the key (it never drops a table silently); a table naming an explainer
+    the spec does not define is refused; the plan is a pure function of the spec."""
+    from experiments.paper import SpecError, make_plan
+
+    for bad, match in (
+        ({**SPEC, "faithfullness": SPEC["faithfulness"]}, "unknown keys \\['faithfullness'\\]"),
+        ({**SPEC, "trust": {**SPEC["trust"], "explainers": ["Grad-ECLIP"]}}, "trust.explainers: \\['Grad-ECLIP'\\]"),
+        ({**SPEC, "seeds": []}, "seeds: expected a non-empty list"),
+        ({**SPEC, "limit": 0}, "limit: expected a positive integer"),
+        ({**SPEC, "explainers": {"x": {"overides": []}}}, "explainers.x: unknown keys"),
+    ):
+        with pytest.raises(SpecError, match=match):
+            Paper(bad, tmp_path)
+    spec = PaperSpec.parse(SPEC)
+    plan = make_plan(spec, tmp_path)
+    assert make_plan(spec, tmp_path) == plan and not any(tmp_path.iterdir())  # pure: same answer, nothing written
+    mmel = plan.tables["localisation"]["MMEL"]
+    assert [r.out.name for r in mmel] == ["seed0", "seed1"]
+    assert all(
+        f"explainer.checkpoint={plan.trainings[s].out / 'hsrm.pt'}" in r.overrides
+        for s, r in zip((0, 1), mmel, strict=True)
+    )
+    assert set(plan.tables) == {"localisation", "faithfulness", "trust"} and set(plan.ablations) == set(
+        SPEC["ablations"]
+    )
+
+
+def test_a_benchmark_table_is_one_spec_entry(tmp_path):
+    """`tables: {name: {title, explainers, overrides, columns}}` adds a table of evaluate runs with the columns it
+    names, in the report and summary, with no runner code."""
+    spec = {**SPEC, "tables": {"boxes again": {"title": "Table 6 — boxes again", "explainers": ["attention", "MMEL"],
+                                               "overrides": ["data.format=flickr30k"],
+                                               "columns": {"IoU": "saliency_iou/miou"}}}}  # fmt: skip
+    calls: list = []
+    Paper(spec, tmp_path, runner=fake_runner(calls)).build()
+    t6 = json.loads((tmp_path / "summary.json").read_text())["table-6"]
+    assert t6["rows"] == ["attention", "MMEL"] and t6["columns"] == ["IoU"]
+    run = json.loads((tmp_path / "runs" / "boxes-again" / "attention" / "metrics.json").read_text())
+    assert t6["cells"][0][0]["value"] == pytest.approx(run["test/saliency_iou/miou"])
+    assert ("evaluate", "attention") in calls and (tmp_path / "tables" / "table-6.md").is_file()
+
+
+def test_the_qualitative_grid_is_drawn_from_the_runs_saved_maps_without_the_model(shapes_world, tmp_path, monkeypatch):
+    """The report's grid reads the maps the Table 1 runs saved (the plan gives the grid's methods save_maps=true)
+    and rebuilds each image from the run's data config and recorded preprocessing: CLIP is neither loaded nor run."""
+    from experiments.paper.figures import grid_figure, saved_maps, scored_views
+    from experiments.paper.spec import GridSpec
+
+    world = shapes_world(seed=5, n_train=8, n_val=4, n_test=22)
+    data = ["model=micro", f"data.root={world}", "data.seed=5", "++data.generate_kwargs={n_train:8,n_val:4,n_test:22}"]
+    rows = {
+        label: [run_program("evaluate", [*data, f"explainer={name}", "save_maps=true", "figure_samples=0"],
+                            tmp_path / name)]
+        for label, name in (("attention", "attention"), ("Grad-ECLIP", "grad_eclip"))
+    }  # fmt: skip
+    plan = PaperSpec.parse({**SPEC, "grid": {"items": 3, "seed": 0, "explainers": ["attention", "MMEL"]}})
+    from experiments.paper import make_plan
+
+    planned = make_plan(plan, tmp_path / "p").tables["localisation"]
+    assert "save_maps=true" in planned["attention"][0].overrides and "save_maps=true" in planned["MMEL"][0].overrides
+    assert "save_maps=true" not in planned["Grad-ECLIP (native)"][0].overrides
+
+    def no_model(*a, **k):
+        raise AssertionError("the grid must not load CLIP")
+
+    monkeypatch.setattr("mmel.backbone.load_clip", no_model)
+    monkeypatch.setattr("open_clip.create_model_and_transforms", no_model)
+    path = grid_figure(GridSpec(3, 0, ("attention", "Grad-ECLIP")), rows, tmp_path / "grid.png")
+    assert path.is_file() and path.stat().st_size > 5000
+    records = rows["attention"][0].items()[:3]
+    views = scored_views(rows["attention"][0], records)
+    for label, (run,) in rows.items():
+        by_id = {r["sample_id"]: r for r in run.items()}
+        maps = saved_maps(run, [r["sample_id"] for r in records])
+        for rec, (img, boxes) in zip(records, views, strict=True):
+            m = maps[rec["sample_id"]]
+            assert m.shape == img.shape[:2] and np.isfinite(m).all() and boxes  # the map is in the image's frame
+            peak = by_id[rec["sample_id"]]["peak"]  # the run's own peak is the saved map's maximum
+            assert m[peak["y"], peak["x"]] == pytest.approx(m.max(), abs=2e-3), label
+    (rows["attention"][0].out / "maps" / "chunk_000000.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="save_maps=true"):
+        saved_maps(rows["attention"][0], [records[0]["sample_id"]])
+
+
+def test_a_table_of_variants_has_a_column_per_variant_and_can_be_one_backbones(tmp_path):
+    """`variants: {column: [overrides]}` (e.g. a benchmark's splits) makes one run set per (explainer, variant)
+    and a column per variant showing `output`; `backbones:` limits the table to those backbones."""
+    from experiments.paper import SpecError, per_backbone
+
+    table = {"title": "Table 6 — splits", "explainers": ["attention", "MMEL"], "output": "pointing_game/accuracy",
+             "variants": {"val": ["split=val"], "test": ["split=test"]}, "backbones": ["B"]}  # fmt: skip
+    spec = {**SPEC, "backbones": {"A": ["model=micro"], "B": ["model=micro"]}, "tables": {"splits": table}}
+    (a, _), (b, out) = per_backbone(PaperSpec.parse(spec), tmp_path)
+    assert not a.tables and set(b.tables) == {"splits"}
+    calls: list = []
+    Paper(b, out, runner=fake_runner(calls)).build()
+    t6 = json.loads((out / "summary.json").read_text())["table-6"]
+    assert t6["columns"] == ["val", "test"] and t6["rows"] == ["attention", "MMEL"]
+    for v in ("val", "test"):
+        run = json.loads((out / "runs" / "splits" / v / "attention" / "metrics.json").read_text())
+        assert t6["cells"][0][t6["columns"].index(v)]["value"] == pytest.approx(run["test/pointing_game/accuracy"])
+    mmel = [json.loads((out / "runs" / "splits" / "val" / "mmel" / f"seed{s}" / "metrics.json").read_text())
+            for s in (0, 1)]  # fmt: skip
+    assert t6["cells"][1][0]["value"] == pytest.approx(np.mean([m["test/pointing_game/accuracy"] for m in mmel]))
+    with pytest.raises(SpecError, match="needs `output`"):
+        PaperSpec.parse({**SPEC, "tables": {"x": {"explainers": ["MMEL"], "variants": {"v": []}}}})
+    with pytest.raises(SpecError, match="backbones: \\['C'\\]"):
+        PaperSpec.parse({**spec, "tables": {"splits": {**table, "backbones": ["C"]}}})

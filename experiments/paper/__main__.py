@@ -18,13 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     spec = load_spec(args.spec)
-    results = Path(args.results) if args.results else ROOT / "results" / spec["name"]
+    results = Path(args.results) if args.results else ROOT / "results" / spec.name
     for sub, out in per_backbone(spec, results):
         if args.plan:
             runs = Paper(sub, out).plan()
             for run in runs:
                 print(f"{run.command}  # -> {run.out.relative_to(out.parent)} (config {run.config_hash})")
-            print(f"{len(runs)} runs for {sub.get('title', sub['name'])}", flush=True)
+            print(f"{len(runs)} runs for {sub.display_title}", flush=True)
             continue
         report = Paper(sub, out).build()
         print(f"report: {report}", flush=True)

@@ -134,6 +134,20 @@ def save(fig, path: Path, dpi: int = 100) -> Path:
     return path
 
 
+def overlay(ax, image: np.ndarray, m: np.ndarray | None, boxes, peak: tuple[int, int] | None = None,
+            colour: str = "white", alpha: float = 0.45, ms: float = 10) -> None:  # fmt: skip
+    """One panel: the image, the map over it (jet, [0, 1]), the boxes (lime) and the peak (×) — how every map
+    figure of the project draws an item (an evaluate run's sample, the paper's grid)."""
+    plt = _plt()
+    ax.imshow(image)
+    if m is not None:
+        ax.imshow(m, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+    for x0, y0, x1, y1 in boxes:
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
+    if peak is not None:
+        ax.plot([peak[1]], [peak[0]], marker="x", ms=ms, mew=2.5 if ms >= 8 else 2, color=colour)
+
+
 def qualitative(scored, metrics, dataset, transform, explainer, keep, path: Path, seed: int, n: int) -> Path:
     """Seeded sample of n items: image, boxes, map overlay, peak marker, hit / miss."""
     plt = _plt()
@@ -163,13 +177,9 @@ def qualitative(scored, metrics, dataset, transform, explainer, keep, path: Path
             boxes = item["boxes"]
         h, w = shown.shape[:2]
         m = resize_maps(m.float(), [(h, w)])[0].numpy()
-        ax.imshow(shown)
-        ax.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        for x0, y0, x1, y1 in torch.as_tensor(boxes).tolist():
-            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
         hit = _hit(metrics, pg, r) if pg else None
         colour = "white" if hit is None else ("lime" if hit else "red")
-        ax.plot([r["peak"]["x"]], [r["peak"]["y"]], marker="x", ms=10, mew=2.5, color=colour)
+        overlay(ax, shown, m, torch.as_tensor(boxes).tolist(), (r["peak"]["y"], r["peak"]["x"]), colour)
         verdict = "" if hit is None else (" HIT" if hit else " MISS")
         ax.set_title(f"{r['prompt'][:28]}{verdict}", fontsize=8, color="green" if hit else "red")
     fig.tight_layout()

@@ -144,6 +144,10 @@ def fingerprint(cfg: DictConfig, clip: Any) -> dict[str, Any]:
             "pretrained": getattr(clip, "pretrained", None),
             "fingerprint": getattr(clip, "fingerprint", None),
             "image_size": list(getattr(clip, "image_size", [])),
+            # the preprocessing (with data.*, all a figure needs to show the scored image without the model)
+            "mean": [float(v) for v in getattr(clip, "mean", ())],
+            "std": [float(v) for v in getattr(clip, "std", ())],
+            "patch_size": getattr(clip, "patch_size", None),
         },
         "data": data,
         "split": cfg.get("split", "test"),

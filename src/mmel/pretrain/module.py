@@ -42,14 +42,19 @@ class TinyClipPretrainer(pl.LightningModule):
         self.register_buffer("prompt_tokens", self.tokenizer(category_prompts()), persistent=False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, tokens, image_objects, caption_objects = batch
+        if isinstance(batch, dict):  # a relational batch: its exact match matrix (mmel.pretrain.relational)
+            images, tokens, image_objects = batch["images"], batch["tokens"], batch["image_objects"]
+            eye = torch.eye(len(self.prompt_tokens), device=self.device)
+            matches = torch.cat([batch["matches"], caption_matches(image_objects, eye)], dim=1)
+        else:
+            images, tokens, image_objects, caption_objects = batch
+            caption_objects = torch.cat([caption_objects, torch.eye(len(self.prompt_tokens), device=self.device)])
+            matches = caption_matches(image_objects, caption_objects)
         # the batch's captions plus the C one-object captions (see mmel.pretrain.loss)
         tokens = torch.cat([tokens, self.prompt_tokens])
-        caption_objects = torch.cat([caption_objects, torch.eye(len(self.prompt_tokens), device=self.device)])
         image_features = self.model.encode_image(images, normalize=True).float()
         text_features = self.model.encode_text(tokens, normalize=True).float()
         scale = self.model.logit_scale.exp().float()
-        matches = caption_matches(image_objects, caption_objects)
         loss = multi_positive_contrastive_loss(image_features, text_features, scale, matches)
         self.log("train/contrastive", loss)
         if self.hparams.text_spread > 0:
@@ -61,7 +66,10 @@ class TinyClipPretrainer(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, _, image_objects, _ = batch
+        if isinstance(batch, dict):
+            images, image_objects = batch["images"], batch["image_objects"]
+        else:
+            images, _, image_objects, _ = batch
         scores = zero_shot_scores(self.model, self.prompt_tokens, images)
         self.log("val/top1_present", top1_present(scores, image_objects), batch_size=len(images))
 

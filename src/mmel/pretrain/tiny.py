@@ -46,6 +46,9 @@ ARCH = "mmel-tiny"
 WEIGHTS_NAME = "mmel-tiny-shapes.safetensors"
 COMMITTED = Path(__file__).parent / "assets" / WEIGHTS_NAME
 FORMAT = "mmel-tiny-shapes/1"
+# the relational world's weights: a format of their own, so they are never taken for the plain world's
+RELATIONS_FORMAT = "mmel-tiny-shapes-relations/1"
+RELATIONS_FILE = Path(__file__).parent / "assets" / "mmel-tiny-shapes-relations.safetensors"
 # measured: ≈ 1.0-3.5 s per step of 128 on one core of a busy 2-core machine (bf16 autocast, AVX512-BF16)
 SECONDS_PER_STEP = (1.0, 3.5)
 
@@ -68,6 +71,21 @@ class PretrainConfig:
     num_workers: int = 1  # renders the next batch while the model trains
     val_images: int = 256  # the shapes world's val images (same seed): zero-shot check during training
     val_every: int = 100
+
+    @property
+    def world(self) -> str:
+        return "plain"
+
+
+@dataclass
+class RelationsPretrainConfig(PretrainConfig):
+    """Pretraining on the relational world (``--world relations``): its expressions with relation-swapped hard
+    negatives (:mod:`mmel.pretrain.relational`); what the model knows of the relations is measured at the end and
+    recorded in the file. A class of its own, so the plain world's recorded settings stay what they were."""
+
+    @property
+    def world(self) -> str:
+        return "relations"
 
 
 def arch_config() -> dict:
@@ -124,13 +142,23 @@ def _pretrain(out: Path, cfg: PretrainConfig, log_dir: str | Path | None) -> dic
         "std": tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
         "image_size": int(visual.image_size[0]),
     }
-    train = ShapesCaptionStream(cfg.seed, cfg.steps * cfg.batch_size, **kw)
-    val = ShapesCaptionStream(cfg.seed, cfg.val_images, stream="val", **kw)
     loader_kw = {
         "batch_size": cfg.batch_size,
         "num_workers": cfg.num_workers,
         "persistent_workers": cfg.num_workers > 0,
     }
+    if cfg.world == "plain":
+        train = ShapesCaptionStream(cfg.seed, cfg.steps * cfg.batch_size, **kw)
+        val = ShapesCaptionStream(cfg.seed, cfg.val_images, stream="val", **kw)
+    elif cfg.world == "relations":
+        from mmel.pretrain.relational import RelationalCaptionStream, collate
+
+        kw.pop("tokenizer")
+        train = RelationalCaptionStream(cfg.seed, cfg.steps * cfg.batch_size, **kw)
+        val = RelationalCaptionStream(cfg.seed, cfg.val_images, stream="val", **kw)
+        loader_kw["collate_fn"] = collate(module.tokenizer)
+    else:
+        raise ValueError(f"pretrain: world must be 'plain' or 'relations', got {cfg.world!r}")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -151,8 +179,17 @@ def _pretrain(out: Path, cfg: PretrainConfig, log_dir: str | Path | None) -> dic
     t0 = time.time()
     trainer.fit(module, DataLoader(train, shuffle=False, **loader_kw), DataLoader(val, shuffle=False, **loader_kw))
     trainer.validate(module, DataLoader(val, shuffle=False, **loader_kw), verbose=False)
+    extra = {}
+    if cfg.world == "relations":  # what the model knows of the relations: true vs swapped on counterfactual images
+        from mmel.pretrain.relational import relational_knowledge
+
+        know = relational_knowledge(module.model.eval(), module.tokenizer, kw["mean"], kw["std"], cfg.seed,
+                                    image_size=kw["image_size"])  # fmt: skip
+        extra["val_relations"] = json.dumps({"accuracy": round(know["accuracy"], 4), "by_kind": know["by_kind"]})
+        log.info("pretrain: relational knowledge on val counterfactuals %s", extra["val_relations"])
     metadata = {
-        "format": FORMAT,
+        **extra,
+        "format": FORMAT if cfg.world == "plain" else RELATIONS_FORMAT,
         "arch": json.dumps(arch_config(), sort_keys=True),
         "config": json.dumps(asdict(cfg), sort_keys=True),
         "command": "python -m mmel.pretrain " + " ".join(shlex.quote(a) for a in _cli_args(out, cfg)),
@@ -217,7 +254,7 @@ def resolve_weights(cache_dir: Path) -> Path:
 
 def _cli_args(out: Path, cfg: PretrainConfig) -> list[str]:
     default = PretrainConfig()
-    args = ["--out", str(out)]
+    args = ["--out", str(out)] + (["--world", cfg.world] if cfg.world != "plain" else [])
     for f in fields(cfg):
         if f.name == "seed" or getattr(cfg, f.name) != getattr(default, f.name):
             args += [f"--{f.name.replace('_', '-')}", str(getattr(cfg, f.name))]
@@ -229,10 +266,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mmel.pretrain", description="Train mmel-tiny on the shapes world.")
     p.add_argument("--out", type=Path, default=COMMITTED, help=f"weight file to write (default: {COMMITTED})")
     p.add_argument("--log-dir", type=Path, default=None, help="CSV logs of the run (default: none)")
+    p.add_argument("--world", choices=("plain", "relations"), default="plain",
+                   help="plain: the shapes world's captions; relations: the relational one")  # fmt: skip
     for f in fields(PretrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default)
     args = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     out, log_dir = args.pop("out"), args.pop("log_dir")
-    meta = pretrain(out, PretrainConfig(**args), log_dir=log_dir)
+    relations = args.pop("world") == "relations"
+    config = RelationsPretrainConfig if relations else PretrainConfig
+    if relations and out == COMMITTED:  # never over the plain world's committed weights
+        out = RELATIONS_FILE
+    meta = pretrain(out, config(**args), log_dir=log_dir)
     print(json.dumps({k: meta[k] for k in ("command", "val_top1_present", "train_minutes")}, indent=1))
