@@ -40,3 +40,14 @@ def test_the_imagenet_table_and_curves_from_runs(tmp_path):
     assert outputs["test/deletion_insertion/deletion_top1_auc"]["higher_is_better"] is False
     assert outputs["test/deletion_insertion/insertion_top10_auc"]["higher_is_better"] is True
     assert (tmp_path / "figures" / "imagenet_curves.png").is_file()
+
+
+def test_curves_of_different_lengths_share_one_panel(tmp_path):
+    """The faithfulness figure holds RISE-style rows (21 points) beside Grad-ECLIP's protocol (11 points): each row
+    spans the same axis, and its legend AUC is its own trapezoid over it."""
+    import numpy as np
+
+    from mmel.evaluation.figures import curves_panels
+
+    curves = {"a": {"deletion": np.linspace(1, 0, 21)}, "b": {"deletion": np.linspace(1, 0, 11)}}
+    assert curves_panels(curves, np.linspace(0, 1, 21), tmp_path / "c.png").is_file()
