@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             ds = dm.dataset(stage)
-        except (FileNotFoundError, DatasetError) as e:  # a missing or unusable file: named, no traceback
+        except (FileNotFoundError, ValueError) as e:  # a missing or unusable file (DatasetError too): named
             print(f"error: {stage} split={split}: {e}", file=sys.stderr)
             return 2
         seen[split] = stage

@@ -193,6 +193,8 @@ class EvalModule(pl.LightningModule):
         self.keep, self.pad_multiple, self.out = keep, pad_multiple, Path(out)
         self.scorer_kind, self.save_maps, self.num_workers = scorer_kind, save_maps, num_workers
         self.prompts_per_image = Counter(str(r.image_id) for r in records)
+        # a labelled dataset's whole label set (ImageNet's classes; mmel.data.imagenet), for zero-shot metrics
+        self.classes = getattr(getattr(transformed, "dataset", None), "classes", None)
         self.scorer: ClipScorer | None = None
         self.writer: ItemWriter | None = None
         self.items_done = 0
@@ -266,6 +268,8 @@ class EvalModule(pl.LightningModule):
             ]
         )  # fmt: skip
         prompts = [batch["prompt"][i] for i in order]
+        dense = {name: self._dense(batch, name, order) for name in ("mask", "points")}  # mmel.data.dense
+        labels = torch.tensor([int(batch["label"][i]) for i in order]) if "label" in batch else None
         categories = [str(batch["category"][i]) for i in order] if "category" in batch else None
         trust = None
         if self.split is not None:
@@ -290,6 +294,10 @@ class EvalModule(pl.LightningModule):
                 categories=[categories[j] for j in js] if categories is not None else None,
                 difficult=difficult[js],
                 scorer=self.scorer,
+                masks=[dense["mask"][j] for j in js] if dense["mask"] is not None else None,
+                points=[dense["points"][j] for j in js] if dense["points"] is not None else None,
+                labels=labels[js] if labels is not None else None,
+                classes=self.classes,
             )
             if trust is not None:
                 ctx = trust.context(ctx, js)
@@ -322,6 +330,11 @@ class EvalModule(pl.LightningModule):
             self._write_maps(chunk, saved)
         replay(self.metrics, out)  # the live, per-process torchmetrics (synced at the end)
         return out
+
+    def _dense(self, batch: dict[str, Any], name: str, order: list[int]) -> list[Tensor] | None:
+        """The items' mask / points in the scored frame (the originals in keep-size mode), or None."""
+        key = f"{name}_orig" if self.keep else name
+        return [torch.as_tensor(batch[key][i]).cpu() for i in order] if key in batch else None
 
     def _truncation(self, prompt: str) -> dict[str, Any]:
         """``{"prompt_tokens": {"kept": n, "total": m}}`` for a prompt the text tower's context cuts, else {}."""

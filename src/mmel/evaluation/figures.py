@@ -108,8 +108,11 @@ def curves_panels(
     for ax, mode in zip(axes[0], modes, strict=True):
         for label, by_mode in curves.items():
             if mode in by_mode:
-                auc = float(np.trapezoid(by_mode[mode], x))
-                ax.plot(x, by_mode[mode], marker=".", label=f"{label} (AUC {auc:.3f})")
+                y = np.asarray(by_mode[mode])
+                # a row of another protocol (e.g. Grad-ECLIP's 11 points beside RISE's 21) spans the same axis
+                xs = x if len(y) == len(x) else np.linspace(x[0], x[-1], len(y))
+                auc = float(np.trapezoid(y, xs))
+                ax.plot(xs, y, marker=".", label=f"{label} (AUC {auc:.3f})")
         ax.set_title(f"{mode} (mean over {n_items or 'the'} items)")
         ax.set_xlabel("fraction of pixels " + ("removed" if mode == "deletion" else "inserted"))
         ax.set_ylabel("score")

@@ -12,6 +12,9 @@ each module documents its own, with sources.
 * :class:`PromptRandomisation` -> {"spearman", "ssim", "hog", "prompt_insensitive"}: map vs an absent prompt's map
 * :class:`ModelRandomisation`  -> {"<mode>/<measure>", "<mode>/<measure>@<step>"}: map vs randomised models' maps
   (:mod:`mmel.metrics.sanity`, Adebayo et al. 2018; similarity measures in :mod:`mmel.metrics.similarity`)
+* against dense / labelled targets (imported from their modules): :class:`~mmel.metrics.segmentation.MaskSegmentation`
+  -> {"pixel_accuracy", "miou", "map"} (masks), :class:`~mmel.metrics.points.PointMIoU` -> p-mIoU (points),
+  :class:`~mmel.metrics.zeroshot.ZeroShotDeletionInsertion` -> zero-shot top-k deletion / insertion (labels)
 """
 
 from mmel.metrics.iou import SaliencyIoU, binarise, saliency_iou

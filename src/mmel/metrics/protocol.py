@@ -3,8 +3,9 @@
 Every metric of :mod:`mmel.metrics` is a ``torchmetrics.Metric`` that also declares
 
 * ``needs`` — the :class:`ItemContext` entries its per-item values read (``maps``, ``boxes``, ``sizes``,
-  ``images``, ``prompts``, ``categories``, ``difficult``, ``scorer``, and the trust entries ``others``,
-  ``absent`` and ``randomised`` that an evaluation supplies when a metric asks for them);
+  ``images``, ``prompts``, ``categories``, ``difficult``, ``scorer``, the trust entries ``others``,
+  ``absent`` and ``randomised`` that an evaluation supplies when a metric asks for them, and the dense / labelled
+  targets ``masks``, ``points``, ``labels``, ``classes`` of datasets that have them);
 * ``item_values(ctx) -> list[dict | None]`` — one JSON-able dict of record fields per item of the context (what the
   evaluate engine writes under ``metrics.<name>`` in ``items.jsonl``; None: nothing to record for that item);
 * ``update(records=[...])`` — torchmetrics' own ``update`` fed with such per-item dicts (the replay after a resume,
@@ -29,7 +30,7 @@ from torch import Tensor
 # what an evaluation can put into a context (each metric's ``needs`` is a subset)
 CONTEXT = frozenset(
     {"maps", "ids", "boxes", "sizes", "images", "prompts", "categories", "difficult", "scorer", "others", "absent",
-     "randomised"}
+     "randomised", "masks", "points", "labels", "classes"}
 )  # fmt: skip
 
 
@@ -85,6 +86,10 @@ class ItemContext:
     objects' boxes [M', 4], their categories, every object's boxes [M'', 4]), boxes in the scored frame;
     ``absent(seed)`` -> per item (the image's absent prompt or None, its map [h, w] or None, whether the item is the
     image's first in the split); ``randomised(mode, seed)`` -> (step names, per step the N maps [h, w]).
+    Dense targets, where the dataset has them (:mod:`mmel.data.dense`): masks N int8 tensors [H_i, W_i] in the frame
+    of ``sizes`` (1 the target, 0 background, -1 ignored); points N float tensors [P_i, 3] (x, y in pixels of that
+    frame, label 1 = the target is there, 0 = it is not); labels LongTensor [N], each item's class index into
+    ``classes``, the dataset's whole label set (class names).
     """
 
     maps: Tensor
@@ -99,6 +104,10 @@ class ItemContext:
     others: Callable[[], list[tuple[Tensor, list[str], Tensor]]] | None = None
     absent: Callable[[int], list[tuple[str | None, Tensor | None, bool]]] | None = None
     randomised: Callable[[str, int], tuple[list[str], list[list[Tensor]]]] | None = None
+    masks: Sequence[Tensor] | None = None
+    points: Sequence[Tensor] | None = None
+    labels: Tensor | None = None
+    classes: Sequence[str] | None = None
 
     def require(self, needs: frozenset[str], who: str) -> None:
         """Raise a clear error when an entry a metric needs is missing."""
