@@ -18,7 +18,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from mmel.data.base import DatasetError
 from mmel.locations import config_dir
 
 
