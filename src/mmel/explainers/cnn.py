@@ -44,24 +44,16 @@ def split_tower(
     """(front, back) of the tower cut after stage ``stage`` (non-negative): see the module docstring."""
     blocks = stages(visual, family_name)
     if family_name == MODIFIED_RESNET:
-
-        def front(x: Tensor) -> Tensor:
-            x = visual.stem(x.to(visual.conv1.weight.dtype))
-            for blk in blocks[: stage + 1]:
-                x = blk(x)
-            return x
-
-        def back(x: Tensor) -> Tensor:
-            for blk in blocks[stage + 1 :]:
-                x = blk(x)
-            return visual.attnpool(x)
-
-        return front, back
-
-    trunk = visual.trunk
+        stem: Callable[[Tensor], Tensor] = lambda x: visual.stem(x.to(visual.conv1.weight.dtype))  # noqa: E731
+        head: Callable[[Tensor], Tensor] = visual.attnpool
+    else:
+        trunk = visual.trunk
+        stem = trunk.stem
+        norm_pre = getattr(trunk, "norm_pre", nn.Identity())
+        head = lambda x: visual.head(trunk.forward_head(norm_pre(x)))  # noqa: E731
 
     def front(x: Tensor) -> Tensor:
-        x = trunk.stem(x)
+        x = stem(x)
         for blk in blocks[: stage + 1]:
             x = blk(x)
         return x
@@ -69,7 +61,6 @@ def split_tower(
     def back(x: Tensor) -> Tensor:
         for blk in blocks[stage + 1 :]:
             x = blk(x)
-        x = getattr(trunk, "norm_pre", nn.Identity())(x)
-        return visual.head(trunk.forward_head(x))
+        return head(x)
 
     return front, back
