@@ -308,3 +308,13 @@ def test_two_labels_that_share_a_folder_are_an_error_not_one_run(tmp_path):
                                      "variants": {"a b": ["split=val"], "a-b": ["split=test"]}}}}  # fmt: skip
     with pytest.raises(ValueError, match="would share the folder"):
         make_plan(PaperSpec.parse(spec), tmp_path).runs()
+
+
+def test_a_key_given_twice_in_a_spec_file_is_an_error(tmp_path):
+    """Plain YAML keeps the last of two equal keys: a second `tables:` would drop the first's tables silently."""
+    from experiments.paper import SpecError
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: x\nseeds: [0]\nexplainers: {a: [explainer=attention]}\ntables: {}\ntables: {}\n")
+    with pytest.raises(SpecError, match="line 5: the key 'tables' is given twice"):
+        load_spec(str(path))

@@ -238,7 +238,21 @@ def load_spec(name: str) -> PaperSpec:
     if not path.is_file():
         known = sorted(p.stem for p in SPECS.glob("*.yaml"))
         raise FileNotFoundError(f"paper spec {name!r} not found ({path}); known: {known}")
-    return PaperSpec.parse(yaml.safe_load(path.read_text()) or {}, str(path))
+    return PaperSpec.parse(yaml.load(path.read_text(), Loader=_UniqueKeys) or {}, str(path))
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML keeps the last one:
+    a second ``tables:`` would silently drop the first's tables)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpecError(f"{self.name}: line {key_node.start_mark.line + 1}: the key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def as_spec(spec: PaperSpec | Mapping[str, Any]) -> PaperSpec:
