@@ -136,3 +136,18 @@ def test_resnet_clip_is_rejected():
     clip = load_clip("RN50")
     with pytest.raises(TypeError, match="not a ViT CLIP.*ModifiedResNet.*gradcam, m2ib or rise"):
         check_vit(clip.model)
+
+
+def test_a_hub_tokenizer_out_of_reach_is_a_clear_error(monkeypatch):
+    """SigLIP / PE tokenizers live on the Hugging Face hub: offline and uncached, the error says how to provide one
+    (instead of transformers' bare OSError)."""
+    import open_clip
+
+    from mmel.backbone import load_clip
+
+    def offline(name, *a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    with pytest.raises(OSError, match="mmel-micro: its tokenizer .* is read from the Hugging Face hub.*HF_HOME"):
+        load_clip("mmel-micro")

@@ -384,8 +384,7 @@ def load_clip(
         if weight_file is not None:
             _load_file_into(model, weight_file, name)
         model.to(device)
-    with quiet_open_clip(weights_loaded=False):
-        tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _tokenizer(name)
     model.requires_grad_(False)
     model.eval()
     mean = tuple(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
@@ -460,6 +459,22 @@ def load_hf(
     )
     log.info("CLIP %s: Hugging Face %s model converted (fingerprint %s)", name, model_type, bundle.fingerprint)
     return bundle
+
+
+def _tokenizer(name: str):
+    """open_clip's tokenizer of ``name``; one that lives on the Hugging Face hub (SigLIP, PE, ...: ``hf-hub:...``)
+    and is not in the local cache is a clear error saying how to provide it, not a bare OSError."""
+    with quiet_open_clip(weights_loaded=False):
+        try:
+            return open_clip.get_tokenizer(name)
+        except OSError as e:
+            hub = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+            raise OSError(
+                f"{name}: its tokenizer ({hub or 'a Hugging Face tokenizer'}) is read from the Hugging Face hub and is "
+                "not in the local cache (HF_HOME), and the hub cannot be reached. Run the same load once on a machine "
+                "with network and copy its HF_HOME here (then HF_HUB_OFFLINE=1), or load the model as a Hugging Face "
+                "folder with its tokenizer saved: model.name=hf:/path/to/folder (docs/model_families.md)."
+            ) from e
 
 
 def check_vit(model: nn.Module, name: str | None = None) -> nn.Module:
