@@ -257,7 +257,7 @@ def test_one_tensor_or_a_slice_of_it_reads_what_the_whole_row_holds(tmp_path):
 def test_training_pairs_are_fetched_batchwise_as_each_row_stores_them(tmp_path):
     """The HSRM loader's pairs (one item per sample, dropped pairs and failed images None) fetched a batch at a time
     equal the per-pair slices of each image row, in any order, and collate into the batch the HSRM reads."""
-    from mmel.hsrm.features import _Pairs, collate_features
+    from mmel.hsrm.feature_rows import _Pairs, collate_features
 
     def compute(batch):
         out = []

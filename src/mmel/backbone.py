@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import importlib
 import logging
 import os
@@ -34,15 +33,23 @@ import torch
 from torch import nn
 
 from mmel.families import attn_pool_problem, vit_problem
+from mmel.weights import (  # noqa: F401 - the weight-file helpers, long imported from here
+    WEIGHT_SUFFIXES,
+    _first_line,
+    _load_file_into,
+    file_sha256,
+    looks_like_path,
+    read_state_dict,
+    uses_quick_gelu,
+    weights_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # total stride of the CNN towers (ModifiedResNet, ConvNeXt): their inputs are multiples of it, like a ViT's patch
 CNN_STRIDE = 32
 # Keys that OpenAI's TorchScript archives carry next to the weights; open_clip's CLIP has no such entries.
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 HF_PREFIX = "hf:"
 # Hugging Face config.model_type -> "module:function(source, *, device, precision) -> (model, preprocess, tokenizer,
@@ -149,27 +156,6 @@ class ClipBundle:
         return weights_fingerprint(self.model)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A short hash of a CLIP's weights, so that caches and checkpoints follow the weights themselves, not just the
-    name of the file or tag they came from. It hashes the few tensors that every (re)training changes: the
-    projections, the patch embedding, the class and token embeddings."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if name.endswith(("proj", "projection", "conv1.weight", "class_embedding", "token_embedding.weight")):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class _QuietOpenClip(logging.Filter):
     """open_clip logs on the root logger: a dozen INFO lines per model build (parsing identifiers, configs, the
     tokenizer), which Hydra's INFO root level prints into every run log, and — with ``weights_loaded`` — the warning
@@ -215,97 +201,6 @@ def _unknown_model_error(name: str) -> ValueError:
         f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))} and open_clip's {len(names)} names "
         "(open_clip.list_models())."
     )
-
-
-def looks_like_path(pretrained: str) -> bool:
-    """Whether ``pretrained`` names a weight file (a known suffix or a path) rather than a tag."""
-    p = str(pretrained)
-    return p.endswith(WEIGHT_SUFFIXES) or os.sep in p or p.startswith((".", "~"))
-
-
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """Read a weight file into an open_clip-keyed state dict.
-
-    Returns (state_dict, is_openai_format). Accepts safetensors, ``torch.save`` dicts (optionally under
-    ``state_dict`` and with DDP's ``module.`` prefix) and OpenAI TorchScript archives.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"CLIP weight file not found: {path}. Pass an existing .safetensors/.pt/.bin file, or an open_clip "
-            "pretrained tag (see data/README.md for downloading weights on a machine with internet)."
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-            except RuntimeError as e:
-                # OpenAI's released files are TorchScript archives, which torch.load refuses.
-                if "TorchScript" not in str(e) and "jit" not in str(e).lower():
-                    raise
-                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except (FileNotFoundError, PermissionError):
-        raise
-    except Exception as e:  # noqa: BLE001 — any decoder failure means the same thing to the user
-        raise ValueError(
-            f"Could not read CLIP weights from {path} ({type(e).__name__}: {_first_line(e)}). "
-            "Expected a .safetensors file, a torch.save'd state dict (.pt/.pth/.bin) or an OpenAI TorchScript "
-            "archive; the file may be "
-            "truncated or corrupt — download it again."
-        ) from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__}).")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    is_openai = any(k in sd for k in _OPENAI_EXTRA_KEYS)
-    for k in _OPENAI_EXTRA_KEYS:
-        sd.pop(k, None)
-    return sd, is_openai
-
-
-def _first_line(e: Exception, limit: int = 160) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:limit] if text else ""
-
-
-def uses_quick_gelu(model: nn.Module) -> bool:
-    """True when the transformer MLPs use QuickGELU (what OpenAI's weights were trained with)."""
-    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
-
-
-def _load_file_into(model: nn.Module, path: str | Path, name: str) -> None:
-    sd, is_openai = read_state_dict(path)
-    if is_openai and not uses_quick_gelu(model):
-        raise ValueError(
-            f"{path} holds OpenAI CLIP weights, which were trained with QuickGELU, but '{name}' uses GELU. "
-            f"Use the '{name}-quickgelu' model name (e.g. model=vitb16 does)."
-        )
-    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
-        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"shape mismatch in {len(wrong)} (e.g. {k}: file {tuple(sd[k].shape)} vs model "
-                f"{tuple(expected[k].shape)})"
-            )
-        raise ValueError(f"Weights in {path} do not fit architecture '{name}': " + "; ".join(parts))
-    model.load_state_dict(sd, strict=True)
 
 
 def load_clip(
