@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mmel.hf_clip import HFTokenizer, is_offline
+
 SIGLIP_DEFAULT_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_DEFAULT_STD = (0.5, 0.5, 0.5)
 
@@ -76,20 +78,6 @@ class HFSiglipCLIP(nn.Module):
         return nn.functional.normalize(f, dim=-1) if normalize else f
 
 
-class HFTokenizer:
-    """list[str] -> LongTensor [K, context_length]: a transformers tokenizer padded to ``max_length``."""
-
-    def __init__(self, tokenizer, context_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.context_length = context_length
-
-    def __call__(self, texts: list[str]) -> Tensor:
-        out = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
-        )
-        return out["input_ids"]
-
-
 class MissingTokenizer:
     """Stands in for a folder without tokenizer files: calling it raises an error naming the folder."""
 
@@ -139,8 +127,9 @@ def load_hf_siglip(
     except ImportError as e:  # pragma: no cover - transformers is a dependency of the HF path
         raise ImportError("load_hf_siglip needs the transformers package (pip install transformers)") from e
     source = str(source)
+    offline = is_offline() or Path(source).expanduser().is_dir()  # a folder, or HF_HUB_OFFLINE: no network tried
     try:
-        hf = SiglipModel.from_pretrained(source)
+        hf = SiglipModel.from_pretrained(source, local_files_only=offline)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing / wrong folder
         raise ValueError(
             f"{source}: could not load a transformers SiglipModel ({type(e).__name__}: {str(e).splitlines()[0]}). "
@@ -151,7 +140,7 @@ def load_hf_siglip(
     mean, std, side = _processor_settings(source)
     model = HFSiglipCLIP(hf, mean, std).eval()
     try:
-        tok = HFTokenizer(AutoTokenizer.from_pretrained(source), model.context_length)
+        tok = HFTokenizer(AutoTokenizer.from_pretrained(source, local_files_only=offline), model.context_length)
     except Exception as e:  # noqa: BLE001
         tok = MissingTokenizer(source, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return model, make_preprocess(side or model.visual.image_size[0], mean, std), tok
