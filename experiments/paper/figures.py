@@ -76,9 +76,10 @@ def category_figure(rows: dict[str, list[Run]], labels: Sequence[str], path: Pat
     return category_bars(acc, path)
 
 
-def saved_maps(run: Run, ids: Sequence[str]) -> dict[str, np.ndarray]:
-    """The maps an evaluate run saved (``save_maps=true``: ``maps/chunk_<id>.npz``) for the sample ids asked."""
-    chunk_of = {r["sample_id"]: r["chunk"] for r in run.items()}
+def saved_maps(run: Run, ids: Sequence[str], items: Sequence[dict] | None = None) -> dict[str, np.ndarray]:
+    """The maps an evaluate run saved (``save_maps=true``: ``maps/chunk_<id>.npz``) for the sample ids asked
+    (``items``: the run's records, when already read)."""
+    chunk_of = {r["sample_id"]: r["chunk"] for r in (run.items() if items is None else items)}
     out: dict[str, np.ndarray] = {}
     for chunk in sorted({chunk_of[i] for i in ids if i in chunk_of}):
         path = run.out / "maps" / f"chunk_{chunk:06d}.npz"
@@ -119,14 +120,15 @@ def grid_figure(grid: GridSpec, rows: dict[str, list[Run]], path: Path) -> Path 
     if not runs:
         return None
     first = next(iter(runs.values()))
-    shared = set.intersection(*({r["sample_id"] for r in run.items()} for run in runs.values()))
-    records = sorted((r for r in first.items() if r["sample_id"] in shared), key=lambda r: r["index"])
+    items = {label: run.items() for label, run in runs.items()}  # each run's records, read once
+    shared = set.intersection(*({r["sample_id"] for r in recs} for recs in items.values()))
+    records = sorted((r for r in items[next(iter(runs))] if r["sample_id"] in shared), key=lambda r: r["index"])
     if not records:
         return None
     pick = np.random.default_rng(grid.seed).choice(len(records), size=min(grid.items, len(records)), replace=False)
     records = [records[int(i)] for i in sorted(pick)]
     ids = [r["sample_id"] for r in records]
-    maps = {label: saved_maps(run, ids) for label, run in runs.items()}
+    maps = {label: saved_maps(run, ids, items[label]) for label, run in runs.items()}
     views = scored_views(first, records)
     plt = _plt()
     fig, axes = plt.subplots(len(records), len(maps) + 1, figsize=(1.9 * (len(maps) + 1), 2.0 * len(records)),
