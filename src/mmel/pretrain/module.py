@@ -30,6 +30,7 @@ class TinyClipPretrainer(pl.LightningModule):
         warmup_steps: int = 50,
         max_steps: int = 600,
         text_spread: float = 1.0,
+        pair_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -61,9 +62,24 @@ class TinyClipPretrainer(pl.LightningModule):
             spread = category_spread_loss(text_features[-len(self.prompt_tokens) :])
             self.log("train/text_spread", spread)
             loss = loss + self.hparams.text_spread * spread
+        if self.hparams.pair_weight > 0 and isinstance(batch, dict) and bool(batch["pairs"].any()):
+            loss = loss + self.hparams.pair_weight * self._pair_loss(image_features, text_features, scale, batch["pairs"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", scale)
         return loss
+
+    def _pair_loss(self, image_features, text_features, scale, pairs) -> torch.Tensor:
+        """Each pair item's image against its own expression and that expression's relation swap (false of the
+        image): a two-way cross-entropy. In the batch-wide loss the one swapped caption is one negative among
+        hundreds; here it is the only one, so the gradient is about the relation word and nothing else."""
+        b = len(pairs)
+        idx = pairs.nonzero().flatten()
+        true = (image_features[idx] * text_features[idx]).sum(-1)
+        swapped = (image_features[idx] * text_features[b + idx]).sum(-1)
+        logits = scale * torch.stack([true, swapped], dim=1)
+        pair = torch.nn.functional.cross_entropy(logits, torch.zeros(len(idx), dtype=torch.long, device=logits.device))
+        self.log("train/pair", pair)
+        return pair
 
     def validation_step(self, batch, batch_idx: int) -> None:
         if isinstance(batch, dict):

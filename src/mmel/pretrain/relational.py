@@ -53,24 +53,26 @@ def visible_objects(rs: RelationalScene) -> Visible:
     return [((o.colour, o.shape), o.box) for i, o in enumerate(rs.scene.objects) if i not in rs.hidden]
 
 
-def item_scene(seed: int, stream: str, index: int, image_size: int) -> tuple[RelationalScene, np.random.Generator]:
-    """Scene ``index`` of ``stream``: full or (half the time) counterfactual, JPEG round trip as stored; the
-    generator (its own stream of draws) chooses the captions."""
+def item_scene(seed: int, stream: str, index: int, image_size: int, counterfactual: float = 0.5
+               ) -> tuple[RelationalScene, np.random.Generator]:  # fmt: skip
+    """Scene ``index`` of ``stream``: full or (with probability ``counterfactual``) counterfactual, JPEG round trip
+    as stored; the generator (its own stream of draws) chooses the captions."""
     rng = image_rng(seed, stream, 1_000_000 + index)  # never the scene's own generator
-    hide = int(rng.integers(2)) if rng.random() < 0.5 else None
+    hide = int(rng.integers(2)) if rng.random() < counterfactual else None
     rs = relational_scene(seed, stream, index, size=image_size, hide_for=hide)
     pixels = np.asarray(decode_jpeg(encode_jpeg(rs.scene.pixels)))
     scene = type(rs.scene)(pixels=pixels, objects=rs.scene.objects, masks=rs.scene.masks)
     return RelationalScene(scene, rs.kind, rs.referrals, rs.hidden), rng
 
 
-def captions(rs: RelationalScene, rng: np.random.Generator) -> tuple[Caption, Caption]:
-    """The item's caption (true of its image) and its hard negative."""
+def captions(rs: RelationalScene, rng: np.random.Generator, relational: float = 0.5) -> tuple[Caption, Caption]:
+    """The item's caption (true of its image) and its hard negative; an expression with probability
+    ``relational``, else a plain caption."""
     if rs.hidden:  # the counterfactual: the referral whose look-alike is hidden is the true one
         k = next(i for i, r in enumerate(rs.referrals) if r.referent not in rs.hidden)
     else:
         k = int(rng.integers(2))
-    if rng.random() < 0.5:
+    if rng.random() < relational:
         r = rs.referrals[k]
         true = Caption(r.expression, r.relation, r.target, r.anchor)
         neg = Caption(r.swapped, SWAP[r.relation], r.target, r.anchor)
@@ -89,16 +91,17 @@ class RelationalCaptionStream(Dataset):
     """Items: {image [3,S,S], caption, negative (Caption), visible objects, image_objects [C]}; deterministic."""
 
     def __init__(self, seed: int, length: int, mean: Sequence[float], std: Sequence[float], image_size: int = 64,
-                 stream: str = "pretrain") -> None:  # fmt: skip
+                 stream: str = "pretrain", counterfactual: float = 0.5, relational: float = 0.5) -> None:  # fmt: skip
         self.seed, self.length, self.mean, self.std = seed, length, tuple(mean), tuple(std)
         self.image_size, self.stream = image_size, stream
+        self.counterfactual, self.relational = counterfactual, relational
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        rs, rng = item_scene(self.seed, self.stream, index, self.image_size)
-        caption, negative = captions(rs, rng)
+        rs, rng = item_scene(self.seed, self.stream, index, self.image_size, self.counterfactual)
+        caption, negative = captions(rs, rng, self.relational)
         visible = visible_objects(rs)
         return {
             "image": to_tensor(rs.scene.pixels, self.mean, self.std),
@@ -111,7 +114,8 @@ class RelationalCaptionStream(Dataset):
 
 def collate(tokenizer: Callable[[list[str]], torch.Tensor]) -> Callable[[list[dict]], dict]:
     """Batches of B items -> images [B,3,S,S], tokens [2B, L] (captions, then negatives), matches [B, 2B] (exact:
-    caption t is true of image i), image_objects [B, C]."""
+    caption t is true of image i), image_objects [B, C], pairs [B] (item i's negative is a relation swap false of
+    its own image: the items the pair term of :class:`mmel.pretrain.module.TinyClipPretrainer` contrasts)."""
 
     def make(items: list[dict]) -> dict:
         texts = [it["caption"] for it in items] + [it["negative"] for it in items]
@@ -121,6 +125,8 @@ def collate(tokenizer: Callable[[list[str]], torch.Tensor]) -> Callable[[list[di
             "tokens": tokenizer([t.text for t in texts]),
             "matches": matches,
             "image_objects": torch.stack([it["image_objects"] for it in items]),
+            "pairs": torch.tensor([it["negative"].relation is not None and not bool(matches[i, len(items) + i])
+                                   for i, it in enumerate(items)]),  # fmt: skip
         }
 
     return make

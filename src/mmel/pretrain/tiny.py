@@ -81,7 +81,17 @@ class PretrainConfig:
 class RelationsPretrainConfig(PretrainConfig):
     """Pretraining on the relational world (``--world relations``): its expressions with relation-swapped hard
     negatives (:mod:`mmel.pretrain.relational`); what the model knows of the relations is measured at the end and
-    recorded in the file. A class of its own, so the plain world's recorded settings stay what they were."""
+    recorded in the file. A class of its own, so the plain world's recorded settings stay what they were.
+
+    ``init``: start from a weight file ("shapes": the committed plain-world weights, which already tell the 36
+    categories apart; "" from scratch). ``pair_weight``: the two-way true-vs-swapped term
+    (:meth:`mmel.pretrain.module.TinyClipPretrainer._pair_loss`). ``counterfactual`` / ``relational``: the share of
+    images with one look-alike hidden and of captions that are expressions."""
+
+    init: str = ""
+    pair_weight: float = 0.0
+    counterfactual: float = 0.5
+    relational: float = 0.5
 
     @property
     def world(self) -> str:
@@ -134,7 +144,17 @@ def _pretrain(out: Path, cfg: PretrainConfig, log_dir: str | Path | None) -> dic
         warmup_steps=cfg.warmup_steps,
         max_steps=cfg.steps,
         text_spread=cfg.text_spread,
+        pair_weight=getattr(cfg, "pair_weight", 0.0),
     )
+    if getattr(cfg, "init", ""):
+        init = COMMITTED if cfg.init == "shapes" else Path(cfg.init).expanduser()
+        reason = check_weights(init) if cfg.init == "shapes" else None
+        if reason is not None or not init.is_file():
+            raise FileNotFoundError(f"pretrain --init {cfg.init}: {init} is not a usable weight file ({reason})")
+        from safetensors.torch import load_file
+
+        module.model.load_state_dict({k: v.float() for k, v in load_file(str(init)).items()})
+        log.info("pretrain: starting from %s", init)
     visual = module.model.visual
     kw = {
         "tokenizer": module.tokenizer,
@@ -154,7 +174,8 @@ def _pretrain(out: Path, cfg: PretrainConfig, log_dir: str | Path | None) -> dic
         from mmel.pretrain.relational import RelationalCaptionStream, collate
 
         kw.pop("tokenizer")
-        train = RelationalCaptionStream(cfg.seed, cfg.steps * cfg.batch_size, **kw)
+        shares = {"counterfactual": cfg.counterfactual, "relational": cfg.relational}
+        train = RelationalCaptionStream(cfg.seed, cfg.steps * cfg.batch_size, **kw, **shares)
         val = RelationalCaptionStream(cfg.seed, cfg.val_images, stream="val", **kw)
         loader_kw["collate_fn"] = collate(module.tokenizer)
     else:
@@ -253,7 +274,7 @@ def resolve_weights(cache_dir: Path) -> Path:
 
 
 def _cli_args(out: Path, cfg: PretrainConfig) -> list[str]:
-    default = PretrainConfig()
+    default = type(cfg)()
     args = ["--out", str(out)] + (["--world", cfg.world] if cfg.world != "plain" else [])
     for f in fields(cfg):
         if f.name == "seed" or getattr(cfg, f.name) != getattr(default, f.name):
@@ -268,13 +289,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-dir", type=Path, default=None, help="CSV logs of the run (default: none)")
     p.add_argument("--world", choices=("plain", "relations"), default="plain",
                    help="plain: the shapes world's captions; relations: the relational one")  # fmt: skip
-    for f in fields(PretrainConfig):
+    for f in fields(RelationsPretrainConfig):  # the plain world refuses the relational-only settings below
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default)
     args = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     out, log_dir = args.pop("out"), args.pop("log_dir")
     relations = args.pop("world") == "relations"
     config = RelationsPretrainConfig if relations else PretrainConfig
+    only = {f.name for f in fields(RelationsPretrainConfig)} - {f.name for f in fields(PretrainConfig)}
+    given = sorted(k for k in only if args[k] != getattr(RelationsPretrainConfig(), k))
+    if not relations and given:
+        p.error(f"--{given[0].replace('_', '-')} is a setting of --world relations only")
+    if not relations:
+        args = {k: v for k, v in args.items() if k not in only}
     if relations and out == COMMITTED:  # never over the plain world's committed weights
         out = RELATIONS_FILE
     meta = pretrain(out, config(**args), log_dir=log_dir)
