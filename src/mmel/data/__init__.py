@@ -26,6 +26,8 @@ _LAZY = {
     "Flickr30kDataModule": "mmel.data.datamodules",
     "ShapesDataModule": "mmel.data.datamodules",
     "RefCOCODataModule": "mmel.data.refcoco_module",
+    "ShapesRelations": "mmel.data.relations",
+    "ShapesRelationsDataModule": "mmel.data.relations",
     "FeatureCache": "mmel.data.cache",
     "CachedFeatures": "mmel.data.cache",
     "cache_key": "mmel.data.cache",

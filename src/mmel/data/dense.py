@@ -48,3 +48,27 @@ def dense_fields(geometry, item: dict[str, Any]) -> dict[str, Any]:
         out["points_orig"] = pts
         out["n_points_cropped_out"] = len(pts) - len(out["points"])
     return out
+
+
+def relation_fields(transform, size: tuple[int, int], item: dict[str, Any]) -> dict[str, Any]:
+    """The transformed relation fields of an item ({} for items of other datasets): the look-alike and mentioned
+    boxes in the output frame (empty ones dropped, not counted as the referent's), their originals, and the
+    counterfactual image as the model sees it (None when the item has none)."""
+    if "lookalikes" not in item:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("lookalikes", "mentioned"):
+        orig = torch.as_tensor(np.asarray(item[key]), dtype=torch.float32).reshape(-1, 4)
+        out[key] = transform.boxes(orig, size, count=False)
+        out[f"{key}_orig"] = orig
+    cf = item.get("counterfactual") or ""
+    if cf:
+        from mmel.data.base import DatasetError, load_image
+
+        image = load_image(cf)
+        if (image.height, image.width) != tuple(size):
+            raise DatasetError(f"{cf}: counterfactual image is {(image.height, image.width)}, its scene {size}")
+        out["counterfactual_image"] = transform.image(image)
+    else:
+        out["counterfactual_image"] = None
+    return out

@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from mmel.data.base import Dropped
 from mmel.data.boxes import union_masks
-from mmel.data.dense import dense_fields
+from mmel.data.dense import dense_fields, relation_fields
 
 # OpenAI CLIP's normalisation (open_clip.OPENAI_DATASET_MEAN / _STD); the programs pass the loaded model's values.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -157,6 +157,7 @@ class BoxTransform:
             "boxes_orig": item["boxes"],
             "n_boxes_cropped_out": n_out,
             **dense_fields(self.geometry(size), item),  # a mask / points follow the image (mmel.data.dense)
+            **relation_fields(self, size, item),  # a relational item's other boxes and counterfactual image
         }
 
 

@@ -8,6 +8,9 @@ the trust entries that need more than an item's own map and boxes.
   same image gets the same absent prompt in every chunk, process and resume. Set-dependent explainers
   (:attr:`Explainer.set_dependent`) explain it among the image's own prompts. Each item also says whether it is
   its image's first record of the split (what is recorded once per image is recorded there);
+* ``evidence(seed)`` — per item, the explainer's unnormalised evidence (:meth:`Explainer.evidence`) for its own
+  prompt and for its image's absent prompt (the one ``absent(seed)`` draws; None when the image has every
+  category), explained together per image, and whether the item is its image's first;
 * ``randomised(mode, seed)`` — the batch re-explained with each randomised copy of the model
   (:func:`mmel.metrics.sanity.randomised_copies`; the explainer is rebuilt on each copy by the program's factory,
   so MMEL applies its trained HSRM to the randomised CLIP's evidence, as in use). The loaded model is never
@@ -29,7 +32,7 @@ from torch import Tensor
 from mmel.metrics.protocol import ItemContext
 from mmel.metrics.sanity import randomised_copies
 
-TRUST_NEEDS = frozenset({"others", "absent", "randomised"})
+TRUST_NEEDS = frozenset({"others", "absent", "randomised", "evidence"})
 Explain = Callable[[Any, list[Tensor], list[list[str]]], list[Tensor]]  # (explainer, images, prompts) -> maps
 
 
@@ -101,10 +104,14 @@ class BatchTrust:
     def randomised(self, mode: str, seed: int) -> tuple[list[str], list[list[Tensor]]]:
         return self._once(("randomised", mode, seed), lambda: self._randomised(mode, seed))
 
+    def evidence(self, seed: int) -> list[tuple[float, float | None, bool]]:
+        return self._once(("evidence", seed), lambda: self._evidence(seed))
+
     def context(self, ctx: ItemContext, js: Sequence[int]) -> ItemContext:
         """``ctx`` (the items ``js`` of the batch, in group order) with the trust entries restricted to them."""
         ctx.others = lambda: [self.others()[j] for j in js]
         ctx.absent = lambda seed: [self.absent(seed)[j] for j in js]
+        ctx.evidence = lambda seed: [self.evidence(seed)[j] for j in js]
 
         def randomised(mode: str, seed: int) -> tuple[list[str], list[list[Tensor]]]:
             steps, per_step = self.randomised(mode, seed)
@@ -142,6 +149,24 @@ class BatchTrust:
             g = self.group_of[j]
             first = int(self.batch["index"][i]) == self.split.first[str(self.batch["image_id"][i])]
             out.append((prompts[g], maps[g], first))
+        return out
+
+    def _evidence(self, seed: int) -> list[tuple[float, float | None, bool]]:
+        per_group = []
+        for g, idx in enumerate(self.groups):
+            iid = str(self.batch["image_id"][idx[0]])
+            own = [self.batch["prompt"][i] for i in idx]
+            absent = self.split.absent_prompt(iid, seed)
+            asked = [*own, absent] if absent is not None else own
+            with torch.enable_grad() if self.explainer.needs_grad else torch.no_grad():
+                ev = self.explainer.evidence(self.images[g][None], asked)[0].tolist()
+            per_group.append((ev[: len(own)], ev[len(own)] if absent is not None else None))
+        out = []
+        for g, idx in enumerate(self.groups):
+            own, absent = per_group[g]
+            for k, i in enumerate(idx):
+                first = int(self.batch["index"][i]) == self.split.first[str(self.batch["image_id"][i])]
+                out.append((float(own[k]), absent, first))
         return out
 
     def _randomised(self, mode: str, seed: int) -> tuple[list[str], list[list[Tensor]]]:

@@ -223,7 +223,9 @@ class EvalModule(pl.LightningModule):
 
     def on_test_start(self) -> None:
         if "scorer" in self.needs:  # built here: the model is on its device now
-            prompts = sorted({r.prompt for r in self.records})
+            # and a relational item's swapped words (what the "model knows" test scores)
+            prompts = sorted({r.prompt for r in self.records} | {r.extra["swapped"] for r in self.records
+                                                                 if "swapped" in r.extra})  # fmt: skip
             self.scorer = ClipScorer(self.explainer.clip, prompts, kind=self.scorer_kind)
         self.writer = ItemWriter(self.out / f"items_rank{self.global_rank}.jsonl")
         self._t0 = time.perf_counter()
@@ -268,7 +270,10 @@ class EvalModule(pl.LightningModule):
             ]
         )  # fmt: skip
         prompts = [batch["prompt"][i] for i in order]
-        dense = {name: self._dense(batch, name, order) for name in ("mask", "points")}  # mmel.data.dense
+        # dense targets and a relational item's other boxes (mmel.data.dense), in the scored frame
+        dense = {name: self._dense(batch, name, order) for name in ("mask", "points", "lookalikes", "mentioned")}
+        swapped = [str(batch["swapped"][i]) for i in order] if "swapped" in batch else None
+        cfs = [batch["counterfactual_image"][i] for i in order] if "counterfactual_image" in batch else None
         labels = torch.tensor([int(batch["label"][i]) for i in order]) if "label" in batch else None
         categories = [str(batch["category"][i]) for i in order] if "category" in batch else None
         trust = None
@@ -298,6 +303,10 @@ class EvalModule(pl.LightningModule):
                 points=[dense["points"][j] for j in js] if dense["points"] is not None else None,
                 labels=labels[js] if labels is not None else None,
                 classes=self.classes,
+                lookalikes=[dense["lookalikes"][j] for j in js] if dense["lookalikes"] is not None else None,
+                mentioned=[dense["mentioned"][j] for j in js] if dense["mentioned"] is not None else None,
+                swapped=[swapped[j] for j in js] if swapped is not None else None,
+                counterfactuals=[cfs[j] for j in js] if cfs is not None else None,
             )
             if trust is not None:
                 ctx = trust.context(ctx, js)

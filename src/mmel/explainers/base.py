@@ -194,6 +194,16 @@ class Explainer:
             raw = self.raw_maps(images, prompts)
         return to_image_maps(raw.detach(), images.shape[-2:])
 
+    def evidence(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Unnormalised evidence [B, K]: the positive mass of each raw map on its own grid (before the min-max
+        normalisation that gives every map a peak). What an explainer says about a prompt's *amount* of support —
+        the only place "nothing here" can be read (:class:`mmel.metrics.relational.AbsentEvidence`). Comparable
+        within one explainer and model, not across explainers."""
+        images, prompts = self._prepare(images, prompts, grad=self.needs_grad)
+        with torch.enable_grad() if self.needs_grad else torch.no_grad():
+            raw = self.raw_maps(images, prompts)
+        return raw.detach().float().clamp(min=0).flatten(2).sum(-1)
+
     def explain_batch(self, images: Tensor, prompts: Sequence[Sequence[str]]) -> list[Tensor]:
         """images [B, 3, H, W] normalised, prompts[b] a list of K_b strings -> B maps [K_b, H, W] in [0, 1].
 

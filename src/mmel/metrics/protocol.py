@@ -30,7 +30,8 @@ from torch import Tensor
 # what an evaluation can put into a context (each metric's ``needs`` is a subset)
 CONTEXT = frozenset(
     {"maps", "ids", "boxes", "sizes", "images", "prompts", "categories", "difficult", "scorer", "others", "absent",
-     "randomised", "masks", "points", "labels", "classes"}
+     "randomised", "masks", "points", "labels", "classes", "lookalikes", "mentioned", "swapped", "counterfactuals",
+     "evidence"}
 )  # fmt: skip
 
 
@@ -90,6 +91,11 @@ class ItemContext:
     of ``sizes`` (1 the target, 0 background, -1 ignored); points N float tensors [P_i, 3] (x, y in pixels of that
     frame, label 1 = the target is there, 0 = it is not); labels LongTensor [N], each item's class index into
     ``classes``, the dataset's whole label set (class names).
+    Relational items (:mod:`mmel.data.relations`): lookalikes / mentioned N tensors [M_i, 4] (the look-alike's and
+    the mentioned context objects' boxes, in the frame of ``sizes``), swapped N strings (the relation-swapped
+    expression), counterfactuals N images [3, H, W] as fed to the model (or None: the scene without the
+    look-alike). ``evidence(seed)`` (a trust entry) -> per item (unnormalised evidence for its prompt, for its
+    image's absent prompt or None, whether the item is its image's first).
     """
 
     maps: Tensor
@@ -108,6 +114,11 @@ class ItemContext:
     points: Sequence[Tensor] | None = None
     labels: Tensor | None = None
     classes: Sequence[str] | None = None
+    lookalikes: Sequence[Tensor] | None = None
+    mentioned: Sequence[Tensor] | None = None
+    swapped: Sequence[str] | None = None
+    counterfactuals: Sequence[Tensor | None] | None = None
+    evidence: Callable[[int], list[tuple[float, float | None, bool]]] | None = None
 
     def require(self, needs: frozenset[str], who: str) -> None:
         """Raise a clear error when an entry a metric needs is missing."""

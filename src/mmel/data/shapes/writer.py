@@ -214,8 +214,10 @@ def claim_folder(root: Path) -> dict[str, str]:
     return {}
 
 
-def install_world(root: Path, params: dict) -> dict[str, str]:
+def install_world(root: Path, params: dict, writer=None) -> dict[str, str]:
     """Write the world for ``params`` under ``root``, replacing only files of ours; returns {relative path: sha256}.
+    ``writer(folder, params) -> files``: what renders it (default :func:`write_world`; the relational world has its
+    own, :mod:`mmel.data.shapes.relations_writer`).
 
     The world is rendered into ``root/.mmel-shapes-staging`` first and then moved into place, so a killed run
     leaves either the old world or the new one plus a MANIFEST that lists every file of ours (never a user's file
@@ -228,7 +230,7 @@ def install_world(root: Path, params: dict) -> dict[str, str]:
     if staging.exists():
         shutil.rmtree(staging)  # a killed run's leftovers (the name is ours)
     staging.mkdir()
-    files = write_world(staging, params)
+    files = (writer or write_world)(staging, params)
     clash = sorted(rel for rel in files if rel not in old and (root / rel).exists())
     if clash:
         shutil.rmtree(staging)
