@@ -77,6 +77,10 @@ shapes: install ## write the synthetic shapes world (COCO + Flickr30k Entities f
 pretrain: install ## train the tiny CLIP on the shapes world -> src/mmel/pretrain/assets/ (the committed file; ~30 min)
 	$(BIN)/python -m mmel.pretrain --out src/mmel/pretrain/assets/mmel-tiny-shapes.safetensors --seed 0
 
+.PHONY: pretrain-relations
+pretrain-relations: install ## retrain the tiny CLIP on the relational world (from the plain weights; ~25 min)
+	$(BIN)/python -m mmel.pretrain --world relations --out src/mmel/pretrain/assets/mmel-tiny-shapes-relations.safetensors --seed 0 --steps 1500 --val-every 500 --init shapes --pair-weight 3.0 --counterfactual 0.9 --relational 0.9
+
 bench: install ## speed / memory benchmarks (ratios measured side by side; bench_gpu.py at --size small on the CPU)
 	@rc=0; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || rc=1; done; exit $$rc
 

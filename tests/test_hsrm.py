@@ -311,3 +311,26 @@ def test_hsrm_settings_are_written_once():
     assert {k: mmel[k] for k in ("layers", "scales", "tau")} == {k: want[k] for k in ("layers", "scales", "tau")}
     with pytest.raises(KeyError, match="no HSRM setting"):
         hsrm_default("scale")
+
+
+def test_prompt_conditioning_starts_unconditioned_and_then_weighs_each_prompt_its_own_way():
+    """conditioning=prompt: at its zero start the map is the unconditioned HSRM's; once C moves, two prompts of
+    the same image get different layer / scale weights (and so different maps from the same evidence)."""
+    x = make_inputs()
+    plain, cond = make_hsrm(), make_hsrm(conditioning="prompt")
+    assert cond.cond.shape == (4 + 1 + 3, 12)
+    torch.testing.assert_close(cond(x)[0], plain(x)[0])
+    mask = torch.zeros(3, 5, 7)
+    mask[:, 1:3, 2:5] = 1
+    m, e = cond(x)
+    box_losses(m, e, mask, {"energy": 1.0})["total"].backward()
+    assert cond.cond.grad is not None and cond.cond.grad.abs().sum() > 0  # learns from step one
+    same = HSRMInputs(x.evidence[:1].expand(2, -1, -1, -1), x.keys[:1], x.patch_tokens[:1], x.text[:2])
+    with torch.no_grad():
+        cond.cond.normal_()
+    a, b = cond(same)[0]
+    assert not torch.allclose(a, b)  # same image, same evidence, two prompts: two weightings
+    pa, pb = plain(same)[0]
+    torch.testing.assert_close(pa, pb)
+    with pytest.raises(ValueError, match="conditioning"):
+        make_hsrm(conditioning="text")

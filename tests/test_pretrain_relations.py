@@ -95,3 +95,53 @@ def test_a_relations_run_records_its_knowledge_and_is_never_the_plain_weights(tm
     assert "format" in tiny.check_weights(out)  # refused as mmel-tiny/shapes weights
     assert "world" not in json.loads(meta["config"])  # the plain world's recorded settings keep their keys
     assert tiny.PretrainConfig().world == "plain" and cfg.world == "relations"
+
+
+def test_pairs_are_the_items_whose_swapped_words_are_false_of_their_own_image():
+    from mmel.pretrain.relational import collate
+
+    ds = RelationalCaptionStream(0, 64, MEAN, STD, image_size=64, counterfactual=1.0, relational=1.0)
+    items = [ds[i] for i in range(64)]
+    batch = collate(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))(items)
+    # every image is a counterfactual with an expression: its swap is false of it, so every item is a pair
+    assert batch["pairs"].all()
+    assert not batch["matches"][torch.arange(64), 64 + torch.arange(64)].any()
+    plain = RelationalCaptionStream(0, 32, MEAN, STD, image_size=64, counterfactual=0.0, relational=1.0)
+    full = collate(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))([plain[i] for i in range(32)])
+    assert not full["pairs"].any()  # on full images both expressions are true: nothing to contrast
+
+
+def test_the_pair_term_is_a_two_way_cross_entropy_on_the_pairs_only():
+    from mmel.pretrain.module import TinyClipPretrainer
+
+    m = TinyClipPretrainer(pair_weight=1.0)
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    pairs = torch.tensor([True, False, True])
+    got = m._pair_loss(img, txt, torch.tensor(10.0), pairs)
+    want = []
+    for i in (0, 2):
+        logits = 10.0 * torch.stack([img[i] @ txt[i], img[i] @ txt[3 + i]])
+        want.append(-torch.log_softmax(logits, 0)[0])
+    assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
+
+
+def test_relational_only_settings_are_refused_for_the_plain_world_and_the_make_target_is_the_config(capsys):
+    import re
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        tiny.main(["--out", "/nonexistent/x.safetensors", "--pair-weight", "2"])
+    assert "--pair-weight is a setting of --world relations only" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="--init /nonexistent"):
+        tiny.pretrain("/tmp/never-written.safetensors", tiny.RelationsPretrainConfig(init="/nonexistent", steps=1))
+    make = (Path(__file__).parents[1] / "Makefile").read_text()
+    line = re.search(r"-m mmel\.pretrain --world relations (.*)", make).group(1).split()
+    cfg = tiny.relations_config()
+    want = tiny._cli_args(tiny.RELATIONS_FILE, cfg)  # --out PATH --world relations --seed 0 ...
+    got = ["--world", "relations", *line]
+    assert dict(zip(want[::2], want[1::2], strict=True)) == {
+        **dict(zip(got[::2], got[1::2], strict=True)),
+        "--out": str(tiny.RELATIONS_FILE),
+    }

@@ -63,6 +63,7 @@ _TOLD_TRUNCATED: set[tuple[str, str]] = set()
 # (so that loading a backbone does not import the training code that can build the weights).
 _LOCAL_WEIGHTS: dict[tuple[str, str], Callable[[Path], Path] | str] = {
     ("mmel-tiny", "shapes"): "mmel.pretrain.tiny:resolve_weights",
+    ("mmel-tiny", "shapes-relations"): "mmel.pretrain.tiny:resolve_relations_weights",
 }
 
 

@@ -45,6 +45,7 @@ class HSRMLitModule(pl.LightningModule):
             Grad-ECLIP's block. Defaults of this and the next settings: :class:`mmel.hsrm.module.HSRMSettings`.
         scales, tau: HSRM propagation granularities and initial temperatures (``scales=()``: no propagation).
         layer_weights, gate: HSRM switches for ablations (``learned`` / ``uniform`` / ``last``; gate on / off).
+        conditioning: ``none`` | ``prompt`` (layer / scale weights chosen per prompt).
         losses: objective weights, e.g. ``{"energy": 1.0, "dice": 0.5}``.
         optimizer: a half-built optimizer (``functools.partial`` / Hydra ``_partial_``) taking the parameters.
         evidence_fn: ``(images, prompts, layers) -> mmel.explainers.LayerEvidence`` (paired); default: native
@@ -60,6 +61,7 @@ class HSRMLitModule(pl.LightningModule):
         tau: float | Sequence[float] = DEFAULTS.tau,
         layer_weights: str = DEFAULTS.layer_weights,
         gate: bool = DEFAULTS.gate,
+        conditioning: str = DEFAULTS.conditioning,
         losses: Mapping[str, float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         evidence_fn: Callable[..., Any] | None = None,
@@ -75,6 +77,7 @@ class HSRMLitModule(pl.LightningModule):
                 "scales": list(scales),
                 "layer_weights": layer_weights,
                 "gate": bool(gate),
+                "conditioning": str(conditioning),
                 "tau": tau,
                 "losses": dict(losses or {"energy": 1.0}),
                 "backbone": clip.name,
@@ -85,7 +88,13 @@ class HSRMLitModule(pl.LightningModule):
         object.__setattr__(self, "clip", clip)  # not registered: frozen, out of checkpoints
         object.__setattr__(self, "_evidence_fn", evidence_fn)
         self.hsrm = HSRM.for_clip(
-            clip.model, num_layers=len(self.layers), scales=scales, tau=tau, layer_weights=layer_weights, gate=gate
+            clip.model,
+            num_layers=len(self.layers),
+            scales=scales,
+            tau=tau,
+            layer_weights=layer_weights,
+            gate=gate,
+            conditioning=conditioning,
         )
         self.loss_weights = dict(losses or {"energy": 1.0})
         self.optimizer_factory = optimizer
@@ -220,5 +229,5 @@ class HSRMLitModule(pl.LightningModule):
     def hsrm_config(self) -> dict[str, Any]:
         """The ``config`` of ``hsrm.pt`` (:func:`mmel.hsrm.save_hsrm`): the CLIP it reads and how it was trained."""
         hp = dict(self.hparams)
-        extra = {k: hp[k] for k in ("layer_weights", "gate", "losses", "pointing_tolerance")}
+        extra = {k: hp[k] for k in ("layer_weights", "gate", "conditioning", "losses", "pointing_tolerance")}
         return hsrm_config(self.clip, self.layers, hp["scales"], hp["tau"], **extra)

@@ -12,7 +12,9 @@ may be given instead of the keys (``cosines``: what the feature cache stores, fa
    regions, R^{l,s} = softmax_b(cos(k_a, k_b) / tau_s), and the evidence is propagated between related regions:
    g^{l,s} = upsample(R^{l,s} pool_s(g^l)). The un-propagated g^l is the term s = 0.
 2. Adaptive weighting. G = sum_l alpha_l sum_s beta_s g^{l,s}, with alpha = e_last + d_alpha and
-   beta = e_0 + d_beta, d_* zero-initialised. Why not softmax(theta) as in the paper's wording: a softmax saturated
+   beta = e_0 + d_beta, d_* zero-initialised. With ``conditioning="prompt"`` the weights are chosen per prompt:
+   (alpha_p, beta_p) = (alpha, beta) + C t_p/|t_p| with C [L + 1 + |S|, D] zero-initialised, so which layers and
+   which granularities of relation count depends on what the prompt asks (a relation word, a row, a part). Why not softmax(theta) as in the paper's wording: a softmax saturated
    on the last layer gives the other layers no gradient, while at the one-hot start of this parametrisation
    dG/d d_alpha_l = g^{l,0} and dG/d d_beta_s = g^{last,s}, so every weight learns from step one.
 3. Cross-modal alignment. P_v = Linear(W -> D) after a LayerNorm, both initialised from CLIP's ln_post / proj, and
@@ -52,7 +54,8 @@ class HSRMSettings:
     layers: an int n = the last n vision blocks (clamped to the model's depth), or a list of block indices;
     scales: relationship granularities (patch windows; empty = no propagation); tau: initial softmax temperature,
     one for all scales or one per scale (learnt); layer_weights: ``learned`` | ``uniform`` | ``last``; gate: the
-    cross-modal alignment gate on / off.
+    cross-modal alignment gate on / off; conditioning: ``none`` (one set of layer / scale weights) | ``prompt``
+    (weights chosen per prompt from its text embedding).
     """
 
     layers: int | tuple[int, ...] = 6
@@ -60,6 +63,7 @@ class HSRMSettings:
     tau: float | tuple[float, ...] = 0.1
     layer_weights: str = "learned"
     gate: bool = True
+    conditioning: str = "none"
 
 
 DEFAULTS = HSRMSettings()
@@ -236,9 +240,12 @@ class HSRM(nn.Module):
         layer_weights: ``learned`` (alpha = e_last + d_alpha), or fixed for ablations: ``uniform`` (1/L each) or
             ``last`` (only the Grad-ECLIP block). ``scales=()`` switches multi-scale propagation off.
         gate: False switches the cross-modal alignment gate off (A = 1; its projections are then unused).
+        conditioning: ``none`` | ``prompt``: layer and scale weights chosen per prompt (module docstring, step 2;
+            with fixed layer weights only the scale weights are conditioned).
     """
 
     LAYER_WEIGHTS = ("learned", "uniform", "last")
+    CONDITIONING = ("none", "prompt")
 
     def __init__(
         self,
@@ -251,10 +258,14 @@ class HSRM(nn.Module):
         proj: Tensor | None = None,
         layer_weights: str = DEFAULTS.layer_weights,
         gate: bool = DEFAULTS.gate,
+        conditioning: str = DEFAULTS.conditioning,
     ) -> None:
         super().__init__()
         if layer_weights not in self.LAYER_WEIGHTS:
             raise ValueError(f"hsrm layer_weights={layer_weights!r}: expected one of {self.LAYER_WEIGHTS}")
+        if conditioning not in self.CONDITIONING:
+            raise ValueError(f"hsrm conditioning={conditioning!r}: expected one of {self.CONDITIONING}")
+        self.conditioning = conditioning
         self.layer_weights, self.use_gate = layer_weights, bool(gate)
         if num_layers < 1:
             raise ValueError(f"HSRM needs at least one layer, got num_layers={num_layers}")
@@ -275,6 +286,8 @@ class HSRM(nn.Module):
         self.proj_v = nn.Linear(width, embed_dim, bias=False)
         self.proj_t = nn.Linear(embed_dim, embed_dim, bias=False)
         self._param_or_buffer("gamma", torch.zeros(()), self.use_gate)
+        if conditioning == "prompt":  # zero: the start is the unconditioned HSRM (Grad-ECLIP's map) exactly
+            self.cond = nn.Parameter(torch.zeros(num_layers + 1 + len(scales), embed_dim))
         with torch.no_grad():
             if ln_post is not None:
                 self.ln_v.load_state_dict(ln_post.state_dict())
@@ -374,7 +387,14 @@ class HSRM(nn.Module):
         h, w = inputs.grid
         scale = ev.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
         terms = self.propagate(ev / scale, inputs.keys, (h, w), inputs.cosines)  # [P, L, S+1, h, w]
-        g = torch.einsum("plshw,l,s->phw", terms, self.alpha, self.beta)
+        if self.conditioning == "prompt":
+            delta = F.normalize(inputs.text.float(), dim=-1) @ self.cond.t()  # [P, L + 1 + |S|]
+            d_alpha = delta[:, : self.num_layers] if self.layer_weights == "learned" else 0.0
+            alpha = self.alpha[None] + d_alpha
+            beta = self.beta[None] + delta[:, self.num_layers :]
+            g = torch.einsum("plshw,pl,ps->phw", terms, alpha.to(terms.dtype), beta.to(terms.dtype))
+        else:
+            g = torch.einsum("plshw,l,s->phw", terms, self.alpha, self.beta)
         if not self.use_gate:
             return F.relu(g)
         a = self.alignment(inputs.patch_tokens, inputs.text).reshape(-1, h, w)

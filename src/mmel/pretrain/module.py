@@ -63,7 +63,9 @@ class TinyClipPretrainer(pl.LightningModule):
             self.log("train/text_spread", spread)
             loss = loss + self.hparams.text_spread * spread
         if self.hparams.pair_weight > 0 and isinstance(batch, dict) and bool(batch["pairs"].any()):
-            loss = loss + self.hparams.pair_weight * self._pair_loss(image_features, text_features, scale, batch["pairs"])
+            loss = loss + self.hparams.pair_weight * self._pair_loss(
+                image_features, text_features, scale, batch["pairs"]
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", scale)
         return loss

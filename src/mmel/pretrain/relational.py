@@ -125,8 +125,12 @@ def collate(tokenizer: Callable[[list[str]], torch.Tensor]) -> Callable[[list[di
             "tokens": tokenizer([t.text for t in texts]),
             "matches": matches,
             "image_objects": torch.stack([it["image_objects"] for it in items]),
-            "pairs": torch.tensor([it["negative"].relation is not None and not bool(matches[i, len(items) + i])
-                                   for i, it in enumerate(items)]),  # fmt: skip
+            "pairs": torch.tensor(
+                [
+                    it["negative"].relation is not None and not bool(matches[i, len(items) + i])
+                    for i, it in enumerate(items)
+                ]
+            ),  # fmt: skip
         }
 
     return make

@@ -232,8 +232,9 @@ def export_weights(model: torch.nn.Module, out: Path, metadata: dict[str, str]) 
     tmp.replace(out)
 
 
-def check_weights(path: Path) -> str | None:
-    """None when ``path`` holds mmel-tiny/shapes weights for the current architecture, else the reason not."""
+def check_weights(path: Path, fmt: str = FORMAT) -> str | None:
+    """None when ``path`` holds mmel-tiny weights of format ``fmt`` (the plain world's by default) for the current
+    architecture, else the reason not."""
     if not path.is_file():
         return "no such file"
     try:
@@ -241,8 +242,8 @@ def check_weights(path: Path) -> str | None:
             meta, keys = f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 — a Git LFS pointer, a truncated download, ...
         return f"unreadable ({type(e).__name__}: {e})"
-    if meta.get("format") != FORMAT:
-        return f"format {meta.get('format')!r}, expected {FORMAT!r}"
+    if meta.get("format") != fmt:
+        return f"format {meta.get('format')!r}, expected {fmt!r}"
     if json.loads(meta.get("arch", "null")) != arch_config():
         return f"trained for another {ARCH}.json than the current one"
     register_model_configs()
@@ -269,6 +270,31 @@ def resolve_weights(cache_dir: Path) -> Path:
         "on 2 CPU cores). Done once; later runs reuse the file. Same as: python -m mmel.pretrain --out %s",
         cached, cfg.steps, lo, hi, cached,
     )  # fmt: skip
+    pretrain(cached, cfg)
+    return cached
+
+
+def relations_config() -> RelationsPretrainConfig:
+    """The settings the committed relational weights were trained with (``make pretrain-relations``)."""
+    return RelationsPretrainConfig(steps=1500, init="shapes", pair_weight=3.0, counterfactual=0.9, relational=0.9,
+                                   val_every=500)  # fmt: skip
+
+
+def resolve_relations_weights(cache_dir: Path) -> Path:
+    """The weight file of ``load_clip("mmel-tiny", pretrained="shapes-relations")``: committed, cached, or trained
+    now (from the plain world's weights, :func:`relations_config`)."""
+    cached = Path(cache_dir).expanduser() / RELATIONS_FILE.name
+    for candidate in (RELATIONS_FILE, cached):
+        reason = check_weights(candidate, RELATIONS_FORMAT)
+        if reason is None:
+            return candidate
+        if candidate.exists():
+            log.warning("mmel-tiny/shapes-relations: ignoring %s: %s", candidate, reason)
+    cfg = relations_config()
+    lo, hi = (cfg.steps * s / 60 for s in SECONDS_PER_STEP)
+    log.warning("mmel-tiny/shapes-relations weights not found: training them now into %s (%d steps; expect about "
+                "%.0f-%.0f minutes on 2 CPU cores). Same as: python -m mmel.pretrain %s", cached, cfg.steps, lo, hi,
+                " ".join(_cli_args(cached, cfg)[2:]))  # fmt: skip
     pretrain(cached, cfg)
     return cached
 
