@@ -61,7 +61,7 @@ def test_refs_carry_the_relation_and_its_boxes(world):
     by_image: dict[int, list[dict]] = {}
     for r in refs:
         by_image.setdefault(r["image_id"], []).append(r)
-    for image_id, pair in by_image.items():
+    for pair in by_image.values():
         assert len(pair) == 2
         a, b = pair
         # each is the other's look-alike, and each one's swapped words are the other's expression

@@ -14,7 +14,8 @@ may be given instead of the keys (``cosines``: what the feature cache stores, fa
 2. Adaptive weighting. G = sum_l alpha_l sum_s beta_s g^{l,s}, with alpha = e_last + d_alpha and
    beta = e_0 + d_beta, d_* zero-initialised. With ``conditioning="prompt"`` the weights are chosen per prompt:
    (alpha_p, beta_p) = (alpha, beta) + C t_p/|t_p| with C [L + 1 + |S|, D] zero-initialised, so which layers and
-   which granularities of relation count depends on what the prompt asks (a relation word, a row, a part). Why not softmax(theta) as in the paper's wording: a softmax saturated
+   which granularities of relation count depends on what the prompt asks (a relation word, a row, a part).
+   Why not softmax(theta) as in the paper's wording: a softmax saturated
    on the last layer gives the other layers no gradient, while at the one-hot start of this parametrisation
    dG/d d_alpha_l = g^{l,0} and dG/d d_beta_s = g^{last,s}, so every weight learns from step one.
 3. Cross-modal alignment. P_v = Linear(W -> D) after a LayerNorm, both initialised from CLIP's ln_post / proj, and

@@ -187,7 +187,8 @@ class ContextCoverage(Metric):
         return [None if v != v else {"coverage": v} for v in vals]
 
     def update(self, maps: Tensor | None = None, mentioned: Sequence[Tensor] | None = None,
-               sizes: Tensor | None = None, *, records: Sequence[dict[str, Any] | None] | None = None) -> None:  # fmt: skip
+               sizes: Tensor | None = None, *,
+               records: Sequence[dict[str, Any] | None] | None = None) -> None:  # fmt: skip
         if records is None:
             records = [None if v != v else {"coverage": v} for v in context_coverage(maps, mentioned, sizes).tolist()]
         for r in records:
