@@ -119,9 +119,9 @@ def legend(reference: str, tests: dict[str, dict[str, Versus]], untested: Sequen
     marks = ", ".join(f"{m} p < {level:g}" for level, m in reversed(SIGNIFICANCE_MARKS))
     kinds = sorted({t.test for t in every})
     how = {
-        MCNEMAR: "exact McNemar on the 0/1 values (pointing hits) of every (item, seed) pair",
-        SIGN_FLIP: f"sign-flip permutation test of the mean difference (an item's seeds flipped together; exact, "
-        f"or {DEFAULT_RESAMPLES:,} seeded sign sets) on the other columns",
+        MCNEMAR: "pointing hits (0/1): exact McNemar over every (item, seed) pair",
+        SIGN_FLIP: f"continuous values: sign-flip permutation test of the mean difference, an item's seeds flipped "
+        f"together (exact, or {DEFAULT_RESAMPLES:,} seeded sign sets)",
     }
     pairs = sorted({t.pairs for t in every})
     span = f"{pairs[0]}" if len(pairs) == 1 else f"{pairs[0]}–{pairs[-1]}"
