@@ -42,6 +42,7 @@ def from_summary(summary: dict, commit: str) -> dict:
         "rows": t["rows"],
         "columns": t["columns"],
         "cells": t["cells"],
+        "legend": t.get("legend", ""),  # what the significance marks mean (absent in older summaries)
         "significance": summary.get("significance", {}),
         "samples": summary.get("samples"),
         "machine": summary.get("machine"),
@@ -73,7 +74,8 @@ def render(results: dict) -> str:
     """The Markdown block for the README (between the markers)."""
     cols = [Column(c) for c in results["columns"]]
     cells = [[Cell(**c) for c in row] for row in results["cells"]]
-    table = Table(results["title"], results["rows"], cols, cells, label_header="explainer")
+    table = Table(results["title"], results["rows"], cols, cells, label_header="explainer",
+                  legend=results.get("legend") or "")  # fmt: skip
     md = table.markdown().strip("\n")
     md = "\n".join(line for line in md.splitlines() if not line.startswith("#")).strip("\n")
     lines = [md, ""]

@@ -32,7 +32,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px soli
 text-align:right}th[scope=row],thead th:first-child{text-align:left}thead th{background:#f3f3f3}
 figure{display:inline-block;margin:.5em;vertical-align:top}figure img{max-width:560px;border:1px solid #ddd}
 figcaption{font-size:.85em;color:#555}code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;overflow:auto}
-.note{color:#444}.prov td{text-align:left}
+.note{color:#444}.prov td{text-align:left}.legend{color:#444;font-size:.85em}
 """
 
 

@@ -6,6 +6,10 @@
   the discordant pairs carry information; the p-value is two-sided binomial with p = 1/2 on them.
 * :func:`paired_bootstrap` — for continuous paired scores (energy, IoU, AUCs): the interval of the mean difference
   and a two-sided p-value from the bootstrap distribution of that difference (Efron & Tibshirani's shift method).
+* :func:`sign_flip` — for continuous paired scores pooled over seeds: a two-sided permutation test of the mean
+  difference that flips the sign of each item's differences (all of the item's seeds together), exact when there are
+  few items, else a fixed-seed Monte Carlo (the same records always give the same p).
+* :func:`mark` — the significance mark a table prints beside a value (``*`` p < 0.05, ``**`` p < 0.01).
 * :func:`mean_std` — mean ± sample standard deviation over training seeds (ddof = 1; a single seed has std NaN, and
   a table says so instead of printing 0).
 
@@ -115,3 +119,71 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1) over seeds; std is NaN for one seed."""
     a = _as_1d(values, "mean_std")
     return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else math.nan)
+
+
+@dataclass(frozen=True)
+class SignFlip:
+    """Mean of A − B over ``pairs`` paired values, its two-sided sign-flip p-value, and how many independent units
+    (``clusters``: items) were flipped; ``exact``: every sign pattern enumerated (else ``resamples`` drawn)."""
+
+    diff: float
+    p_value: float
+    pairs: int
+    clusters: int
+    exact: bool
+
+
+def sign_flip(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    clusters: Sequence[object] | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> SignFlip:
+    """Paired sign-flip permutation test of "no difference" between two methods' scores [N] on the same pairs.
+
+    Under the null hypothesis an item's difference A − B is as likely negated: the statistic |sum of differences|
+    is compared with its value under every (or ``resamples`` seeded random) sign patterns. ``clusters`` [N] groups
+    pairs that are not independent (the same item under several training seeds): a cluster's differences are
+    flipped together, so an item repeated over seeds counts as one unit of evidence, not several. With at most
+    ``resamples`` sign patterns all of them are enumerated (exact p); otherwise p = (1 + #{at least as extreme}) /
+    (1 + resamples), never 0. All differences zero: p = 1."""
+    x, y = _as_1d(a, "sign_flip"), _as_1d(b, "sign_flip")
+    if x.shape != y.shape:
+        raise ValueError(f"sign_flip: paired scores need equal lengths, got {x.size} and {y.size}")
+    d = x - y
+    if clusters is None:
+        sums = d
+    else:
+        if len(clusters) != d.size:
+            raise ValueError(f"sign_flip: {len(clusters)} cluster labels for {d.size} pairs")
+        _, unit = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+        sums = np.bincount(unit, weights=d)
+    n = sums.size
+    observed = abs(float(sums.sum()))
+    # the same sum computed in another order differs in its last bits: "as extreme" allows for that rounding
+    tol = 1e-9 * max(1.0, float(np.abs(sums).sum()))
+    if observed <= tol:
+        return SignFlip(float(d.mean()), 1.0, int(d.size), n, True)
+    if n <= 20 and 2**n <= resamples:
+        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2.0 - 1.0
+        extreme = int((np.abs(signs @ sums) >= observed - tol).sum())
+        return SignFlip(float(d.mean()), extreme / 2**n, int(d.size), n, True)
+    rng = np.random.default_rng(seed)
+    extreme, left = 0, resamples
+    while left:
+        m = min(left, 1000)  # 1000 sign patterns at a time: memory stays ~1000 x N bytes
+        signs = rng.integers(0, 2, size=(m, n), dtype=np.int8) * 2 - 1
+        extreme += int((np.abs(signs @ sums) >= observed - tol).sum())
+        left -= m
+    return SignFlip(float(d.mean()), (extreme + 1) / (resamples + 1), int(d.size), n, False)
+
+
+SIGNIFICANCE_MARKS = ((0.01, "**"), (0.05, "*"))  # the thresholds a table marks, strictest first
+
+
+def mark(p: float | None) -> str:
+    """``**`` for p < 0.01, ``*`` for p < 0.05, else "" (also for no test)."""
+    if p is None or math.isnan(p):
+        return ""
+    return next((m for level, m in SIGNIFICANCE_MARKS if p < level), "")

@@ -1,9 +1,12 @@
 """Paper tables as data, written as Markdown, CSV and LaTeX (booktabs), with the best value per column in bold.
 
 A :class:`Table` holds row labels and, per metric column, one :class:`Cell` per row: the value that ranks the
-row, and an optional spread (± std over seeds) or interval ([low, high], a bootstrap CI). Which way is better is
-declared per column (deletion AUC: lower). A missing value is shown as "—" and never ranked; ties are all bold.
-CSV keeps full precision and separate low/high/std columns (for plotting); Markdown and LaTeX are for reading.
+row, and an optional spread (± std over seeds) or interval ([low, high], a bootstrap CI), and the p-value of a
+paired test against the table's reference row (shown as a mark: ``*`` p < 0.05, ``**`` p < 0.01,
+:func:`experiments.stats.mark`; the table's ``legend`` says which test). Which way is better is declared per column
+(deletion AUC: lower). A missing value is shown as "—" and never ranked; ties are all bold. CSV keeps full
+precision and separate low/high/std columns (for plotting), and p / pairs / mark columns when the table has tests;
+Markdown and LaTeX are for reading, with the legend under the table.
 """
 
 from __future__ import annotations
@@ -15,15 +18,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape as html_escape
 
+from .stats import mark
+
 
 @dataclass(frozen=True)
 class Cell:
-    """A value with an optional std (over seeds) or interval (low, high)."""
+    """A value with an optional std (over seeds) or interval (low, high), and the p-value of its paired test against
+    the table's reference row over ``pairs`` paired values (None: not tested)."""
 
     value: float | None
     std: float | None = None
     low: float | None = None
     high: float | None = None
+    p: float | None = None
+    pairs: int | None = None
+
+    @property
+    def mark(self) -> str:
+        return mark(self.p)
 
     @property
     def missing(self) -> bool:
@@ -56,6 +68,7 @@ class Table:
     cells: list[list[Cell]] = field(default_factory=list)
     digits: int = 3
     label_header: str = "method"
+    legend: str = ""  # under the table: what the marks mean (which test, how many pairs, over how many seeds)
 
     def __post_init__(self) -> None:
         if len(self.cells) != len(self.rows) or any(len(r) != len(self.columns) for r in self.cells):
@@ -77,6 +90,11 @@ class Table:
             out.append({r for r, v in vals.items() if v == target})
         return out
 
+    @property
+    def tested(self) -> bool:
+        """Whether any cell carries a paired test (the CSV then has p / pairs / mark columns)."""
+        return any(cell.p is not None for row in self.cells for cell in row)
+
     def markdown(self) -> str:
         best = self.best()
         arrows = [f"{c.name} {'↑' if c.higher_is_better else '↓'}" for c in self.columns]
@@ -84,22 +102,31 @@ class Table:
         for r, label in enumerate(self.rows):
             cells = []
             for c in range(len(self.columns)):
-                t = self.cells[r][c].text(self.digits)
-                cells.append(f"**{t}**" if r in best[c] else t)
+                cell = self.cells[r][c]
+                t = cell.text(self.digits)
+                t = f"**{t}**" if r in best[c] else t
+                cells.append(t + (" " + cell.mark.replace("*", "\\*") if cell.mark else ""))  # "*" escaped: not bold
             lines.append("| " + " | ".join([label, *cells]) + " |")
+        if self.legend:
+            lines += ["", self.legend]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         head = [self.label_header]
+        tested = self.tested
         for c in self.columns:
             head += [c.name, f"{c.name}_std", f"{c.name}_low", f"{c.name}_high"]
+            head += [f"{c.name}_p", f"{c.name}_pairs", f"{c.name}_mark"] if tested else []
         w.writerow(head)
         for r, label in enumerate(self.rows):
             row: list[object] = [label]
             for cell in self.cells[r]:
                 row += ["" if v is None else repr(float(v)) for v in (cell.value, cell.std, cell.low, cell.high)]
+                if tested:
+                    row += ["" if cell.p is None else repr(float(cell.p)), "" if cell.pairs is None else cell.pairs,
+                            cell.mark]  # fmt: skip
             w.writerow(row)
         return buf.getvalue()
 
@@ -113,10 +140,13 @@ class Table:
         for r, label in enumerate(self.rows):
             cells = []
             for c in range(len(self.columns)):
-                t = esc(self.cells[r][c].text(self.digits))
-                cells.append(f"<td><b>{t}</b></td>" if r in best[c] else f"<td>{t}</td>")
+                cell = self.cells[r][c]
+                t = esc(cell.text(self.digits))
+                t = f"<b>{t}</b>" if r in best[c] else t
+                cells.append(f"<td>{t}<sup>{cell.mark}</sup></td>" if cell.mark else f"<td>{t}</td>")
             rows.append(f"<tr><th scope='row'>{esc(label)}</th>{''.join(cells)}</tr>")
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>\n"
+        legend = f"<p class='legend'>{esc(self.legend)}</p>" if self.legend else ""
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{legend}\n"
 
     def latex(self) -> str:
         best = self.best()
@@ -130,10 +160,13 @@ class Table:
         for r, label in enumerate(self.rows):
             cells = []
             for c in range(len(self.columns)):
-                t = esc(self.cells[r][c].text(self.digits)).replace("±", "$\\pm$")
-                cells.append(f"\\textbf{{{t}}}" if r in best[c] else t)
+                cell = self.cells[r][c]
+                t = esc(cell.text(self.digits)).replace("±", "$\\pm$")
+                t = f"\\textbf{{{t}}}" if r in best[c] else t
+                cells.append(t + (f"$^{{{cell.mark}}}$" if cell.mark else ""))
             lines.append(" & ".join([esc(label), *cells]) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}"]
+        lines += [f"% {line}" for line in esc(self.legend).splitlines()]  # the legend, for the caption
         return "\n".join(lines) + "\n"
 
 

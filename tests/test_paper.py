@@ -102,8 +102,8 @@ def test_paper_builds_tables_report_and_reuses_runs(tmp_path):
     assert "Table 1 — localisation" in html and "Table 4 — HSRM ablations" in html and "<img" in html
     n_first = len(calls)
     # 2 trainings + (attention, grad_eclip, 2 x mmel) + faithfulness (grad_eclip, 2 x mmel, protocol) + 2 ablations
-    # + trust (grad_eclip, 2 x mmel)
-    assert n_first == 2 + 4 + 4 + 2 + 3
+    # x 2 seeds, each trained and evaluated + trust (grad_eclip, 2 x mmel)
+    assert n_first == 2 + 4 + 4 + 2 * 2 * 2 + 3
     summary = json.loads((tmp_path / "summary.json").read_text())
     t1 = summary["table-1"]
     mmel = t1["cells"][t1["rows"].index("MMEL")]
@@ -166,7 +166,9 @@ def test_the_coco_spec_plans_every_run_per_backbone_without_running_or_writing(t
     trains = [r for r in runs if r.program == "train"]
     assert [r.overrides for r in trains[:3]] == [["data=coco", "trainer=gpu", "model=vitb16", f"seed={s}"]
                                                  for s in (0, 1, 2)]  # fmt: skip
-    assert len(trains) == 3 + len(spec.ablations)
+    # every ablation row over every seed; coco's full HSRM (no ablation overrides) is the seed's main training
+    assert spec.ablations[next(iter(spec.ablations))] == () and not spec.ablation_overrides
+    assert len(trains) == 3 + 3 * (len(spec.ablations) - 1)
     mmel = [r for r in runs if "explainer=mmel" in r.overrides]
     assert mmel and all(any(o.startswith("explainer.checkpoint=") and o.endswith("hsrm.pt") for o in r.overrides)
                         for r in mmel)  # fmt: skip
@@ -213,9 +215,8 @@ def test_a_spec_is_checked_and_typed_before_anything_runs(tmp_path):
         f"explainer.checkpoint={plan.trainings[s].out / 'hsrm.pt'}" in r.overrides
         for s, r in zip((0, 1), mmel, strict=True)
     )
-    assert set(plan.tables) == {"localisation", "faithfulness", "trust"} and set(plan.ablations) == set(
-        SPEC["ablations"]
-    )
+    assert set(plan.tables) == {"localisation", "faithfulness", "trust", "ablations"}
+    assert set(plan.ablations) == set(plan.tables["ablations"]) == set(SPEC["ablations"])
 
 
 def test_a_benchmark_table_is_one_spec_entry(tmp_path):

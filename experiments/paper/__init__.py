@@ -3,8 +3,10 @@
 A spec (``experiments/paper/<name>.yaml``) says which runs make which table; this module makes the runs that are
 missing (train.py / evaluate.py in this process, each in its own folder under ``results/<name>/runs/``, reused when
 its overrides are unchanged), then turns run outputs — ``metrics.json`` and the per-item ``items.jsonl`` — into
-tables (Markdown, CSV, LaTeX: :mod:`experiments.tables`) with 95 % bootstrap intervals over items and mean ± std over
-training seeds (:mod:`experiments.stats`), figures, and one self-contained ``report.html``
+tables (Markdown, CSV, LaTeX: :mod:`experiments.tables`) with 95 % bootstrap intervals over items, mean ± std over
+training seeds (:mod:`experiments.stats`) and, in Tables 1, 3 and 4, every row's paired test against the table's
+reference row over (item, seed) pairs as a significance mark (:mod:`.paired`), figures, and one self-contained
+``report.html``
 (:mod:`experiments.report`). Nothing in a table is typed in: a value that no run produced is "—".
 
 Three parts: a typed spec (:mod:`.spec`: what the YAML may say, checked; one spec per backbone) -> a pure plan
@@ -26,8 +28,10 @@ import numpy as np
 
 from mmel.utils.machine import machine_fingerprint
 
+from ..stats import mean_std
 from ..tables import Cell, Column, Table
 from .columns import (  # noqa: F401 - the runner's public names
+    ABLATIONS,
     FAITHFULNESS,
     HIT,
     LOCALISATION,
@@ -44,6 +48,7 @@ from .columns import (  # noqa: F401 - the runner's public names
     significance,
 )
 from .figures import category_figure, curves_figure, grid_figure, sanity_figure
+from .paired import Getter, marked_table
 from .plan import Plan, PlannedRun, checkpoint, make_plan  # noqa: F401
 from .runs import ROOT, RUN_RECORD, Run, compose_run, config_hash, run_program  # noqa: F401
 from .spec import SPECS, PaperSpec, SpecError, as_spec, load_spec, per_backbone, slug  # noqa: F401
@@ -75,9 +80,9 @@ class Paper:
 
     def _make(self, p: PlannedRun) -> Run:
         if p.out not in self._done:
-            if p.program == "evaluate" and any(o.startswith("explainer.checkpoint=") for o in p.overrides):
-                for t in self.plan_.trainings.values():  # the checkpoints it reads exist first
-                    self._make(t)
+            training = self.plan_.training_of(p) if p.program == "evaluate" else None
+            if training is not None:  # the checkpoint it reads exists first
+                self._make(training)
             runner = self._runner(p.program) if self._runner else None
             self._done[p.out] = run_program(p.program, list(p.overrides), p.out, runner)
         return self._done[p.out]
@@ -104,9 +109,27 @@ class Paper:
         output joins a table by being named there, e.g. ``pixel AP: saliency_ap``)."""
         return {**default, **dict(self.spec.columns.get(table, ()))}
 
+    @property
+    def reference(self) -> str | None:
+        """The row Tables 1 and 3 test every other row against: the first of ``compare``, else the first MMEL row."""
+        if self.spec.compare:
+            return self.spec.compare[0]
+        return next((label for label, m in self.spec.explainers.items() if m.is_mmel), None)
+
+    def tested(self, table: Table, rows: dict[str, list[Run]], reference: str | None,
+               getters: dict[str, Getter | None]) -> Table:  # fmt: skip
+        """``table`` with each row's paired tests against ``reference`` and the legend (:mod:`.paired`)."""
+        if reference is None:
+            return table
+        return marked_table(table, rows, reference, getters, len(self.spec.seeds))
+
     def localisation(self) -> tuple[Table, dict[str, list[Run]]]:
         rows = self.rows("localisation")
-        return metric_table("Table 1 — localisation", rows, self.columns("localisation", LOCALISATION)), rows
+        columns = self.columns("localisation", LOCALISATION)
+        every = [run for runs in rows.values() for run in runs]
+        table = metric_table("Table 1 — localisation", rows, columns)
+        getters = {name: item_getter(every, output) for name, output in columns.items()}
+        return self.tested(table, rows, self.reference, getters), rows
 
     def faithfulness(self) -> tuple[Table, dict[str, list[Run]]]:
         rows = self.rows("faithfulness")
@@ -127,19 +150,31 @@ class Paper:
             cells.append([overall] + [Cell(float(np.mean(by_type[t])) if by_type.get(t) else None) for t in types])
         cols = [Column("pointing game")] + [Column(f"PG: {t}") for t in types]
         labels, title = overlap_marks("Table 3 — phrase localisation (Flickr30k Entities format), by phrase type", rows)
-        return Table(title, labels, cols, cells)
+        getters: dict[str, Getter | None] = {"pointing game": hit}
+        for t in types:  # a type's column: the hits of that type's items only
+            getters[f"PG: {t}"] = lambda r, t=t: hit(r) if str(r.get("category")) == t else None
+        return self.tested(Table(title, labels, cols, cells), rows, self.reference, getters)
 
     def ablation_table(self) -> Table:
-        runs = {label: self._make(p) for label, p in self.plan_.ablations.items()}
-        cols = [Column("pointing game"), Column("energy PG"), Column("Δ PG vs its Grad-ECLIP start")]
-        cells = []
-        for run in runs.values():
-            m = run.metrics
-            pg, en, base = (m.get(k) for k in ("test/pointing_game", "test/energy", "test/grad_eclip_pointing_game"))
-            gain = None if pg is None or base is None else float(pg) - float(base)
-            cells.append([Cell(pg), Cell(en), Cell(gain)])
+        """Table 4: every ablation row trained over every seed and scored by evaluate.py, mean ± std over seeds, each
+        row tested against the first (the full HSRM) on the same (item, seed) pairs; Δ from train.py's own test."""
+        rows = self.rows("ablations")
+        trainings = {label: [self._make(p) for p in runs] for label, runs in self.plan_.ablations.items()}
+        every = [run for runs in rows.values() for run in runs]
+        table = metric_table("Table 4 — HSRM ablations", rows, ABLATIONS)
+        gains = []  # the test pointing game minus the Grad-ECLIP map it started from, per seed (train.py's test)
+        for runs in trainings.values():
+            g = [float(m["test/pointing_game"]) - float(m["test/grad_eclip_pointing_game"]) for m in
+                 (r.metrics for r in runs) if m.get("test/pointing_game") is not None
+                 and m.get("test/grad_eclip_pointing_game") is not None]  # fmt: skip
+            gains.append(Cell(None) if not g else Cell(*mean_std(g)) if len(g) > 1 else Cell(g[0]))
         extra = " ".join(self.spec.ablation_overrides)
-        return Table(f"Table 4 — HSRM ablations (seed {self.spec.seeds[0]}, {extra})", list(runs), cols, cells)
+        n = len(self.spec.seeds)
+        title = f"{table.title} ({n} seed{'s' if n != 1 else ''}{', ' + extra if extra else ''})"
+        table = Table(title, table.rows, [*table.columns, Column("Δ PG vs its Grad-ECLIP start")],
+                      [[*cells, gain] for cells, gain in zip(table.cells, gains, strict=True)])  # fmt: skip
+        getters = {name: item_getter(every, output) for name, output in ABLATIONS.items()}
+        return self.tested(table, rows, next(iter(rows)), getters)
 
     def trust(self) -> tuple[Table, Path | None]:
         """Table 5 from evaluate runs with the trust metrics on (docs/metrics.md, Trust), and the sanity curves."""
@@ -216,8 +251,11 @@ class Paper:
             sections.append(Section("Phrase localisation", "", [tables[-1]]))
         if self.spec.ablations:
             tables.append(self.ablation_table())
-            sections.append(Section("HSRM ablations", "Each row trained once; compare with its full-HSRM row.",
-                                    [tables[-1]]))  # fmt: skip
+            sections.append(Section("HSRM ablations", "Each row trained with every seed and scored by evaluate.py "
+                                    f"on the test split; marks: paired tests against “{next(iter(self.spec.ablations))}"
+                                    "”. Δ: train.py's own test, pointing game minus the Grad-ECLIP map the HSRM starts "
+                                    "from (the same map for every row, so Δ differs between rows as the pointing game "
+                                    "does).", [tables[-1]]))  # fmt: skip
         if self.spec.trust:
             t5, sanity = self.trust()
             tables.append(t5)
@@ -237,6 +275,7 @@ class Paper:
                 "rows": t.rows,
                 "columns": [c.name for c in t.columns],
                 "cells": [[c.__dict__ for c in row] for row in t.cells],
+                "legend": t.legend,
             }
         (self.results / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
         prov = [Provenance(slug(str(r.out.relative_to(self.results))), r.command, r.config_hash)

@@ -34,6 +34,12 @@ LOCALISATION = {
     "mIoU": "saliency_iou/miou",
     "specificity": "prompt_specificity/specificity",  # with metrics.prompt_specificity on
 }
+# Table 4: the HSRM ablations, each row's evaluate runs (one per seed) scored like Table 1's MMEL row
+ABLATIONS = {
+    "pointing game": "pointing_game/accuracy",
+    "energy PG": "energy_pointing_game",
+    "mIoU": "saliency_iou/miou",
+}
 FAITHFULNESS = {"deletion AUC": "deletion_insertion/deletion_auc", "insertion AUC": "deletion_insertion/insertion_auc"}
 TRUST = {
     "cascading: Spearman": "model_randomisation/cascading/spearman",

@@ -1,9 +1,10 @@
 """The plan of a paper spec: every run it needs, as a pure function of the spec and the results folder.
 
-:func:`make_plan` reads nothing and writes nothing: it lists the training runs (one per seed), the ablation runs and,
-for every table, each row's evaluate runs (an MMEL row once per training seed, with that seed's ``hsrm.pt``). The
-runner (:mod:`experiments.paper`) makes or reuses the runs in this order and assembles the tables from them; the
-``--plan`` flag prints them.
+:func:`make_plan` reads nothing and writes nothing: it lists the training runs (one per seed), the ablation trainings
+(one per ablation row and seed) and, for every table, each row's evaluate runs (an MMEL row once per training seed,
+with that seed's ``hsrm.pt``; an ablation row once per seed, with that row's own ``hsrm.pt`` of the seed, so its
+items can be paired with the full HSRM's). The runner (:mod:`experiments.paper`) makes or reuses the runs in this
+order and assembles the tables from them; the ``--plan`` flag prints them.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ class PlannedRun:
 
 @dataclass(frozen=True)
 class Plan:
-    """trainings: seed -> its HSRM training; ablations: label -> its training; tables: table -> row label -> the
-    row's evaluate runs (one, or one per seed for MMEL rows)."""
+    """trainings: seed -> its HSRM training; ablations: label -> its trainings, one per seed (in the order of the
+    spec's seeds); tables: table -> row label -> the row's evaluate runs (one, or one per seed in the order of the
+    spec's seeds for MMEL and ablation rows; ``tables["ablations"]`` scores each ablation training)."""
 
     trainings: dict[int, PlannedRun]
-    ablations: dict[str, PlannedRun] = field(default_factory=dict)
+    ablations: dict[str, list[PlannedRun]] = field(default_factory=dict)
     tables: dict[str, dict[str, list[PlannedRun]]] = field(default_factory=dict)
     # tables of variants: table -> variant (column) -> row label -> runs
     variant_tables: dict[str, dict[str, dict[str, list[PlannedRun]]]] = field(default_factory=dict)
@@ -44,7 +46,7 @@ class Plan:
     def runs(self) -> list[PlannedRun]:
         """Every distinct run, trainings first (the MMEL evaluations read their checkpoints)."""
         seen: dict[Path, PlannedRun] = {}
-        for run in [*self.trainings.values(), *self.ablations.values()]:
+        for run in [*self.trainings.values(), *(r for runs in self.ablations.values() for r in runs)]:
             seen.setdefault(run.out, run)
         every = [*self.tables.values(), *(rows for t in self.variant_tables.values() for rows in t.values())]
         for rows in every:
@@ -55,6 +57,12 @@ class Plan:
                         raise ValueError(f"paper plan: `{seen[run.out].command}` and `{run.command}` would share "
                                          f"the folder {run.out}; rename one of their labels")  # fmt: skip
         return list(seen.values())
+
+    def training_of(self, evaluate: PlannedRun) -> PlannedRun | None:
+        """The training whose ``hsrm.pt`` an evaluate run reads (None: it reads none of the plan's)."""
+        ckpt = next((o.split("=", 1)[1] for o in evaluate.overrides if o.startswith("explainer.checkpoint=")), None)
+        every = [*self.trainings.values(), *(r for runs in self.ablations.values() for r in runs)]
+        return next((t for t in every if ckpt is not None and str(checkpoint(t)) == ckpt), None)
 
 
 def checkpoint(training: PlannedRun) -> Path:
@@ -115,10 +123,25 @@ def make_plan(spec: PaperSpec, results: Path) -> Plan:
                                     for v, over in t.variants}  # fmt: skip
         else:
             tables[name] = of(t, slug(name))
-    first = spec.seeds[0]
-    extra = (*spec.ablation_overrides, f"seed={first}")
-    ablations = {
-        label: PlannedRun("train", (*common, *over, *extra), runs_dir / "ablations" / slug(label))
-        for label, over in spec.ablations.items()
-    }
+    # every ablation row over every seed: trained under runs/train/ablations/, scored by evaluate.py under
+    # runs/ablations/ (train.py's own test writes no per-item records; the paired tests need them). A training
+    # identical to a seed's main training (no ablation overrides, e.g. coco's full HSRM) is that training.
+    ablations: dict[str, list[PlannedRun]] = {}
+    for label, over in spec.ablations.items():
+        ablations[label] = []
+        for s in spec.seeds:
+            t = PlannedRun("train", (*common, *over, *spec.ablation_overrides, f"seed={s}"),
+                           runs_dir / "train" / "ablations" / slug(label) / f"seed{s}")  # fmt: skip
+            ablations[label].append(trainings[s] if t.overrides == trainings[s].overrides else t)
+    if ablations:
+        # scored as the spec's MMEL row is (its explainer overrides), each with its own checkpoint
+        mmel = next((m.overrides for m in spec.explainers.values() if m.is_mmel), ("explainer=mmel",))
+        tables["ablations"] = {
+            label: [PlannedRun("evaluate", (*common, *mmel, f"explainer.checkpoint={checkpoint(t)}",
+                                            *([f"limit={spec.limit}"] if spec.limit is not None else []),
+                                            *spec.evaluate_overrides),
+                               runs_dir / "ablations" / slug(label) / f"seed{s}")
+                    for s, t in zip(spec.seeds, runs, strict=True)]
+            for label, runs in ablations.items()
+        }  # fmt: skip
     return Plan(trainings, ablations, tables, variant_tables)
