@@ -176,6 +176,22 @@ def test_the_coco_spec_plans_every_run_per_backbone_without_running_or_writing(t
     assert len({r.out for r in runs}) == len(runs)  # one folder per run
 
 
+def test_the_relations_spec_plans_its_world_model_and_every_ablation_seed(tmp_path):
+    """The relational paper: every run reads the relational world with the relations CLIP, every ablation row is
+    trained over every seed, and the columns it adds are outputs the relational metrics declare."""
+    from mmel.metrics.relational import AbsentEvidence, ContextCoverage, RelationalAccuracy
+
+    spec = load_spec("relations")
+    runs = Paper(spec, tmp_path / "relations").plan()  # composes every config
+    assert all({"model=tiny_relations", "data=shapes_relations"} <= set(r.overrides) for r in runs)
+    trains = [r for r in runs if r.program == "train"]
+    assert len(trains) == len(spec.seeds) * (1 + len(spec.ablations)) and len(spec.seeds) >= 3
+    assert any("hsrm.conditioning=prompt" in r.overrides for r in trains)
+    declared = {f"relational_accuracy/{o.name}" for o in RelationalAccuracy.outputs}
+    declared |= {"context_coverage"} | {f"absent_evidence/{o.name}" for o in AbsentEvidence.outputs}
+    assert ContextCoverage.outputs[0].name == "" and set(dict(spec.columns["localisation"]).values()) <= declared
+
+
 def test_a_spec_adds_a_column_by_naming_an_output(tmp_path):
     """`columns: {localisation: {label: output}}` puts any declared output into Table 1, with its direction and its
     item interval read from the runs' declarations; a table the runner does not make is refused."""
