@@ -67,6 +67,10 @@ format: install ## ruff format + autofix
 demo: install ## every paper table on the embedded default (shapes world + tiny CLIP) -> results/shapes/report.html
 	$(BIN)/python -m experiments.paper shapes
 
+.PHONY: relations
+relations: install ## the relational world's tables (relational accuracy, HSRM parts over seeds) -> results/relations/
+	$(BIN)/python -m experiments.paper relations
+
 app: install ## the explorer: compare explanations in the browser at http://127.0.0.1:7860 (ARGS="--port 8000 ...")
 	$(BIN)/python -m mmel.app $(ARGS)
 
