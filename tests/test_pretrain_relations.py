@@ -145,3 +145,30 @@ def test_relational_only_settings_are_refused_for_the_plain_world_and_the_make_t
         **dict(zip(got[::2], got[1::2], strict=True)),
         "--out": str(tiny.RELATIONS_FILE),
     }
+
+
+def test_the_relations_tag_loads_the_committed_file_or_trains_one_into_the_cache(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from safetensors.torch import load_file
+
+    from mmel.backbone import load_clip
+
+    assert tiny.check_weights(tiny.RELATIONS_FILE, tiny.RELATIONS_FORMAT) is None  # the committed asset is valid
+    meta = json.loads(_metadata(tiny.RELATIONS_FILE)["val_relations"])
+    assert meta["accuracy"] > 0.5  # what the committed model knows is recorded (docs/shapes_world.md)
+    monkeypatch.setattr(tiny, "RELATIONS_FILE", tmp_path / "absent.safetensors")
+    small = tiny.RelationsPretrainConfig(steps=2, batch_size=8, warmup_steps=1, val_images=8, val_every=2,
+                                         num_workers=0)  # fmt: skip
+    monkeypatch.setattr(tiny, "relations_config", lambda: small)
+    with caplog.at_level(logging.WARNING, logger="mmel.pretrain.tiny"):
+        clip = load_clip("mmel-tiny", pretrained="shapes-relations", cache_dir=tmp_path / "cache")
+    assert "shapes-relations weights not found: training them now" in caplog.text and "--world relations" in caplog.text
+    path = tmp_path / "cache" / tiny.RELATIONS_NAME
+    assert tiny.check_weights(path, tiny.RELATIONS_FORMAT) is None and "format" in tiny.check_weights(path)
+    assert torch.equal(clip.model.visual.conv1.weight, load_file(str(path))["visual.conv1.weight"].float())
+
+
+def _metadata(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()

@@ -48,7 +48,8 @@ COMMITTED = Path(__file__).parent / "assets" / WEIGHTS_NAME
 FORMAT = "mmel-tiny-shapes/1"
 # the relational world's weights: a format of their own, so they are never taken for the plain world's
 RELATIONS_FORMAT = "mmel-tiny-shapes-relations/1"
-RELATIONS_FILE = Path(__file__).parent / "assets" / "mmel-tiny-shapes-relations.safetensors"
+RELATIONS_NAME = "mmel-tiny-shapes-relations.safetensors"
+RELATIONS_FILE = Path(__file__).parent / "assets" / RELATIONS_NAME
 # measured: ≈ 1.0-3.5 s per step of 128 on one core of a busy 2-core machine (bf16 autocast, AVX512-BF16)
 SECONDS_PER_STEP = (1.0, 3.5)
 
@@ -254,24 +255,29 @@ def check_weights(path: Path, fmt: str = FORMAT) -> str | None:
     return None
 
 
-def resolve_weights(cache_dir: Path) -> Path:
-    """The weight file of ``load_clip("mmel-tiny", pretrained="shapes")``: committed, cached, or trained now."""
-    cached = Path(cache_dir).expanduser() / WEIGHTS_NAME
-    for candidate in (COMMITTED, cached):
-        reason = check_weights(candidate)
+def _resolve(committed: Path, name: str, cache_dir: Path, fmt: str, tag: str, cfg: PretrainConfig) -> Path:
+    """The committed file when it is valid for ``fmt`` and the current architecture, else a valid file in the cache
+    dir, else one trained there now with ``cfg`` (announced with its expected duration and its command)."""
+    cached = Path(cache_dir).expanduser() / name
+    for candidate in (committed, cached):
+        reason = check_weights(candidate, fmt)
         if reason is None:
             return candidate
         if candidate.exists():
-            log.warning("mmel-tiny/shapes: ignoring %s: %s", candidate, reason)
-    cfg = PretrainConfig()
+            log.warning("mmel-tiny/%s: ignoring %s: %s", tag, candidate, reason)
     lo, hi = (cfg.steps * s / 60 for s in SECONDS_PER_STEP)
     log.warning(
-        "mmel-tiny/shapes weights not found: training them now into %s (%d steps; expect about %.0f-%.0f minutes "
-        "on 2 CPU cores). Done once; later runs reuse the file. Same as: python -m mmel.pretrain --out %s",
-        cached, cfg.steps, lo, hi, cached,
+        "mmel-tiny/%s weights not found: training them now into %s (%d steps; expect about %.0f-%.0f minutes "
+        "on 2 CPU cores). Done once; later runs reuse the file. Same as: python -m mmel.pretrain %s",
+        tag, cached, cfg.steps, lo, hi, " ".join(_cli_args(cached, cfg)),
     )  # fmt: skip
     pretrain(cached, cfg)
     return cached
+
+
+def resolve_weights(cache_dir: Path) -> Path:
+    """The weight file of ``load_clip("mmel-tiny", pretrained="shapes")``: committed, cached, or trained now."""
+    return _resolve(COMMITTED, WEIGHTS_NAME, cache_dir, FORMAT, "shapes", PretrainConfig())
 
 
 def relations_config() -> RelationsPretrainConfig:
@@ -283,20 +289,8 @@ def relations_config() -> RelationsPretrainConfig:
 def resolve_relations_weights(cache_dir: Path) -> Path:
     """The weight file of ``load_clip("mmel-tiny", pretrained="shapes-relations")``: committed, cached, or trained
     now (from the plain world's weights, :func:`relations_config`)."""
-    cached = Path(cache_dir).expanduser() / RELATIONS_FILE.name
-    for candidate in (RELATIONS_FILE, cached):
-        reason = check_weights(candidate, RELATIONS_FORMAT)
-        if reason is None:
-            return candidate
-        if candidate.exists():
-            log.warning("mmel-tiny/shapes-relations: ignoring %s: %s", candidate, reason)
-    cfg = relations_config()
-    lo, hi = (cfg.steps * s / 60 for s in SECONDS_PER_STEP)
-    log.warning("mmel-tiny/shapes-relations weights not found: training them now into %s (%d steps; expect about "
-                "%.0f-%.0f minutes on 2 CPU cores). Same as: python -m mmel.pretrain %s", cached, cfg.steps, lo, hi,
-                " ".join(_cli_args(cached, cfg)[2:]))  # fmt: skip
-    pretrain(cached, cfg)
-    return cached
+    return _resolve(RELATIONS_FILE, RELATIONS_NAME, cache_dir, RELATIONS_FORMAT, "shapes-relations",
+                    relations_config())  # fmt: skip
 
 
 def _cli_args(out: Path, cfg: PretrainConfig) -> list[str]:
