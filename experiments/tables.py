@@ -54,8 +54,15 @@ class Cell:
 
 @dataclass
 class Column:
+    """``higher_is_better``: True (↑, the largest is bold), False (↓, the smallest), None (neither: a count, the
+    model's own score, a value that is read rather than ranked — no arrow, nothing bold)."""
+
     name: str
-    higher_is_better: bool = True
+    higher_is_better: bool | None = True
+
+    @property
+    def arrow(self) -> str:
+        return "" if self.higher_is_better is None else " ↑" if self.higher_is_better else " ↓"
 
 
 @dataclass
@@ -83,7 +90,7 @@ class Table:
                 for r in range(len(self.rows))
                 if not self.cells[r][c].missing
             }
-            if not vals:
+            if not vals or col.higher_is_better is None:
                 out.append(set())
                 continue
             target = max(vals.values()) if col.higher_is_better else min(vals.values())
@@ -97,7 +104,7 @@ class Table:
 
     def markdown(self) -> str:
         best = self.best()
-        arrows = [f"{c.name} {'↑' if c.higher_is_better else '↓'}" for c in self.columns]
+        arrows = [f"{c.name}{c.arrow}" for c in self.columns]
         lines = ["| " + " | ".join([self.label_header, *arrows]) + " |", "|" + "---|" * (len(self.columns) + 1)]
         for r, label in enumerate(self.rows):
             cells = []
@@ -134,7 +141,7 @@ class Table:
         """An HTML <table> (escaped; best values in <b>), for the self-contained report."""
         best = self.best()
         esc = html_escape
-        arrows = [f"{esc(c.name)} {'↑' if c.higher_is_better else '↓'}" for c in self.columns]
+        arrows = [f"{esc(c.name)}{c.arrow}" for c in self.columns]
         head = "".join(f"<th>{h}</th>" for h in [esc(self.label_header), *arrows])
         rows = []
         for r, label in enumerate(self.rows):
@@ -154,7 +161,11 @@ class Table:
         cols = "l" + "c" * len(self.columns)
         head = " & ".join(
             [esc(self.label_header)]
-            + [f"{esc(c.name)} $\\{'uparrow' if c.higher_is_better else 'downarrow'}$" for c in self.columns]
+            + [
+                f"{esc(c.name)}"
+                + ("" if c.higher_is_better is None else f" $\\{'uparrow' if c.higher_is_better else 'downarrow'}$")
+                for c in self.columns
+            ]
         )
         lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", head + " \\\\", "\\midrule"]
         for r, label in enumerate(self.rows):

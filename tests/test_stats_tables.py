@@ -87,3 +87,15 @@ def test_table_latex_and_csv():
     assert rows[1] == "A,0.5,0.01,,,0.2,,0.1,0.3"
     with pytest.raises(ValueError, match="cells must be"):
         Table("bad", ["x"], [Column("a")], [])
+
+
+def test_a_column_that_is_neither_better_high_nor_low_has_no_arrow_and_no_bold():
+    from experiments.tables import Cell, Column, Table
+
+    t = Table("t", ["a", "b"], [Column("score"), Column("model's own", None), Column("error", False)],
+              [[Cell(0.5), Cell(0.7), Cell(0.1)], [Cell(0.6), Cell(0.9), Cell(0.2)]])  # fmt: skip
+    assert t.best() == [{1}, set(), {0}]
+    head = t.markdown().splitlines()[0]
+    assert "score ↑" in head and "| model's own |" in head and "error ↓" in head
+    assert "**0.900**" not in t.markdown() and "**0.600**" in t.markdown()
+    assert "model's own &" in t.latex() or "model's own \\\\" in t.latex()
