@@ -174,7 +174,7 @@ class ContextCoverage(Metric):
 
     full_state_update = False
     needs = frozenset({"maps", "sizes", "mentioned"})
-    outputs = (Output("", None, field="coverage"),)  # read, not ranked (docs/metrics.md)
+    outputs = (Output("", True, field="coverage"),)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
