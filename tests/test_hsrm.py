@@ -317,7 +317,7 @@ def test_prompt_conditioning_starts_unconditioned_and_then_weighs_each_prompt_it
     """conditioning=prompt: at its zero start the map is the unconditioned HSRM's; once C moves, two prompts of
     the same image get different layer / scale weights (and so different maps from the same evidence)."""
     x = make_inputs()
-    plain, cond = make_hsrm(), make_hsrm(conditioning="prompt")
+    plain, cond = make_hsrm(conditioning="none"), make_hsrm(conditioning="prompt")
     assert cond.cond.shape == (4 + 1 + 3, 12)
     torch.testing.assert_close(cond(x)[0], plain(x)[0])
     mask = torch.zeros(3, 5, 7)

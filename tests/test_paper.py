@@ -186,7 +186,7 @@ def test_the_relations_spec_plans_its_world_model_and_every_ablation_seed(tmp_pa
     assert all({"model=tiny_relations", "data=shapes_relations"} <= set(r.overrides) for r in runs)
     trains = [r for r in runs if r.program == "train"]
     assert len(trains) == len(spec.seeds) * (1 + len(spec.ablations)) and len(spec.seeds) >= 3
-    assert any("hsrm.conditioning=prompt" in r.overrides for r in trains)
+    assert any("hsrm.conditioning=none" in r.overrides for r in trains)
     declared = {f"relational_accuracy/{o.name}" for o in RelationalAccuracy.outputs}
     declared |= {"context_coverage"} | {f"absent_evidence/{o.name}" for o in AbsentEvidence.outputs}
     assert ContextCoverage.outputs[0].name == "" and set(dict(spec.columns["localisation"]).values()) <= declared
