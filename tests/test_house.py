@@ -121,6 +121,17 @@ def test_hsrm_checkpoint_keeps_the_ablation_switches(micro_clip, tmp_path):
     cfg = hsrm_config(micro_clip, [0, 1], [2], 0.1, layer_weights="uniform", gate=False)
     loaded, _ = load_hsrm(save_hsrm(tmp_path / "a.pt", hsrm, cfg), micro_clip)
     assert loaded.layer_weights == "uniform" and not loaded.use_gate and loaded.scales == [2]
+    assert loaded.conditioning == "prompt"  # not recorded: read from the weights (they hold the matrix)
+
+
+def test_a_file_from_before_prompt_conditioning_loads_unconditioned(micro_clip, tmp_path):
+    old = HSRM.for_clip(micro_clip.model, num_layers=2, scales=(2,), conditioning="none")
+    path = save_hsrm(tmp_path / "old.pt", old, hsrm_config(micro_clip, [0, 1], [2], 0.1))  # no "conditioning"
+    loaded, _ = load_hsrm(path, micro_clip)
+    assert loaded.conditioning == "none" and not hasattr(loaded, "cond")
+    new = HSRM.for_clip(micro_clip.model, num_layers=2, scales=(2,))
+    cfg = hsrm_config(micro_clip, [0, 1], [2], 0.1, conditioning="prompt")
+    assert load_hsrm(save_hsrm(tmp_path / "new.pt", new, cfg), micro_clip)[0].conditioning == "prompt"
 
 
 def test_the_tiny_clip_loads_with_one_honest_log_line(caplog):

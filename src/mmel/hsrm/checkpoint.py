@@ -91,10 +91,10 @@ def load_hsrm(path: str | Path, clip: ClipBundle) -> tuple[HSRM, dict[str, Any]]
         )
     depth = len(clip.model.visual.transformer.resblocks)
     layers = hsrm_layers(list(cfg["layers"]), depth)
-    # the switches (absent from a file: the default, except conditioning — a file written before that setting
-    # existed holds an unconditioned HSRM)
+    # the switches (absent from a file: the defaults); conditioning absent: what the weights hold (a file written
+    # before that setting existed holds an unconditioned HSRM, one without its matrix ``cond``)
     switches = {k: cfg[k] for k in ("layer_weights", "gate") if k in cfg}
-    switches["conditioning"] = cfg.get("conditioning", "none")
+    switches["conditioning"] = cfg.get("conditioning", "prompt" if "cond" in state else "none")
     hsrm = HSRM.for_clip(clip.model, num_layers=len(layers), scales=cfg["scales"], tau=cfg["tau"], **switches)
     try:
         hsrm.load_state_dict(state)
