@@ -214,10 +214,18 @@ class RefCOCO(BoxDataset):
                 raise DatasetError(f"{where}: image_id={r['image_id']} is not among the images of {inst_path}")
             box = xywh_to_xyxy(anns[r["ann_id"]], f"{inst_path}: annotation {r['ann_id']}")
             cat = cats.get(r.get("category_id"), str(r.get("category_id", "")))
-            self.add_ref(
+            records = self.add_ref(
                 r["ref_id"], r["ann_id"], r["image_id"], str(self.image_dir / image_file_name(r["file_name"])),
                 images[r["image_id"]], box, sentence_texts(r["sentences"], where), cat, min_box_area,
             )  # fmt: skip
+            extra = self.ref_extras(r, anns, where, inst_path)
+            for rec in records:
+                rec.extra.update(extra)
+
+    def ref_extras(self, ref: dict, anns: dict, where: str, inst_path: Path) -> dict[str, Any]:
+        """Fields a subclass reads from a refer ref beyond RefCOCO's (``anns``: annotation id -> COCO bbox);
+        added to each of the ref's records. RefCOCO's own refs have none."""
+        return {}
 
     # --------------------------------------------------------------------------------------- both sources
     def add_ref(

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from mmel.data.base import DatasetError, read_json
+from mmel.data.base import DatasetError
 from mmel.data.datamodules import BoxDataModule, _plain
-from mmel.data.refcoco import RefCOCO, read_refs, xywh_to_xyxy
+from mmel.data.refcoco import RefCOCO, xywh_to_xyxy
 
 RELATION_FIELDS = ("lookalike_ann_ids", "context_ann_ids", "swapped", "kind", "relation")
 
@@ -43,38 +43,28 @@ class ShapesRelations(RefCOCO):
         super().__init__(root, split, **kwargs)
         self.name = f"shapes_relations/{split}"
 
-    def _index_refer(self, min_box_area: float) -> None:
-        super()._index_refer(min_box_area)
-        folder = self.root / self.dataset
-        refs_path, inst_path = folder / f"refs({self.split_by}).p", folder / "instances.json"
-        inst = read_json(inst_path, "relational world instances file")
-        boxes = {a["id"]: xywh_to_xyxy(a["bbox"], f"{inst_path}: annotation {a['id']}") for a in inst["annotations"]}
-        extras = {}
-        for r in read_refs(refs_path):
-            if r["split"] != self.split:
-                continue
-            where = f"{refs_path}: ref {r['ref_id']}"
-            missing = [k for k in RELATION_FIELDS if k not in r]
-            if missing:
-                raise DatasetError(f"{where} has no {missing}: not a relational world's ref (see data/README.md)")
+    def ref_extras(self, ref: dict, anns: dict, where: str, inst_path: Path) -> dict[str, Any]:
+        """The relation fields of one ref (the annotations it names as xyxy boxes), or a clear error."""
+        missing = [k for k in RELATION_FIELDS if k not in ref]
+        if missing:
+            raise DatasetError(f"{where} has no {missing}: not a relational world's ref (see data/README.md)")
 
-            def box_array(ids: list, field: str, where: str = where) -> np.ndarray:
-                unknown = [i for i in ids if i not in boxes]
-                if unknown:
-                    raise DatasetError(f"{where}: {field} {unknown} are not annotations of {inst_path}")
-                return np.asarray([boxes[i] for i in ids], dtype=np.float32).reshape(-1, 4)
+        def box_array(ids: list, field: str) -> np.ndarray:
+            unknown = [i for i in ids if i not in anns]
+            if unknown:
+                raise DatasetError(f"{where}: {field} {unknown} are not annotations of {inst_path}")
+            boxes = [xywh_to_xyxy(anns[i], f"{inst_path}: annotation {i}") for i in ids]
+            return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
-            cf = r.get("counterfactual", "")
-            extras[int(r["ref_id"])] = {
-                "lookalikes": box_array(r["lookalike_ann_ids"], "lookalike_ann_ids"),
-                "mentioned": box_array(r["context_ann_ids"], "context_ann_ids"),
-                "swapped": str(r["swapped"]),
-                "kind": str(r["kind"]),
-                "relation": str(r["relation"]),
-                "counterfactual": str(self.root / cf) if cf else "",
-            }
-        for rec in self.records:
-            rec.extra.update(extras[rec.extra["ref_id"]])
+        cf = ref.get("counterfactual", "")
+        return {
+            "lookalikes": box_array(ref["lookalike_ann_ids"], "lookalike_ann_ids"),
+            "mentioned": box_array(ref["context_ann_ids"], "context_ann_ids"),
+            "swapped": str(ref["swapped"]),
+            "kind": str(ref["kind"]),
+            "relation": str(ref["relation"]),
+            "counterfactual": str(self.root / cf) if cf else "",
+        }
 
 
 class ShapesRelationsDataModule(BoxDataModule):
