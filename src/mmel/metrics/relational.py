@@ -210,15 +210,11 @@ def auroc(pos: Tensor, neg: Tensor) -> Tensor:
     """
     if pos.numel() == 0 or neg.numel() == 0:
         return torch.tensor(float("nan"))
-    pos, neg = pos.double(), neg.double()
-    allv = torch.cat([pos, neg])
-    order = allv.argsort()
-    ranks = torch.empty_like(allv)
-    ranks[order] = torch.arange(1, len(allv) + 1, dtype=torch.float64)
-    for v in allv.unique():  # mid-ranks for ties
-        tied = allv == v
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
+    allv = torch.cat([pos.double(), neg.double()])
+    # mid-ranks: a group of c tied values ending at rank e (1-based) all get e - (c - 1) / 2
+    _, group, counts = torch.unique(allv, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[group]
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return (u / (len(pos) * len(neg))).float()
 
